@@ -1,0 +1,183 @@
+//! Command-line interface of `retina-infer`: every flag in one place.
+
+use crate::engine::{Engine, collect_inputs, error_json};
+use crate::heatmap;
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use retina_model::{BackendChoice, Grade, HeadAnswer};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Diabetic-retinopathy screening predictions for fundus photographs.
+#[derive(Parser, Debug)]
+#[command(name = "retina-infer", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Predict grade, referable DR, fluid and vessel growth for images.
+    Predict(PredictArgs),
+    /// Time inference: batch-1 latency and batch-16 throughput.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PredictArgs {
+    /// Image files, folders (every image inside), or - for image bytes on stdin.
+    #[arg(required = true)]
+    images: Vec<String>,
+    /// Model bundle directory (default: the embedded demo model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Backend: cpu, wgpu, auto.
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
+    /// Operating point of the bundle (e.g. screening, confirmation).
+    #[arg(long)]
+    point: Option<String>,
+    /// One JSON object per image (JSON Lines).
+    #[arg(long)]
+    json: bool,
+    /// Write a Grad-CAM overlay per image into this folder.
+    #[arg(long)]
+    heatmap: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Network preset (random weights).
+    #[arg(long, default_value = "reference")]
+    preset: String,
+    /// Input size.
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    /// Backend: cpu, wgpu, flex, ndarray.
+    #[arg(long, default_value = "cpu")]
+    backend: BackendChoice,
+    /// Batch-1 runs timed.
+    #[arg(long, default_value_t = 30)]
+    runs: usize,
+    /// Print one JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the CLI.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Predict(a) => predict(a),
+        Command::Bench(a) => crate::bench::run(a.preset, a.image_size, a.backend, a.runs, a.json).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn predict(a: PredictArgs) -> Result<ExitCode> {
+    let inputs = collect_inputs(&a.images)?;
+    let engine = Engine::load(a.model.as_deref(), a.backend)?;
+    let (point_name, point) = engine.operating_point(a.point.as_deref())?;
+    if let Some(dir) = &a.heatmap {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if !a.json {
+        eprintln!("model: {}; backend: {}", engine.model_name, engine.backend.description);
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut failed = 0;
+    for r in engine.predict(&inputs, a.batch_size) {
+        match r {
+            Ok(r) => {
+                if a.json {
+                    writeln!(out, "{}", engine.to_json(&r, point, &point_name))?;
+                } else {
+                    write_human(&mut out, &engine, &r, point, &point_name)?;
+                }
+                if let Some(dir) = &a.heatmap {
+                    let input = engine.bundle.metadata.config.preprocess.normalise(&r.view);
+                    let heat = heatmap::grad_cam(&engine.bundle, &input, &engine.backend.device)?;
+                    let stem = std::path::Path::new(&r.image)
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .filter(|s| *s != "-")
+                        .unwrap_or("stdin")
+                        .to_string();
+                    let path = dir.join(format!("{stem}_gradcam.png"));
+                    heatmap::overlay(&r.view, &heat)
+                        .save(&path)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                if a.json {
+                    writeln!(out, "{}", error_json(&e))?;
+                } else {
+                    writeln!(out, "{}\n  error: {}\n", e.image, e.message)?;
+                }
+            }
+        }
+    }
+    out.flush()?;
+    if failed > 0 {
+        eprintln!("{failed} of {} images could not be read", inputs.len());
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_human(
+    out: &mut impl Write,
+    engine: &Engine,
+    r: &crate::engine::ImageResult,
+    point: &retina_model::OperatingPoint,
+    point_name: &str,
+) -> Result<()> {
+    let p = &r.prediction;
+    writeln!(out, "{}", r.image)?;
+    if let Some(HeadAnswer::Multiclass { probabilities, class }) = p.heads.get(retina_model::DIAGNOSIS) {
+        let name = Grade::from_index(*class).map(|g| g.name()).unwrap_or("?");
+        let probs: Vec<String> = Grade::ALL
+            .iter()
+            .zip(probabilities)
+            .map(|(g, v)| format!("{} {:.2}", g.name(), v))
+            .collect();
+        writeln!(out, "  grade          {class} ({name})   [{}]", probs.join(", "))?;
+        let rp = p.referable_probability().unwrap_or(0.0);
+        let t = point.thresholds.get("referable").copied().unwrap_or(0.5);
+        writeln!(
+            out,
+            "  referable DR   {}   p={rp:.2} (threshold {t:.2}, point {point_name})",
+            if rp >= t { "YES - refer" } else { "no" }
+        )?;
+    }
+    if let Some(HeadAnswer::Binary { probability }) = p.heads.get(retina_model::FLUID) {
+        let t = point.thresholds.get(retina_model::FLUID).copied().unwrap_or(0.5);
+        writeln!(
+            out,
+            "  fluid (DME)    {}   p={probability:.2} (threshold {t:.2})",
+            if *probability >= t { "present" } else { "absent" }
+        )?;
+    }
+    if let Some(HeadAnswer::Regression { value }) = p.heads.get(retina_model::VESSEL_GROWTH) {
+        writeln!(out, "  vessel growth  {:.2}", value.clamp(0.0, 1.0))?;
+    }
+    writeln!(out, "  ({}, {:.1} ms)\n", engine.backend.name, r.elapsed_ms)?;
+    Ok(())
+}

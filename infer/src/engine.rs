@@ -1,0 +1,258 @@
+//! The inference engine: one loaded model, batched predictions for many images.
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use rayon::prelude::*;
+use retina_model::preprocess::batch_tensor;
+use retina_model::{
+    BackendChoice, DIAGNOSIS, FLUID, Grade, HeadAnswer, ModelBundle, OperatingPoint, Prediction,
+    Prepared, SelectedBackend, VESSEL_GROWTH,
+};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The default model compiled into the binary: the `small` preset trained by
+/// `retina-train fit` on the project's synthetic images (see the README). Not for clinical use.
+const DEFAULT_METADATA: &str = include_str!("../../assets/default-model/model.json");
+const DEFAULT_WEIGHTS: &[u8] = include_bytes!("../../assets/default-model/weights.safetensors");
+
+/// Name reported for the embedded model.
+pub const DEFAULT_MODEL_NAME: &str = "embedded:default (synthetic-data demo, not for clinical use)";
+
+/// One image to predict.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A file on disk.
+    File(PathBuf),
+    /// Bytes from stdin or a request, with a name for messages.
+    Bytes {
+        /// Name shown in output.
+        name: String,
+        /// The encoded image.
+        bytes: Vec<u8>,
+    },
+}
+
+impl Input {
+    /// The name shown in the output.
+    pub fn name(&self) -> String {
+        match self {
+            Input::File(p) => p.display().to_string(),
+            Input::Bytes { name, .. } => name.clone(),
+        }
+    }
+}
+
+/// File extensions taken from folders.
+pub const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "tif", "tiff", "bmp", "webp", "jpe"];
+
+/// Expands command-line arguments: files stay, folders become their image files (sorted),
+/// `-` reads image bytes from stdin.
+pub fn collect_inputs(args: &[String]) -> Result<Vec<Input>> {
+    let mut out = Vec::new();
+    for a in args {
+        if a == "-" {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("reading stdin")?;
+            out.push(Input::Bytes {
+                name: "-".into(),
+                bytes,
+            });
+            continue;
+        }
+        let p = PathBuf::from(a);
+        if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
+                .with_context(|| format!("cannot list {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.is_file()
+                        && f.extension()
+                            .and_then(|e| e.to_str())
+                            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                })
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("{}: the folder holds no images ({})", p.display(), IMAGE_EXTENSIONS.join(", "));
+            }
+            out.extend(files.into_iter().map(Input::File));
+        } else {
+            // A missing file is reported per image, like an unreadable one.
+            out.push(Input::File(p));
+        }
+    }
+    if out.is_empty() {
+        bail!("no images given: pass files, folders, or - for stdin");
+    }
+    Ok(out)
+}
+
+/// A loaded model on a device.
+pub struct Engine {
+    /// The bundle.
+    pub bundle: ModelBundle,
+    /// Where it runs.
+    pub backend: SelectedBackend,
+    /// Model name for the output (`embedded:default` or the bundle path).
+    pub model_name: String,
+}
+
+/// The answer for one image.
+#[derive(Debug, Clone)]
+pub struct ImageResult {
+    /// Image name.
+    pub image: String,
+    /// The prediction.
+    pub prediction: Prediction,
+    /// The cropped, resized image the network saw.
+    pub view: image::RgbImage,
+    /// Milliseconds for this image's share of decoding and its batch's forward pass.
+    pub elapsed_ms: f64,
+}
+
+/// Why one image got no prediction.
+#[derive(Debug, Clone)]
+pub struct ImageError {
+    /// Image name.
+    pub image: String,
+    /// Error kind: `unreadable`, `not_an_image`, `corrupt`, `too_large`.
+    pub kind: &'static str,
+    /// What happened.
+    pub message: String,
+}
+
+impl Engine {
+    /// Loads `model` (a bundle directory) or the embedded default.
+    pub fn load(model: Option<&Path>, backend: BackendChoice) -> Result<Engine> {
+        let backend = backend.select()?;
+        let (bundle, model_name) = match model {
+            Some(dir) => (
+                ModelBundle::load(dir, &backend.device)?,
+                dir.display().to_string(),
+            ),
+            None => (
+                ModelBundle::from_bytes("embedded:default", DEFAULT_METADATA, DEFAULT_WEIGHTS, &backend.device)?,
+                DEFAULT_MODEL_NAME.to_string(),
+            ),
+        };
+        Ok(Engine {
+            bundle,
+            backend,
+            model_name,
+        })
+    }
+
+    /// The operating point by name (`None` = the bundle's default), or a clear error listing
+    /// the ones the bundle has.
+    pub fn operating_point(&self, name: Option<&str>) -> Result<(String, &OperatingPoint)> {
+        let meta = &self.bundle.metadata;
+        let key = name.unwrap_or(&meta.default_point).to_string();
+        meta.operating_points
+            .get(&key)
+            .map(|p| (key.clone(), p))
+            .ok_or_else(|| {
+                let have: Vec<&String> = meta.operating_points.keys().collect();
+                anyhow!("the model has no operating point `{key}` (it has {have:?}); calibrate one with `retina-train calibrate`")
+            })
+    }
+
+    /// Decodes (in parallel) and predicts a list of images, `batch_size` at a time.
+    pub fn predict(&self, inputs: &[Input], batch_size: usize) -> Vec<Result<ImageResult, ImageError>> {
+        let pre = &self.bundle.metadata.config.preprocess;
+        let mut results = Vec::with_capacity(inputs.len());
+        for chunk in inputs.chunks(batch_size.max(1)) {
+            let t0 = Instant::now();
+            let prepared: Vec<Result<Prepared, ImageError>> = chunk
+                .par_iter()
+                .map(|input| {
+                    let r = match input {
+                        Input::File(p) => pre.prepare_path(p),
+                        Input::Bytes { name, bytes } => pre.prepare_bytes(bytes, name),
+                    };
+                    r.map_err(|e| image_error(input.name(), e))
+                })
+                .collect();
+            let ok: Vec<&Prepared> = prepared.iter().filter_map(|r| r.as_ref().ok()).collect();
+            let preds = if ok.is_empty() {
+                Vec::new()
+            } else {
+                let inputs: Vec<&[f32]> = ok.iter().map(|p| p.input.as_slice()).collect();
+                let x = batch_tensor(&inputs, pre.image_size, &self.backend.device);
+                let out = self.bundle.model.forward(x);
+                Prediction::from_output(&out, &self.bundle.model.head_kinds())
+            };
+            let per_image = t0.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
+            let mut preds = preds.into_iter();
+            for (input, p) in chunk.iter().zip(prepared) {
+                results.push(p.map(|prep| ImageResult {
+                    image: input.name(),
+                    prediction: preds.next().expect("one prediction per decoded image"),
+                    view: prep.view,
+                    elapsed_ms: per_image,
+                }));
+            }
+        }
+        results
+    }
+
+    /// The JSON object of one answer (`predict --json` and the HTTP API).
+    pub fn to_json(&self, r: &ImageResult, point: &OperatingPoint, point_name: &str) -> Value {
+        let p = &r.prediction;
+        let mut v = json!({
+            "image": r.image,
+            "backend": self.backend.name,
+            "model": self.model_name,
+            "operating_point": point_name,
+            "elapsed_ms": (r.elapsed_ms * 1000.0).round() / 1000.0,
+        });
+        if let Some(HeadAnswer::Multiclass { probabilities, class }) = p.heads.get(DIAGNOSIS) {
+            let referable_p = p.referable_probability().unwrap_or(0.0);
+            let t = point.thresholds.get("referable").copied().unwrap_or(0.5);
+            v["diagnosis"] = json!({
+                "grade": class,
+                "name": Grade::from_index(*class).map(|g| g.name()).unwrap_or("?"),
+                "probabilities": probabilities,
+                "referable": referable_p >= t,
+                "referable_probability": referable_p,
+                "referable_threshold": t,
+            });
+        }
+        if let Some(HeadAnswer::Binary { probability }) = p.heads.get(FLUID) {
+            let t = point.thresholds.get(FLUID).copied().unwrap_or(0.5);
+            v["fluid"] = json!({"probability": probability, "present": *probability >= t, "threshold": t});
+        }
+        if let Some(HeadAnswer::Regression { value }) = p.heads.get(VESSEL_GROWTH) {
+            v["vessel_growth"] = json!({"amount": value.clamp(0.0, 1.0)});
+        }
+        // Any other heads, by kind.
+        for (name, a) in &p.heads {
+            if [DIAGNOSIS, FLUID, VESSEL_GROWTH].contains(&name.as_str()) {
+                continue;
+            }
+            v[name] = serde_json::to_value(a).expect("answers serialise");
+        }
+        v
+    }
+}
+
+/// The JSON object of a failed image.
+pub fn error_json(e: &ImageError) -> Value {
+    json!({"image": e.image, "error": {"kind": e.kind, "message": e.message}})
+}
+
+fn image_error(image: String, e: retina_model::PreprocessError) -> ImageError {
+    use retina_model::PreprocessError as P;
+    let kind = match &e {
+        P::Io { .. } => "unreadable",
+        P::NotAnImage { .. } => "not_an_image",
+        P::Corrupt { .. } | P::Empty { .. } => "corrupt",
+        P::TooLarge { .. } => "too_large",
+    };
+    ImageError {
+        image,
+        kind,
+        message: e.to_string(),
+    }
+}

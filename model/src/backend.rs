@@ -1,0 +1,165 @@
+//! Choosing where the network runs: a CPU backend or the GPU through wgpu, at run time.
+//!
+//! Every backend is compiled into the binaries; the same weights load on each. The GPU is
+//! probed up front, so that a machine without one gets a clear message (or, with `auto`, the
+//! CPU) instead of a panic deep inside the GPU runtime.
+
+use burn::prelude::*;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+/// What the user asked for with `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// The fastest CPU backend (flex).
+    Cpu,
+    /// burn-flex, the pure-Rust CPU backend.
+    Flex,
+    /// burn-ndarray, the older CPU backend (deprecated upstream, kept for comparison).
+    Ndarray,
+    /// The GPU through wgpu (Vulkan, Metal, DX12 or OpenGL).
+    Wgpu,
+    /// A hardware GPU if wgpu finds one, otherwise the CPU.
+    #[default]
+    Auto,
+}
+
+impl FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "flex" => Ok(Self::Flex),
+            "ndarray" => Ok(Self::Ndarray),
+            "wgpu" | "gpu" => Ok(Self::Wgpu),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!(
+                "unknown backend `{other}`: choose cpu, wgpu, auto, flex or ndarray"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "cpu",
+            Self::Flex => "flex",
+            Self::Ndarray => "ndarray",
+            Self::Wgpu => "wgpu",
+            Self::Auto => "auto",
+        })
+    }
+}
+
+/// The GPU could not be used.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "no usable GPU adapter for --backend wgpu: {0}\n\
+     hint: install a Vulkan driver (on Debian, `apt-get install mesa-vulkan-drivers` gives a \
+     software one), or run with --backend cpu"
+)]
+pub struct BackendError(pub String);
+
+/// A device ready to run the network, and what it is.
+#[derive(Debug, Clone)]
+pub struct SelectedBackend {
+    /// The device tensors go to.
+    pub device: Device,
+    /// Short backend name: `flex`, `ndarray` or `wgpu`.
+    pub name: &'static str,
+    /// What was chosen and why, for the user (adapter name, fallback reason).
+    pub description: String,
+}
+
+/// The wgpu adapter found by the probe.
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    device: Device,
+    /// Adapter name, e.g. "NVIDIA H200" or "llvmpipe (LLVM 15.0.6, 256 bits)".
+    pub adapter: String,
+    /// Graphics API, e.g. "Vulkan".
+    pub api: String,
+    /// Whether it is a software rasteriser running on the CPU.
+    pub software: bool,
+}
+
+/// Probes wgpu once per process (the runtime can only be initialised once).
+pub fn probe_gpu() -> Result<GpuInfo, BackendError> {
+    static PROBE: OnceLock<Result<GpuInfo, BackendError>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            // The runtime reports a missing adapter as an error, but older drivers have been seen
+            // to panic inside it instead: treat both the same way.
+            let result = std::panic::catch_unwind(|| Device::wgpu_options().init_with_setup());
+            match result {
+                Ok(Ok((device, setup))) => {
+                    let info = setup.adapter.get_info();
+                    Ok(GpuInfo {
+                        device,
+                        adapter: info.name.clone(),
+                        api: format!("{:?}", info.backend),
+                        software: info.device_type
+                            == burn::tensor::wgpu::wgpu::DeviceType::Cpu,
+                    })
+                }
+                Ok(Err(e)) => Err(BackendError(e.to_string())),
+                Err(panic) => Err(BackendError(
+                    panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "the wgpu runtime panicked".into()),
+                )),
+            }
+        })
+        .clone()
+}
+
+#[allow(deprecated)] // ndarray is deprecated upstream; we keep it selectable for comparison.
+fn ndarray_device() -> Device {
+    Device::ndarray()
+}
+
+impl BackendChoice {
+    /// Resolves the choice to a device.
+    ///
+    /// `auto` takes the GPU only when it is real hardware: a software rasteriser (Mesa's
+    /// llvmpipe or lavapipe) is much slower than the native CPU backend on the same cores.
+    pub fn select(self) -> Result<SelectedBackend, BackendError> {
+        let flex = |why: String| SelectedBackend {
+            device: Device::flex(),
+            name: "flex",
+            description: format!("cpu (burn-flex){why}"),
+        };
+        match self {
+            Self::Cpu | Self::Flex => Ok(flex(String::new())),
+            Self::Ndarray => Ok(SelectedBackend {
+                device: ndarray_device(),
+                name: "ndarray",
+                description: "cpu (burn-ndarray)".into(),
+            }),
+            Self::Wgpu => {
+                let gpu = probe_gpu()?;
+                Ok(SelectedBackend {
+                    device: gpu.device.clone(),
+                    name: "wgpu",
+                    description: format!("wgpu ({}, {})", gpu.adapter, gpu.api),
+                })
+            }
+            Self::Auto => match probe_gpu() {
+                Ok(gpu) if !gpu.software => Ok(SelectedBackend {
+                    device: gpu.device.clone(),
+                    name: "wgpu",
+                    description: format!("wgpu ({}, {}) [auto]", gpu.adapter, gpu.api),
+                }),
+                Ok(gpu) => Ok(flex(format!(
+                    " [auto: the only GPU adapter, {}, is a software rasteriser]",
+                    gpu.adapter
+                ))),
+                Err(e) => Ok(flex(format!(" [auto: no GPU adapter: {}]", e.0))),
+            },
+        }
+    }
+}

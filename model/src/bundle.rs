@@ -1,0 +1,545 @@
+//! Model bundles: a directory holding `model.json` (format version, config, operating points,
+//! provenance) and `weights.safetensors` (readable by any safetensors tool).
+//!
+//! Saving is atomic: the bundle is written into a scratch directory beside the target and
+//! swapped in by rename, so an interrupted save never leaves half a bundle where a good one was.
+
+use crate::config::{ConfigError, RetinaConfig};
+use crate::network::RetinaNet;
+use burn::prelude::*;
+use burn_store::{ModuleSnapshot, SafetensorsStore};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The bundle format this build writes and the newest it reads.
+pub const BUNDLE_FORMAT_VERSION: u32 = 1;
+/// Metadata file inside a bundle.
+pub const METADATA_FILE: &str = "model.json";
+/// Weights file inside a bundle.
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+
+/// A decision threshold set: for each binary decision (`referable`, `fluid`, ...), the
+/// probability at or above which the answer is "yes".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatingPoint {
+    /// Threshold per decision.
+    pub thresholds: BTreeMap<String, f32>,
+    /// How the thresholds were chosen (e.g. "default 0.5", "sensitivity>=0.95 on val.csv").
+    pub method: String,
+}
+
+impl OperatingPoint {
+    /// Threshold 0.5 for each decision.
+    pub fn default_for(decisions: &[String]) -> OperatingPoint {
+        OperatingPoint {
+            thresholds: decisions.iter().map(|d| (d.clone(), 0.5)).collect(),
+            method: "default: 0.5 for every decision".into(),
+        }
+    }
+}
+
+/// Where a model came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Data set the model was trained on (path or description).
+    pub dataset: Option<String>,
+    /// Hash of the training labels and image list.
+    pub dataset_hash: Option<String>,
+    /// Epochs trained.
+    pub epochs: Option<usize>,
+    /// Validation metrics of the exported epoch, by name.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    /// When the bundle was written (UTC, RFC 3339).
+    pub created: Option<String>,
+    /// Git revision of the training code, where known.
+    pub git_revision: Option<String>,
+    /// The command line that produced the model.
+    pub command: Option<String>,
+    /// Retina version that wrote the bundle.
+    pub retina_version: Option<String>,
+}
+
+/// The JSON half of a bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleMetadata {
+    /// Bundle format version.
+    pub format_version: u32,
+    /// The network and its preprocessing.
+    pub config: RetinaConfig,
+    /// Class names of each multiclass head, by head name.
+    #[serde(default)]
+    pub class_names: BTreeMap<String, Vec<String>>,
+    /// Named operating points (`default`, `screening`, `confirmation`, ...).
+    pub operating_points: BTreeMap<String, OperatingPoint>,
+    /// The point used when none is named.
+    pub default_point: String,
+    /// Training provenance.
+    #[serde(default)]
+    pub provenance: Provenance,
+    /// Size of the weights file in bytes, to catch truncation before parsing.
+    pub weights_bytes: u64,
+}
+
+/// A bundle could not be saved or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// No bundle at that path.
+    #[error(
+        "{path}: no model bundle here (expected a directory with {METADATA_FILE} and \
+         {WEIGHTS_FILE}, as written by `retina-train fit`)"
+    )]
+    NotFound {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// File system error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// `model.json` is not valid.
+    #[error("{path}:{line}:{column}: invalid bundle metadata: {message}")]
+    BadMetadata {
+        /// The metadata file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What was expected.
+        message: String,
+    },
+    /// Written by a newer Retina.
+    #[error(
+        "{path}: bundle format version {found} is newer than this build reads \
+         (up to {BUNDLE_FORMAT_VERSION}); upgrade Retina to load it"
+    )]
+    NewerFormat {
+        /// The metadata file.
+        path: PathBuf,
+        /// Version in the file.
+        found: u32,
+    },
+    /// The stored config is not a valid network.
+    #[error("{path}: {source}")]
+    Config {
+        /// The metadata file.
+        path: PathBuf,
+        /// What is wrong.
+        source: ConfigError,
+    },
+    /// The weights file is shorter (or longer) than recorded.
+    #[error(
+        "{path}: weights file is {found} bytes but the bundle recorded {expected}: it is \
+         truncated or was replaced; re-export the bundle"
+    )]
+    Truncated {
+        /// The weights file.
+        path: PathBuf,
+        /// Bytes recorded in model.json.
+        expected: u64,
+        /// Bytes on disk.
+        found: u64,
+    },
+    /// The weights file cannot be parsed.
+    #[error("{path}: weights file is not valid safetensors: {message}")]
+    CorruptWeights {
+        /// The weights file.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// A tensor's shape differs from what the config builds.
+    #[error(
+        "{path}: tensor `{tensor}` has shape {found:?} but the model config expects \
+         {expected:?}; the weights do not belong to this config"
+    )]
+    ShapeMismatch {
+        /// The weights file.
+        path: PathBuf,
+        /// Parameter path.
+        tensor: String,
+        /// Shape the network has.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+    /// Tensors the config needs are absent, or the file has tensors the config lacks.
+    #[error("{path}: weights do not match the model config: {detail}")]
+    TensorSet {
+        /// The weights file.
+        path: PathBuf,
+        /// Which tensors are missing or unexpected.
+        detail: String,
+    },
+    /// Any other failure while writing weights.
+    #[error("{path}: cannot write weights: {message}")]
+    Write {
+        /// The weights file.
+        path: PathBuf,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// A trained network with its metadata.
+#[derive(Debug, Clone)]
+pub struct ModelBundle {
+    /// The metadata (config, thresholds, provenance).
+    pub metadata: BundleMetadata,
+    /// The network.
+    pub model: RetinaNet,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
+    move |source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Binary decisions a config supports: `referable` (from a 5-grade diagnosis head) and every
+/// binary head.
+pub fn decisions(config: &RetinaConfig) -> Vec<String> {
+    let mut d = Vec::new();
+    for h in &config.heads {
+        match h.kind {
+            crate::HeadKind::Multiclass(5) if h.name == crate::DIAGNOSIS => {
+                d.push("referable".to_string())
+            }
+            crate::HeadKind::Binary => d.push(h.name.clone()),
+            _ => {}
+        }
+    }
+    d
+}
+
+impl BundleMetadata {
+    /// Fresh metadata for `config`: default class names and a `default` point at 0.5.
+    pub fn new(config: RetinaConfig) -> BundleMetadata {
+        let mut class_names = BTreeMap::new();
+        for h in &config.heads {
+            if let crate::HeadKind::Multiclass(n) = h.kind {
+                let names = if h.name == crate::DIAGNOSIS && n == crate::NUM_GRADES {
+                    crate::Grade::class_names()
+                } else {
+                    (0..n).map(|i| i.to_string()).collect()
+                };
+                class_names.insert(h.name.clone(), names);
+            }
+        }
+        let mut operating_points = BTreeMap::new();
+        operating_points.insert(
+            "default".to_string(),
+            OperatingPoint::default_for(&decisions(&config)),
+        );
+        BundleMetadata {
+            format_version: BUNDLE_FORMAT_VERSION,
+            config,
+            class_names,
+            operating_points,
+            default_point: "default".into(),
+            provenance: Provenance::default(),
+            weights_bytes: 0,
+        }
+    }
+
+    /// Reads and checks `model.json` from a bundle directory.
+    pub fn load(dir: &Path) -> Result<BundleMetadata, BundleError> {
+        let path = dir.join(METADATA_FILE);
+        if !path.is_file() {
+            return Err(BundleError::NotFound {
+                path: dir.to_path_buf(),
+            });
+        }
+        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks metadata text; `path` names it in errors.
+    pub fn parse(text: &str, path: PathBuf) -> Result<BundleMetadata, BundleError> {
+        let bad = |e: serde_json::Error| BundleError::BadMetadata {
+            path: path.clone(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        };
+        // Check the version before the schema: a newer bundle may not parse as ours at all.
+        let raw: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
+        match raw.get("format_version").and_then(|v| v.as_u64()) {
+            Some(v) if v > BUNDLE_FORMAT_VERSION as u64 => {
+                return Err(BundleError::NewerFormat {
+                    path,
+                    found: v as u32,
+                });
+            }
+            Some(_) => {}
+            None => {
+                return Err(BundleError::BadMetadata {
+                    path,
+                    line: 1,
+                    column: 1,
+                    message: "missing `format_version` (a positive integer)".into(),
+                });
+            }
+        }
+        let meta: BundleMetadata = serde_json::from_str(text).map_err(bad)?;
+        meta.config
+            .validate()
+            .map_err(|source| BundleError::Config {
+                path: path.clone(),
+                source,
+            })?;
+        if !meta.operating_points.contains_key(&meta.default_point) {
+            return Err(BundleError::BadMetadata {
+                path,
+                line: 1,
+                column: 1,
+                message: format!(
+                    "default_point `{}` is not among the operating points",
+                    meta.default_point
+                ),
+            });
+        }
+        Ok(meta)
+    }
+
+    /// Writes `model.json` atomically into an existing bundle directory (used when only the
+    /// metadata changes, e.g. after calibration).
+    pub fn save_in_place(&self, dir: &Path) -> Result<(), BundleError> {
+        write_atomic(&dir.join(METADATA_FILE), self.to_json().as_bytes())
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("metadata always serialises") + "\n"
+    }
+
+    /// The named operating point, or the default one for `None`.
+    pub fn operating_point(&self, name: Option<&str>) -> Option<&OperatingPoint> {
+        self.operating_points
+            .get(name.unwrap_or(&self.default_point))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(path)(e)
+    })
+}
+
+/// Current UTC time as RFC 3339 (seconds precision).
+pub fn utc_now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+impl ModelBundle {
+    /// A bundle around a freshly built or trained network.
+    pub fn new(model: RetinaNet, metadata: BundleMetadata) -> ModelBundle {
+        ModelBundle { metadata, model }
+    }
+
+    /// Saves the bundle to `dir`, replacing any bundle there only once the new one is complete.
+    pub fn save(&mut self, dir: &Path) -> Result<(), BundleError> {
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model")
+            .to_string();
+        let stamp = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        let scratch = parent.join(format!(".{name}.partial-{stamp}"));
+        std::fs::create_dir(&scratch).map_err(io(&scratch))?;
+        let result = self.write_into(&scratch).and_then(|()| {
+            if dir.exists() {
+                let old = parent.join(format!(".{name}.old-{stamp}"));
+                std::fs::rename(dir, &old).map_err(io(dir))?;
+                std::fs::rename(&scratch, dir).map_err(io(dir))?;
+                let _ = std::fs::remove_dir_all(&old);
+            } else {
+                std::fs::rename(&scratch, dir).map_err(io(dir))?;
+            }
+            Ok(())
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        result
+    }
+
+    fn write_into(&mut self, dir: &Path) -> Result<(), BundleError> {
+        let weights = dir.join(WEIGHTS_FILE);
+        let mut store = SafetensorsStore::from_file(&weights)
+            .metadata("retina_bundle_format", BUNDLE_FORMAT_VERSION.to_string());
+        self.model
+            .save_into(&mut store)
+            .map_err(|e| BundleError::Write {
+                path: weights.clone(),
+                message: e.to_string(),
+            })?;
+        self.metadata.weights_bytes = std::fs::metadata(&weights).map_err(io(&weights))?.len();
+        self.metadata.format_version = BUNDLE_FORMAT_VERSION;
+        write_atomic(&dir.join(METADATA_FILE), self.metadata.to_json().as_bytes())
+    }
+
+    /// Loads a bundle onto `device`, checking the format version, the weights file's size and
+    /// every tensor's presence and shape.
+    pub fn load(dir: &Path, device: &Device) -> Result<ModelBundle, BundleError> {
+        let metadata = BundleMetadata::load(dir)?;
+        let weights = dir.join(WEIGHTS_FILE);
+        let found = std::fs::metadata(&weights)
+            .map_err(io(&weights))?
+            .len();
+        if found != metadata.weights_bytes {
+            return Err(BundleError::Truncated {
+                path: weights,
+                expected: metadata.weights_bytes,
+                found,
+            });
+        }
+        let mut model = metadata
+            .config
+            .init(device)
+            .map_err(|source| BundleError::Config {
+                path: dir.join(METADATA_FILE),
+                source,
+            })?;
+        let mut store = SafetensorsStore::from_file(&weights)
+            .validate(false)
+            .allow_partial(true);
+        apply_checked(&mut model, &mut store, &weights, |_| false)?;
+        Ok(ModelBundle { metadata, model })
+    }
+}
+
+impl ModelBundle {
+    /// Loads a bundle held in memory (e.g. embedded in a binary with `include_bytes!`).
+    /// `name` stands for the bundle in error messages.
+    pub fn from_bytes(
+        name: &str,
+        metadata_json: &str,
+        weights: &[u8],
+        device: &Device,
+    ) -> Result<ModelBundle, BundleError> {
+        let meta_path = PathBuf::from(format!("{name}/{METADATA_FILE}"));
+        let weights_path = PathBuf::from(format!("{name}/{WEIGHTS_FILE}"));
+        let metadata = BundleMetadata::parse(metadata_json, meta_path.clone())?;
+        if weights.len() as u64 != metadata.weights_bytes {
+            return Err(BundleError::Truncated {
+                path: weights_path,
+                expected: metadata.weights_bytes,
+                found: weights.len() as u64,
+            });
+        }
+        let mut model = metadata
+            .config
+            .init(device)
+            .map_err(|source| BundleError::Config {
+                path: meta_path,
+                source,
+            })?;
+        let mut store = SafetensorsStore::from_bytes(Some(weights.to_vec()))
+            .validate(false)
+            .allow_partial(true);
+        apply_checked(&mut model, &mut store, &weights_path, |_| false)?;
+        Ok(ModelBundle { metadata, model })
+    }
+}
+
+/// Applies a store to `model` and turns every discrepancy into a [`BundleError`].
+/// `ignorable_extra` names file tensors that may be left unused (e.g. PyTorch's
+/// `num_batches_tracked`).
+pub(crate) fn apply_checked(
+    model: &mut RetinaNet,
+    store: &mut SafetensorsStore,
+    path: &Path,
+    ignorable_extra: impl Fn(&str) -> bool,
+) -> Result<(), BundleError> {
+    let result = model
+        .load_from(store)
+        .map_err(|e| BundleError::CorruptWeights {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    if let Some(err) = result.errors.first() {
+        return Err(match err {
+            burn_store::ApplyError::ShapeMismatch {
+                path: tensor,
+                expected,
+                found,
+            } => BundleError::ShapeMismatch {
+                path: path.to_path_buf(),
+                tensor: tensor.clone(),
+                expected: expected.to_vec(),
+                found: found.to_vec(),
+            },
+            other => BundleError::TensorSet {
+                path: path.to_path_buf(),
+                detail: format!("{other:?}"),
+            },
+        });
+    }
+    let unused: Vec<&String> = result
+        .unused
+        .iter()
+        .filter(|n| !ignorable_extra(n))
+        .collect();
+    if !result.missing.is_empty() || !unused.is_empty() {
+        let missing: Vec<&str> = result.missing.iter().map(|(p, _)| p.as_str()).collect();
+        return Err(BundleError::TensorSet {
+            path: path.to_path_buf(),
+            detail: format!("missing {missing:?}, unexpected {unused:?}"),
+        });
+    }
+    Ok(())
+}

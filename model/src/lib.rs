@@ -1,0 +1,38 @@
+//! # retina-model
+//!
+//! The Retina network: a shared ResNet-style trunk with any number of prediction heads
+//! (diagnosis grade, fluid, vessel growth, ...) attached to any stage, the input preprocessing
+//! that training and inference share, model bundles, and run-time backend selection.
+//!
+//! ```no_run
+//! use retina_model::{BackendChoice, RetinaConfig};
+//! let backend = BackendChoice::Cpu.select().unwrap();
+//! let config = RetinaConfig::preset("small").unwrap();
+//! let net = config.init(&backend.device).unwrap();
+//! println!("{} parameters", net.parameter_count());
+//! ```
+
+pub mod backend;
+pub mod bundle;
+pub mod config;
+pub mod grade;
+pub mod head;
+pub mod network;
+pub mod prediction;
+pub mod preprocess;
+pub mod torch;
+pub mod trunk;
+
+pub use backend::{BackendChoice, BackendError, SelectedBackend};
+pub use bundle::{BundleError, BundleMetadata, ModelBundle, OperatingPoint, Provenance};
+pub use config::{
+    AttachPoint, ConfigError, DIAGNOSIS, FLUID, HeadKind, HeadSpec, PRESETS, RetinaConfig,
+    StageConfig, TrunkConfig, VESSEL_GROWTH,
+};
+pub use grade::{Grade, NUM_GRADES};
+pub use network::{RetinaNet, RetinaOutput};
+pub use prediction::{HeadAnswer, Prediction};
+pub use preprocess::{PreprocessConfig, PreprocessError, Prepared};
+
+/// Re-exported so downstream crates use the same burn as the model.
+pub use burn;

@@ -1,0 +1,520 @@
+//! Input preprocessing shared by training and inference.
+//!
+//! A fundus photograph becomes the network's input in four steps:
+//! 1. decode (JPEG, PNG, TIFF, BMP, WebP; grey, alpha and 16-bit converted to 8-bit RGB), with
+//!    size limits so a decompression bomb is refused instead of exhausting memory;
+//! 2. find the bright fundus disc and crop the black border around it into a square (padding
+//!    with black where the camera clipped the disc), so every image shows the retina at the same
+//!    scale whatever the camera's framing;
+//! 3. resize to the model's square input size;
+//! 4. optionally Graham's local-average-colour subtraction (`4*img - 4*blur(img) + 128`, the rim
+//!    masked), which removes illumination differences between cameras; then normalise.
+//!
+//! Its parameters are part of the model config, so inference cannot drift from training.
+
+use burn::config::Config;
+use burn::prelude::*;
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageReader, Limits, RgbImage};
+use std::io::Cursor;
+use std::path::Path;
+
+/// How an image becomes the network input.
+#[derive(Config, Debug, PartialEq)]
+pub struct PreprocessConfig {
+    /// Side of the square network input, in pixels.
+    #[config(default = 224)]
+    pub image_size: usize,
+    /// Crop the black border around the fundus disc.
+    #[config(default = true)]
+    pub crop_to_disc: bool,
+    /// Luminance (fraction of full scale) above which a pixel counts as inside the disc.
+    #[config(default = 0.07)]
+    pub disc_threshold: f32,
+    /// Apply Graham's local-average-colour subtraction.
+    #[config(default = false)]
+    pub graham: bool,
+    /// Graham blur sigma as a fraction of the disc radius (Graham used radius / 30).
+    #[config(default = "1.0 / 30.0")]
+    pub graham_sigma: f32,
+    /// Fraction of the disc radius kept by Graham's rim mask; the outer rim becomes neutral grey.
+    #[config(default = 0.92)]
+    pub rim_fraction: f32,
+    /// Per-channel mean subtracted after scaling to 0..1 (R, G, B).
+    #[config(default = "[0.5, 0.5, 0.5]")]
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation divided after the mean (R, G, B).
+    #[config(default = "[0.25, 0.25, 0.25]")]
+    pub std: [f32; 3],
+    /// Largest accepted width or height of a source image; larger ones are refused as a
+    /// possible decompression bomb.
+    #[config(default = 16384)]
+    pub max_dimension: u32,
+}
+
+/// Why an image could not be turned into network input.
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    /// The file could not be read.
+    #[error("{name}: cannot read the file: {source}")]
+    Io {
+        /// The image's name or path.
+        name: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The bytes are not in a format we read.
+    #[error(
+        "{name}: not an image in a format Retina reads (expected JPEG, PNG, TIFF, BMP or WebP)"
+    )]
+    NotAnImage {
+        /// The image's name or path.
+        name: String,
+    },
+    /// The image is damaged.
+    #[error("{name}: the image is corrupt or truncated ({reason})")]
+    Corrupt {
+        /// The image's name or path.
+        name: String,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// Too large to decode safely.
+    #[error(
+        "{name}: the image is {width}x{height} pixels, over the {max}x{max} limit \
+         (a decompression bomb, or raise `max_dimension` in the model's preprocessing config)"
+    )]
+    TooLarge {
+        /// The image's name or path.
+        name: String,
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// Zero-sized image.
+    #[error("{name}: the image has no pixels")]
+    Empty {
+        /// The image's name or path.
+        name: String,
+    },
+}
+
+/// An image made ready for the network.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The cropped and resized RGB image (before Graham and normalisation): what the network
+    /// "sees", for overlays and for looking at.
+    pub view: RgbImage,
+    /// The normalised input, channel-major `[3, S, S]`.
+    pub input: Vec<f32>,
+}
+
+/// A pixel rectangle `[x0, x1) x [y0, y1)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rect {
+    /// Left edge (inclusive).
+    pub x0: u32,
+    /// Top edge (inclusive).
+    pub y0: u32,
+    /// Right edge (exclusive).
+    pub x1: u32,
+    /// Bottom edge (exclusive).
+    pub y1: u32,
+}
+
+impl Rect {
+    /// Width of the rectangle.
+    pub fn width(&self) -> u32 {
+        self.x1 - self.x0
+    }
+    /// Height of the rectangle.
+    pub fn height(&self) -> u32 {
+        self.y1 - self.y0
+    }
+}
+
+impl PreprocessConfig {
+    /// Checks the parameters; returns what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.image_size < 16 || self.image_size > 4096 {
+            return Err(format!("image_size must be 16-4096 (got {})", self.image_size));
+        }
+        if !(0.0..1.0).contains(&self.disc_threshold) {
+            return Err("disc_threshold must be in [0, 1)".into());
+        }
+        if !(self.graham_sigma > 0.0) || !(self.rim_fraction > 0.0 && self.rim_fraction <= 1.0) {
+            return Err("graham_sigma must be > 0 and rim_fraction in (0, 1]".into());
+        }
+        if self.std.iter().any(|s| !(*s > 0.0)) {
+            return Err("std must be > 0 for every channel".into());
+        }
+        if self.max_dimension == 0 {
+            return Err("max_dimension must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Decodes image bytes; `name` is used in error messages.
+    pub fn decode(&self, bytes: &[u8], name: &str) -> Result<DynamicImage, PreprocessError> {
+        let reader = || {
+            ImageReader::new(Cursor::new(bytes))
+                .with_guessed_format()
+                .expect("reading from memory cannot fail")
+        };
+        let format = reader().format();
+        if format.is_none() {
+            return Err(PreprocessError::NotAnImage { name: name.into() });
+        }
+        // The JPEG decoder fills a truncated scan with grey instead of failing, which would turn a
+        // half-copied file into a confident prediction. A complete JPEG ends with the EOI marker
+        // (FF D9), which cannot occur inside entropy-coded data; allow trailing padding.
+        if format == Some(image::ImageFormat::Jpeg) {
+            let tail = &bytes[bytes.len().saturating_sub(4096)..];
+            if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+                return Err(PreprocessError::Corrupt {
+                    name: name.into(),
+                    reason: "the JPEG data stops before its end-of-image marker: the file is truncated"
+                        .into(),
+                });
+            }
+        }
+        let corrupt = |e: image::ImageError| PreprocessError::Corrupt {
+            name: name.into(),
+            reason: e.to_string(),
+        };
+        // Read the declared size first, so a bomb is refused before anything is allocated.
+        let (width, height) = reader().into_dimensions().map_err(corrupt)?;
+        if width > self.max_dimension || height > self.max_dimension {
+            return Err(PreprocessError::TooLarge {
+                name: name.into(),
+                width,
+                height,
+                max: self.max_dimension,
+            });
+        }
+        if width == 0 || height == 0 {
+            return Err(PreprocessError::Empty { name: name.into() });
+        }
+        let mut limits = Limits::default();
+        limits.max_image_width = Some(self.max_dimension);
+        limits.max_image_height = Some(self.max_dimension);
+        limits.max_alloc = Some(2 << 30);
+        let mut r = reader();
+        r.limits(limits);
+        r.decode().map_err(|e| match e {
+            image::ImageError::Unsupported(_) => PreprocessError::NotAnImage { name: name.into() },
+            e => corrupt(e),
+        })
+    }
+
+    /// Reads and decodes an image file.
+    pub fn load(&self, path: &Path) -> Result<DynamicImage, PreprocessError> {
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| PreprocessError::Io {
+            name: name.clone(),
+            source,
+        })?;
+        self.decode(&bytes, &name)
+    }
+
+    /// Reads a file and prepares it for the network.
+    pub fn prepare_path(&self, path: &Path) -> Result<Prepared, PreprocessError> {
+        Ok(self.prepare(&self.load(path)?))
+    }
+
+    /// Decodes bytes and prepares them for the network.
+    pub fn prepare_bytes(&self, bytes: &[u8], name: &str) -> Result<Prepared, PreprocessError> {
+        Ok(self.prepare(&self.decode(bytes, name)?))
+    }
+
+    /// Crops, resizes and normalises a decoded image.
+    pub fn prepare(&self, img: &DynamicImage) -> Prepared {
+        let rgb = img.to_rgb8();
+        let view = self.crop_and_resize(&rgb);
+        let input = self.normalise(&view);
+        Prepared { view, input }
+    }
+
+    /// Steps 2 and 3: square crop around the disc, then resize.
+    pub fn crop_and_resize(&self, rgb: &RgbImage) -> RgbImage {
+        let s = self.image_size as u32;
+        let square = if self.crop_to_disc {
+            match find_disc(rgb, self.disc_threshold) {
+                Some(r) => square_around(rgb, r),
+                None => square_around(rgb, full_rect(rgb)),
+            }
+        } else {
+            square_around(rgb, full_rect(rgb))
+        };
+        if square.dimensions() == (s, s) {
+            square
+        } else {
+            image::imageops::resize(&square, s, s, FilterType::Triangle)
+        }
+    }
+
+    /// Step 4: Graham (optional) and per-channel normalisation to `[3, S, S]`.
+    pub fn normalise(&self, view: &RgbImage) -> Vec<f32> {
+        let (w, h) = view.dimensions();
+        let plane = (w * h) as usize;
+        let mut out = vec![0f32; 3 * plane];
+        let graham = self.graham.then(|| {
+            let radius = w.min(h) as f32 / 2.0;
+            let blurred = image::imageops::fast_blur(view, (radius * self.graham_sigma).max(0.5));
+            (blurred, radius)
+        });
+        let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
+        for (x, y, p) in view.enumerate_pixels() {
+            let i = (y * w + x) as usize;
+            for c in 0..3 {
+                let mut v = p[c] as f32;
+                if let Some((blurred, radius)) = &graham {
+                    let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+                    let inside = (dx * dx + dy * dy).sqrt() <= radius * self.rim_fraction;
+                    v = if inside {
+                        (4.0 * v - 4.0 * blurred.get_pixel(x, y)[c] as f32 + 128.0).clamp(0.0, 255.0)
+                    } else {
+                        128.0
+                    };
+                }
+                out[c * plane + i] = (v / 255.0 - self.mean[c]) / self.std[c];
+            }
+        }
+        out
+    }
+}
+
+fn full_rect(img: &RgbImage) -> Rect {
+    Rect {
+        x0: 0,
+        y0: 0,
+        x1: img.width(),
+        y1: img.height(),
+    }
+}
+
+/// Finds the bounding box of the bright fundus disc: the rows and columns where at least 1% of
+/// pixels are brighter than `threshold` (so JPEG noise and burnt-in text in the border do not
+/// count). `None` when nothing plausible is found (a blank frame): then the whole image is used.
+pub fn find_disc(img: &RgbImage, threshold: f32) -> Option<Rect> {
+    let (w, h) = img.dimensions();
+    let t = (threshold * 255.0 * 3.0) as u32;
+    let mut rows = vec![0u32; h as usize];
+    let mut cols = vec![0u32; w as usize];
+    for (x, y, p) in img.enumerate_pixels() {
+        if p[0] as u32 + p[1] as u32 + p[2] as u32 > t {
+            rows[y as usize] += 1;
+            cols[x as usize] += 1;
+        }
+    }
+    let span = |counts: &[u32], other: u32| -> Option<(u32, u32)> {
+        let need = (other / 100).max(2);
+        let first = counts.iter().position(|&c| c >= need)?;
+        let last = counts.iter().rposition(|&c| c >= need)?;
+        Some((first as u32, last as u32 + 1))
+    };
+    let (y0, y1) = span(&rows, w)?;
+    let (x0, x1) = span(&cols, h)?;
+    // A disc smaller than a tenth of the frame is more likely noise than a fundus.
+    if (x1 - x0) * 10 < w.min(h) || (y1 - y0) * 10 < w.min(h) {
+        return None;
+    }
+    Some(Rect { x0, y0, x1, y1 })
+}
+
+/// The square of side `max(w, h)` centred on `r`, black where it leaves the image (fundus
+/// cameras often clip the top and bottom of the disc).
+fn square_around(img: &RgbImage, r: Rect) -> RgbImage {
+    let side = r.width().max(r.height());
+    if r.x0 == 0 && r.y0 == 0 && r.width() == side && r.height() == side {
+        if img.dimensions() == (side, side) {
+            return img.clone();
+        }
+        return image::imageops::crop_imm(img, 0, 0, side, side).to_image();
+    }
+    let left = (r.x0 + r.x1) as i64 / 2 - side as i64 / 2;
+    let top = (r.y0 + r.y1) as i64 / 2 - side as i64 / 2;
+    let mut out = RgbImage::new(side, side);
+    let (w, h) = img.dimensions();
+    // Copy the overlap of the square and the image, row by row.
+    let sx0 = left.max(0);
+    let sx1 = (left + side as i64).min(w as i64);
+    let sy0 = top.max(0);
+    let sy1 = (top + side as i64).min(h as i64);
+    if sx0 < sx1 && sy0 < sy1 {
+        let n = (sx1 - sx0) as usize * 3;
+        for sy in sy0..sy1 {
+            let src = ((sy as usize * w as usize) + sx0 as usize) * 3;
+            let dy = (sy - top) as usize;
+            let dst = (dy * side as usize + (sx0 - left) as usize) * 3;
+            out.as_mut()[dst..dst + n].copy_from_slice(&img.as_raw()[src..src + n]);
+        }
+    }
+    out
+}
+
+/// Stacks prepared inputs into a batch tensor `[N, 3, S, S]` on `device`.
+pub fn batch_tensor(inputs: &[&[f32]], image_size: usize, device: &Device) -> Tensor<4> {
+    let n = inputs.len();
+    let mut data = Vec::with_capacity(n * 3 * image_size * image_size);
+    for x in inputs {
+        data.extend_from_slice(x);
+    }
+    Tensor::from_data(
+        TensorData::new(data, [n, 3, image_size, image_size]),
+        device,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{GrayImage, ImageBuffer, Luma, Rgb, Rgba, RgbaImage};
+
+    fn cfg(size: usize) -> PreprocessConfig {
+        PreprocessConfig::new().with_image_size(size)
+    }
+
+    /// A bright disc of radius `r` centred at (cx, cy) on black.
+    fn disc_image(w: u32, h: u32, cx: f32, cy: f32, r: f32) -> RgbImage {
+        ImageBuffer::from_fn(w, h, |x, y| {
+            let d = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
+            if d <= r { Rgb([200, 90, 40]) } else { Rgb([3, 2, 1]) }
+        })
+    }
+
+    fn encode(img: &DynamicImage, fmt: image::ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, fmt).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn wide_black_border_is_cropped_to_the_disc() {
+        // A 400x300 frame with a disc of radius 60 off centre: the crop must be that disc.
+        let img = disc_image(400, 300, 250.0, 140.0, 60.0);
+        let r = find_disc(&img, 0.07).unwrap();
+        assert!((r.x0 as i32 - 190).abs() <= 1 && (r.x1 as i32 - 311).abs() <= 1, "{r:?}");
+        assert!((r.y0 as i32 - 80).abs() <= 1 && (r.y1 as i32 - 201).abs() <= 1, "{r:?}");
+        let view = cfg(64).crop_and_resize(&img);
+        assert_eq!(view.dimensions(), (64, 64));
+        // The disc now fills the frame: centre and edge midpoints are fundus-coloured,
+        // corners are black.
+        for (x, y) in [(32, 32), (2, 32), (61, 32), (32, 2), (32, 61)] {
+            assert!(view.get_pixel(x, y)[0] > 100, "({x},{y}) should be inside the disc");
+        }
+        for (x, y) in [(0, 0), (63, 0), (0, 63), (63, 63)] {
+            assert!(view.get_pixel(x, y)[0] < 20, "({x},{y}) should be border");
+        }
+    }
+
+    #[test]
+    fn clipped_disc_is_padded_to_a_square() {
+        // Disc of radius 100 in a 300x160 frame: top and bottom are clipped by the camera.
+        let img = disc_image(300, 160, 150.0, 80.0, 100.0);
+        let r = find_disc(&img, 0.07).unwrap();
+        assert_eq!((r.y0, r.y1), (0, 160));
+        let view = cfg(100).crop_and_resize(&img);
+        // Padded rows at the top and bottom are black; the middle row is the disc.
+        assert!(view.get_pixel(50, 1)[0] < 20);
+        assert!(view.get_pixel(50, 50)[0] > 100);
+    }
+
+    #[test]
+    fn blank_frame_keeps_the_whole_image() {
+        let img = RgbImage::new(50, 40);
+        assert_eq!(find_disc(&img, 0.07), None);
+        assert_eq!(cfg(32).crop_and_resize(&img).dimensions(), (32, 32));
+    }
+
+    #[test]
+    fn grey_rgba_16bit_nonsquare_and_tiny_images_are_accepted() {
+        let c = cfg(32);
+        let grey = DynamicImage::ImageLuma8(GrayImage::from_fn(70, 50, |x, _| Luma([x as u8 * 3])));
+        let rgba = DynamicImage::ImageRgba8(RgbaImage::from_pixel(9, 5, Rgba([200, 100, 50, 10])));
+        let deep = DynamicImage::ImageRgb16(ImageBuffer::from_fn(40, 30, |x, y| {
+            Rgb([(x * 1500) as u16, (y * 2000) as u16, 40000])
+        }));
+        let tiny = DynamicImage::ImageRgb8(RgbImage::from_pixel(1, 1, Rgb([255, 0, 0])));
+        for (img, fmt) in [
+            (&grey, image::ImageFormat::Png),
+            (&rgba, image::ImageFormat::Png),
+            (&deep, image::ImageFormat::Png),
+            (&deep, image::ImageFormat::Tiff),
+            (&tiny, image::ImageFormat::Bmp),
+        ] {
+            let bytes = encode(img, fmt);
+            let p = c.prepare_bytes(&bytes, "t").unwrap();
+            assert_eq!(p.view.dimensions(), (32, 32));
+            assert_eq!(p.input.len(), 3 * 32 * 32);
+            assert!(p.input.iter().all(|v| v.is_finite()));
+        }
+        // 16-bit values are scaled, not truncated: a 40000/65535 blue becomes ~155/255.
+        let p = c.prepare(&deep);
+        let b = p.view.get_pixel(16, 16)[2];
+        assert!((150..=160).contains(&b), "blue {b}");
+    }
+
+    #[test]
+    fn normalisation_uses_mean_and_std() {
+        let c = cfg(16).with_crop_to_disc(false);
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(16, 16, Rgb([255, 128, 0])));
+        let p = c.prepare(&img);
+        assert!((p.input[0] - 2.0).abs() < 1e-6); // (1 - 0.5) / 0.25
+        assert!((p.input[256] - (128.0 / 255.0 - 0.5) / 0.25).abs() < 1e-6);
+        assert!((p.input[512] + 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn graham_flattens_illumination_and_masks_the_rim() {
+        // A smooth left-to-right illumination gradient disappears under Graham: the centre row
+        // becomes close to neutral grey, while a small dark spot (a lesion) survives.
+        let c = cfg(64).with_crop_to_disc(false).with_graham(true);
+        let mut img = RgbImage::from_fn(64, 64, |x, _| Rgb([60 + x as u8 * 2, 60, 60]));
+        for y in 30..34 {
+            for x in 30..34 {
+                img.put_pixel(x, y, Rgb([10, 10, 10]));
+            }
+        }
+        let p = c.normalise(&img);
+        let neutral = (128.0 / 255.0 - 0.5) / 0.25;
+        let at = |x: usize, y: usize| p[y * 64 + x];
+        assert!((at(20, 20) - neutral).abs() < 0.3, "{}", at(20, 20));
+        assert!((at(44, 44) - neutral).abs() < 0.3, "{}", at(44, 44));
+        assert!(at(31, 31) < neutral - 1.0, "lesion should stay dark: {}", at(31, 31));
+        assert_eq!(at(0, 0), neutral, "rim is masked");
+    }
+
+    #[test]
+    fn non_images_truncated_files_and_bombs_are_clear_errors() {
+        let c = cfg(32);
+        let e = c.prepare_bytes(b"image,diagnosis\nx.png,2\n", "labels.csv").unwrap_err();
+        assert!(matches!(e, PreprocessError::NotAnImage { .. }), "{e}");
+        assert!(e.to_string().starts_with("labels.csv: "));
+
+        let img = DynamicImage::ImageRgb8(disc_image(120, 100, 60.0, 50.0, 45.0));
+        let jpeg = encode(&img, image::ImageFormat::Jpeg);
+        let e = c.prepare_bytes(&jpeg[..jpeg.len() / 3], "eye.jpg").err().expect("truncated");
+        assert!(matches!(e, PreprocessError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("truncated"), "{e}");
+        assert!(c.prepare_bytes(&jpeg, "eye.jpg").is_ok(), "the whole JPEG decodes");
+        let png = encode(&img, image::ImageFormat::Png);
+        let e = c.prepare_bytes(&png[..png.len() / 2], "eye.png").err().expect("truncated");
+        assert!(matches!(e, PreprocessError::Corrupt { .. }), "{e}");
+
+        // A BMP header (no checksum to forge) that declares 40000 x 40000 pixels (1.6 gigapixels).
+        let small = encode(&DynamicImage::ImageRgb8(RgbImage::new(1, 1)), image::ImageFormat::Bmp);
+        let mut bomb = small.clone();
+        bomb[18..22].copy_from_slice(&40_000i32.to_le_bytes());
+        bomb[22..26].copy_from_slice(&40_000i32.to_le_bytes());
+        let e = c.prepare_bytes(&bomb, "bomb.bmp").unwrap_err();
+        assert!(matches!(e, PreprocessError::TooLarge { width: 40_000, .. }), "{e}");
+
+        let e = c.prepare_path(Path::new("/nonexistent/eye.png")).unwrap_err();
+        assert!(matches!(e, PreprocessError::Io { .. }));
+        assert!(e.to_string().contains("/nonexistent/eye.png"));
+    }
+}

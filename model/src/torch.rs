@@ -1,0 +1,123 @@
+//! Moving weights to and from PyTorch: safetensors files in the layout of a PyTorch
+//! `state_dict` of the reference network (`shared/peer/model.py`).
+//!
+//! PyTorch names the modules `stem.0` (conv), `stem.1` (BN), `stage{k}.conv1`, `stage{k}.bn1`,
+//! `stage{k}.shortcut.0/1`, and one `nn.Linear` per head. Stages with several blocks are
+//! `stage{k}.{j}.…`; a head with a hidden layer is `nn.Sequential(Linear, ReLU, Linear)`, so
+//! `{head}.0` and `{head}.2`. burn-store's PyTorch adapters do the rest (linear weights are
+//! transposed, batch-norm `weight`/`bias` become `gamma`/`beta`).
+
+use crate::bundle::{BundleError, apply_checked};
+use crate::config::RetinaConfig;
+use crate::network::RetinaNet;
+use burn_store::{
+    BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+};
+use std::path::Path;
+
+/// The reference network calls the vessel-growth head `vessel`.
+const HEAD_ALIASES: [(&str, &str); 1] = [("vessel_growth", "vessel")];
+
+fn torch_head_name(name: &str) -> &str {
+    HEAD_ALIASES
+        .iter()
+        .find(|(ours, _)| *ours == name)
+        .map(|(_, theirs)| *theirs)
+        .unwrap_or(name)
+}
+
+/// `(burn prefix, torch prefix)` for every module of the network, both ending in `.`.
+pub fn key_prefixes(config: &RetinaConfig) -> Vec<(String, String)> {
+    let mut p = vec![
+        ("trunk.stem.conv.".to_string(), "stem.0.".to_string()),
+        ("trunk.stem.bn.".to_string(), "stem.1.".to_string()),
+    ];
+    for (i, stage) in config.trunk.stages.iter().enumerate() {
+        for j in 0..stage.depth {
+            let torch = if stage.depth == 1 {
+                format!("stage{}.", i + 1)
+            } else {
+                format!("stage{}.{j}.", i + 1)
+            };
+            p.push((format!("trunk.stages.{i}.blocks.{j}."), torch));
+        }
+    }
+    for (k, h) in config.heads.iter().enumerate() {
+        let t = torch_head_name(&h.name);
+        if h.hidden.is_some() {
+            p.push((format!("heads.{k}.hidden."), format!("{t}.0.")));
+            p.push((format!("heads.{k}.out."), format!("{t}.2.")));
+        } else {
+            p.push((format!("heads.{k}.out."), format!("{t}.")));
+        }
+    }
+    p
+}
+
+fn escape(s: &str) -> String {
+    s.replace('.', r"\.")
+}
+
+fn remapper(config: &RetinaConfig, to_torch: bool) -> KeyRemapper {
+    let mut pairs: Vec<(String, String)> = key_prefixes(config)
+        .into_iter()
+        .map(|(burn, torch)| {
+            if to_torch {
+                (format!("^{}", escape(&burn)), torch)
+            } else {
+                (format!("^{}", escape(&torch)), burn)
+            }
+        })
+        .collect();
+    // Inside a block the projection shortcut is `downsample.{conv,bn}` here, `shortcut.{0,1}`
+    // there. Applied after the prefix patterns (all patterns run in order).
+    let inner = [
+        (".downsample.conv.", ".shortcut.0."),
+        (".downsample.bn.", ".shortcut.1."),
+    ];
+    for (ours, theirs) in inner {
+        pairs.push(if to_torch {
+            (escape(ours), theirs.to_string())
+        } else {
+            (escape(theirs), ours.to_string())
+        });
+    }
+    KeyRemapper::from_patterns(pairs).expect("generated patterns are valid regexes")
+}
+
+impl RetinaNet {
+    /// Writes the weights as a PyTorch-layout safetensors file (`torch.nn.Module.load_state_dict`
+    /// accepts it for the matching PyTorch module). Written atomically.
+    pub fn export_torch(&self, config: &RetinaConfig, path: &Path) -> Result<(), BundleError> {
+        let mut store = SafetensorsStore::from_file(path)
+            .with_to_adapter(BurnToPyTorchAdapter)
+            .remap(remapper(config, true))
+            .map_indices_contiguous(false)
+            .overwrite(true);
+        self.save_into(&mut store)
+            .map_err(|e| BundleError::Write {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Loads weights from a PyTorch-layout safetensors file into this network; every tensor the
+    /// network has must be present with the right shape.
+    pub fn import_torch(&mut self, config: &RetinaConfig, path: &Path) -> Result<(), BundleError> {
+        if !path.is_file() {
+            return Err(BundleError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let mut store = SafetensorsStore::from_file(path)
+            .with_from_adapter(PyTorchToBurnAdapter)
+            .remap(remapper(config, false))
+            .map_indices_contiguous(false)
+            .validate(false)
+            .allow_partial(true);
+        apply_checked(self, &mut store, path, |name| {
+            name.ends_with("num_batches_tracked")
+        })
+    }
+}

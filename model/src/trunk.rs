@@ -1,0 +1,170 @@
+//! The shared convolutional trunk: a 3x3 stem and stages of ResNet BasicBlocks.
+//!
+//! The trunk stops before any classifier and returns every stage's output, so any number of
+//! heads can read any stage. Parameter paths are hierarchical (`trunk.stages.2.blocks.0.conv1`)
+//! and map one-to-one onto the PyTorch reference's names (see [`crate::torch`]).
+
+use crate::config::{StageConfig, TrunkConfig};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+
+fn conv(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, device: &Device) -> Conv2d {
+    let pad = k / 2;
+    Conv2dConfig::new([cin, cout], [k, k])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+        .with_bias(bias)
+        .init(device)
+}
+
+fn batch_norm(c: usize, cfg: &TrunkConfig, device: &Device) -> BatchNorm {
+    BatchNormConfig::new(c)
+        .with_epsilon(cfg.bn_epsilon)
+        .with_momentum(cfg.bn_momentum)
+        .init(device)
+}
+
+/// Stem: conv3x3 (stride 2 by default) + batch norm + ReLU.
+#[derive(Module, Debug)]
+pub struct Stem {
+    /// The convolution.
+    pub conv: Conv2d,
+    /// Its batch norm.
+    pub bn: BatchNorm,
+}
+
+impl Stem {
+    /// `[N, 3, H, W]` to `[N, stem_width, H/s, W/s]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        relu(self.bn.forward(self.conv.forward(x)))
+    }
+}
+
+/// The projection shortcut used when a block changes width or resolution: 1x1 conv + BN.
+#[derive(Module, Debug)]
+pub struct Downsample {
+    /// 1x1 strided convolution, no bias.
+    pub conv: Conv2d,
+    /// Its batch norm.
+    pub bn: BatchNorm,
+}
+
+/// ResNet BasicBlock: conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU.
+#[derive(Module, Debug)]
+pub struct BasicBlock {
+    /// First 3x3 convolution (carries the block's stride).
+    pub conv1: Conv2d,
+    /// Batch norm after `conv1`.
+    pub bn1: BatchNorm,
+    /// Second 3x3 convolution.
+    pub conv2: Conv2d,
+    /// Batch norm after `conv2`.
+    pub bn2: BatchNorm,
+    /// Projection shortcut, when the shape changes; identity otherwise.
+    pub downsample: Option<Downsample>,
+}
+
+impl BasicBlock {
+    fn new(cin: usize, cout: usize, stride: usize, cfg: &TrunkConfig, device: &Device) -> Self {
+        let downsample = (stride != 1 || cin != cout).then(|| Downsample {
+            conv: conv(cin, cout, 1, stride, false, device),
+            bn: batch_norm(cout, cfg, device),
+        });
+        BasicBlock {
+            conv1: conv(cin, cout, 3, stride, false, device),
+            bn1: batch_norm(cout, cfg, device),
+            conv2: conv(cout, cout, 3, 1, false, device),
+            bn2: batch_norm(cout, cfg, device),
+            downsample,
+        }
+    }
+
+    /// Applies the block.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let shortcut = match &self.downsample {
+            Some(d) => d.bn.forward(d.conv.forward(x.clone())),
+            None => x.clone(),
+        };
+        let out = relu(self.bn1.forward(self.conv1.forward(x)));
+        let out = self.bn2.forward(self.conv2.forward(out));
+        relu(out + shortcut)
+    }
+}
+
+/// A stage: BasicBlocks of one width; the first may downsample.
+#[derive(Module, Debug)]
+pub struct Stage {
+    /// The blocks, in order.
+    pub blocks: Vec<BasicBlock>,
+}
+
+impl Stage {
+    fn new(cin: usize, s: &StageConfig, cfg: &TrunkConfig, device: &Device) -> Self {
+        let blocks = (0..s.depth)
+            .map(|i| {
+                let (inp, stride) = if i == 0 { (cin, s.stride) } else { (s.width, 1) };
+                BasicBlock::new(inp, s.width, stride, cfg, device)
+            })
+            .collect();
+        Stage { blocks }
+    }
+
+    /// Applies every block.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.blocks.iter().fold(x, |x, b| b.forward(x))
+    }
+}
+
+/// The trunk: stem, then stages.
+#[derive(Module, Debug)]
+pub struct Trunk {
+    /// The stem.
+    pub stem: Stem,
+    /// The stages (`stage1` is `stages[0]`).
+    pub stages: Vec<Stage>,
+}
+
+impl TrunkConfig {
+    /// Builds the trunk on `device` with PyTorch-default initialisation.
+    pub fn init(&self, device: &Device) -> Trunk {
+        let stem = Stem {
+            conv: conv(3, self.stem_width, 3, self.stem_stride, self.stem_bias, device),
+            bn: batch_norm(self.stem_width, self, device),
+        };
+        let mut cin = self.stem_width;
+        let stages = self
+            .stages
+            .iter()
+            .map(|s| {
+                let stage = Stage::new(cin, s, self, device);
+                cin = s.width;
+                stage
+            })
+            .collect();
+        Trunk { stem, stages }
+    }
+}
+
+impl Trunk {
+    /// Runs the trunk and returns the feature map of every stage, `[N, C_k, H_k, W_k]`.
+    ///
+    /// Only the stages up to `last` (1-based) are computed: a network whose heads all sit early
+    /// need not pay for the deep stages.
+    pub fn forward_stages(&self, x: Tensor<4>, last: usize) -> Vec<Tensor<4>> {
+        let mut x = self.stem.forward(x);
+        let mut out = Vec::with_capacity(last);
+        for stage in self.stages.iter().take(last) {
+            x = stage.forward(x);
+            out.push(x.clone());
+        }
+        out
+    }
+}
+
+/// Global average pooling: `[N, C, H, W]` to `[N, C]`.
+pub fn global_avg_pool(x: Tensor<4>) -> Tensor<2> {
+    let [n, c, h, w] = x.dims();
+    x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c])
+}

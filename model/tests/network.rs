@@ -1,0 +1,325 @@
+//! The network, bundles and backends, on small inputs (32 px) so the suite stays fast.
+
+use retina_model::burn::prelude::*;
+use retina_model::bundle::{BUNDLE_FORMAT_VERSION, METADATA_FILE, WEIGHTS_FILE};
+use retina_model::*;
+use std::path::Path;
+
+fn small(size: usize) -> RetinaConfig {
+    let mut c = RetinaConfig::preset("small").unwrap();
+    c.preprocess.image_size = size;
+    c
+}
+
+fn input(n: usize, size: usize, seed: u64, device: &Device) -> Tensor<4> {
+    // Deterministic pseudo-random input, independent of any backend's RNG.
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let data: Vec<f32> = (0..n * 3 * size * size)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(data, [n, 3, size, size]), device)
+}
+
+fn host(t: &Tensor<2>) -> Vec<f32> {
+    t.clone().into_data().try_into_vec_as::<f32>().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn every_head_kind_at_every_attach_point_has_the_right_shape() {
+    let device = Device::flex();
+    let base = small(32);
+    let stages = base.trunk.stages.len();
+    let mut heads = Vec::new();
+    for k in 1..=stages {
+        for (kind, tag) in [
+            (HeadKind::Multiclass(5), "m"),
+            (HeadKind::Binary, "b"),
+            (HeadKind::Regression, "r"),
+        ] {
+            heads.push(
+                HeadSpec::new(format!("{tag}{k}"), kind)
+                    .with_attach(AttachPoint::Stage(k))
+                    .with_hidden((k % 2 == 0).then_some(8)),
+            );
+        }
+    }
+    heads.push(HeadSpec::new("emb".into(), HeadKind::Multiclass(3)));
+    let mut config = base.clone();
+    config.heads = heads;
+    let net = config.init(&device).unwrap();
+    let out = net.forward(input(2, 32, 1, &device));
+    assert_eq!(out.heads.len(), config.heads.len());
+    for (spec, t) in config.heads.iter().zip(&out.heads) {
+        assert_eq!(t.dims(), [2, spec.kind.output_width()], "head {}", spec.name);
+    }
+    // The embeddings of every stage are returned, with the stage's width.
+    assert_eq!(out.embeddings.len(), stages);
+    for (k, e) in out.embeddings.iter().enumerate() {
+        assert_eq!(e.dims(), [2, base.trunk.stages[k].width]);
+    }
+    assert_eq!(out.head("emb").unwrap().dims(), [2, 3]);
+}
+
+#[test]
+fn early_heads_do_not_run_the_deep_stages() {
+    let device = Device::flex();
+    let mut config = small(32);
+    config.heads = vec![HeadSpec::new("early".into(), HeadKind::Binary).with_attach(AttachPoint::Stage(2))];
+    let out = config.init(&device).unwrap().forward(input(1, 32, 2, &device));
+    assert_eq!(out.embeddings.len(), 2);
+}
+
+#[test]
+fn unknown_stage_fails_at_init_with_a_clear_message() {
+    let mut config = small(32);
+    config.heads[2].attach = AttachPoint::Stage(9);
+    let err = config.init(&Device::flex()).unwrap_err().to_string();
+    assert!(err.contains("vessel_growth") && err.contains("stage9") && err.contains("stage4"), "{err}");
+}
+
+#[test]
+fn reference_preset_matches_the_pytorch_parameter_count() {
+    // shared/peer/model.py: 1,228,103 parameters (buffers such as running stats excluded).
+    let net = RetinaConfig::preset("reference").unwrap().init(&Device::flex()).unwrap();
+    assert_eq!(net.parameter_count(), 1_228_103);
+}
+
+#[test]
+fn l2_term_is_the_sum_of_squared_parameters() {
+    let device = Device::flex();
+    let net = small(32).init(&device).unwrap();
+    let l2: f32 = net.l2_sum_of_squares().into_scalar::<f32>();
+    // Recompute from the exported tensors, skipping the running statistics.
+    let mut expected = 0.0f64;
+    let dir = tempfile::tempdir().unwrap();
+    let mut bundle = ModelBundle::new(net, BundleMetadata::new(small(32)));
+    bundle.save(&dir.path().join("m")).unwrap();
+    for (name, _shape, values) in read_safetensors(&dir.path().join("m").join(WEIGHTS_FILE)) {
+        if !name.contains("running_") {
+            expected += values.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
+        }
+    }
+    // BN gamma = 1 contributes, so the term is far from zero.
+    assert!(expected > 100.0);
+    assert!(((l2 as f64) - expected).abs() / expected < 1e-5, "{l2} vs {expected}");
+}
+
+/// Minimal safetensors reader for tests: (name, shape, f32 values), in file order of the header.
+fn read_safetensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut out = Vec::new();
+    for (name, v) in header.as_object().unwrap() {
+        if name == "__metadata__" {
+            continue;
+        }
+        assert_eq!(v["dtype"], "F32", "{name}");
+        let shape: Vec<usize> = v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        let off: Vec<usize> = v["data_offsets"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        let vals = data[off[0]..off[1]]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        out.push((name.clone(), shape, vals));
+    }
+    out
+}
+
+fn saved_bundle(dir: &Path) -> (std::path::PathBuf, RetinaNet) {
+    let device = Device::flex();
+    let config = small(32);
+    let net = config.init(&device).unwrap();
+    let path = dir.join("bundle");
+    let mut b = ModelBundle::new(net.clone(), BundleMetadata::new(config));
+    b.save(&path).unwrap();
+    (path, net)
+}
+
+#[test]
+fn bundle_round_trip_gives_bit_identical_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, net) = saved_bundle(dir.path());
+    let device = Device::flex();
+    let loaded = ModelBundle::load(&path, &device).unwrap();
+    assert_eq!(loaded.metadata.format_version, BUNDLE_FORMAT_VERSION);
+    assert_eq!(loaded.metadata.config, small(32));
+    let x = input(3, 32, 7, &device);
+    let a = net.forward(x.clone());
+    let b = loaded.model.forward(x);
+    for (ta, tb) in a.heads.iter().zip(&b.heads) {
+        assert_eq!(host(ta), host(tb), "outputs must be bit-identical");
+    }
+    // Saving over an existing bundle replaces it and leaves no scratch directories behind.
+    let mut again = loaded;
+    again.metadata.provenance.epochs = Some(3);
+    again.save(&path).unwrap();
+    assert_eq!(BundleMetadata::load(&path).unwrap().provenance.epochs, Some(3));
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("bundle")]);
+}
+
+#[test]
+fn truncated_weights_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = saved_bundle(dir.path());
+    let w = path.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let err = ModelBundle::load(&path, &Device::flex()).unwrap_err();
+    assert!(matches!(err, BundleError::Truncated { .. }), "{err}");
+    assert!(err.to_string().contains("truncated"), "{err}");
+
+    // A file of the recorded size whose header is garbage is reported as corrupt, not a panic.
+    let mut garbage = bytes.clone();
+    garbage[..16].copy_from_slice(&[0xff; 16]);
+    std::fs::write(&w, &garbage).unwrap();
+    let err = ModelBundle::load(&path, &Device::flex()).unwrap_err();
+    assert!(matches!(err, BundleError::CorruptWeights { .. }), "{err}");
+}
+
+fn edit_metadata(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = path.join(METADATA_FILE);
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn newer_format_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = saved_bundle(dir.path());
+    edit_metadata(&path, |v| {
+        v["format_version"] = serde_json::json!(BUNDLE_FORMAT_VERSION + 1);
+        v["something_new"] = serde_json::json!({"x": 1});
+    });
+    let err = ModelBundle::load(&path, &Device::flex()).unwrap_err();
+    assert!(matches!(err, BundleError::NewerFormat { .. }), "{err}");
+    assert!(err.to_string().contains("upgrade"), "{err}");
+}
+
+#[test]
+fn shape_mismatch_names_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = saved_bundle(dir.path());
+    // Claim the diagnosis head has 4 classes: its weights in the file have 5.
+    edit_metadata(&path, |v| {
+        v["config"]["heads"][0]["kind"] = serde_json::json!({"multiclass": 4});
+    });
+    let err = ModelBundle::load(&path, &Device::flex()).unwrap_err();
+    match &err {
+        BundleError::ShapeMismatch { tensor, expected, found, .. } => {
+            assert!(tensor.starts_with("heads.0.out"), "{tensor}");
+            assert_ne!(expected, found);
+        }
+        other => panic!("expected a shape mismatch, got {other}"),
+    }
+}
+
+#[test]
+fn malformed_metadata_gives_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = saved_bundle(dir.path());
+    std::fs::write(path.join(METADATA_FILE), "{\n  \"format_version\": 1,\n  \"config\": [\n").unwrap();
+    let err = ModelBundle::load(&path, &Device::flex()).unwrap_err().to_string();
+    assert!(err.contains("model.json:4:"), "{err}");
+    let err = ModelBundle::load(&dir.path().join("nope"), &Device::flex()).unwrap_err();
+    assert!(matches!(err, BundleError::NotFound { .. }));
+}
+
+#[test]
+fn pytorch_layout_export_has_the_reference_state_dict_keys_and_round_trips() {
+    let device = Device::flex();
+    let config = RetinaConfig::preset("reference").unwrap();
+    let net = config.init(&device).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ref_torch.safetensors");
+    net.export_torch(&config, &file).unwrap();
+    let tensors = read_safetensors(&file);
+    // torch: 67 entries in state_dict() once the 5 num_batches_tracked counters are left out.
+    assert_eq!(tensors.len(), 67);
+    let shape = |n: &str| tensors.iter().find(|t| t.0 == n).map(|t| t.1.clone()).unwrap_or_else(|| panic!("missing {n}"));
+    assert_eq!(shape("stem.0.weight"), [32, 3, 3, 3]);
+    assert_eq!(shape("stem.0.bias"), [32]);
+    assert_eq!(shape("stem.1.weight"), [32]);
+    assert_eq!(shape("stem.1.running_var"), [32]);
+    assert_eq!(shape("stage1.conv1.weight"), [32, 32, 3, 3]);
+    assert_eq!(shape("stage2.shortcut.0.weight"), [64, 32, 1, 1]);
+    assert_eq!(shape("stage2.shortcut.1.bias"), [64]);
+    assert_eq!(shape("stage4.bn2.running_mean"), [256]);
+    assert_eq!(shape("diagnosis.weight"), [5, 256]);
+    assert_eq!(shape("fluid.bias"), [1]);
+    assert_eq!(shape("vessel.weight"), [1, 128]);
+
+    // Import into a differently initialised network: identical outputs afterwards.
+    let mut other = config.init(&device).unwrap();
+    let x = input(2, 64, 3, &device);
+    assert_ne!(host(&net.forward(x.clone()).heads[0]), host(&other.forward(x.clone()).heads[0]));
+    other.import_torch(&config, &file).unwrap();
+    assert_eq!(host(&net.forward(x.clone()).heads[0]), host(&other.forward(x).heads[0]));
+
+    // The wrong architecture is refused with a named tensor.
+    let small_cfg = small(32);
+    let mut wrong = small_cfg.init(&device).unwrap();
+    let err = wrong.import_torch(&small_cfg, &file).unwrap_err();
+    assert!(matches!(err, BundleError::ShapeMismatch { .. }), "{err}");
+}
+
+#[test]
+fn flex_and_ndarray_agree() {
+    let flex = BackendChoice::Flex.select().unwrap();
+    let nd = BackendChoice::Ndarray.select().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = saved_bundle(dir.path());
+    let a = ModelBundle::load(&path, &flex.device).unwrap();
+    let b = ModelBundle::load(&path, &nd.device).unwrap();
+    let oa = a.model.forward(input(2, 32, 5, &flex.device));
+    let ob = b.model.forward(input(2, 32, 5, &nd.device));
+    for (x, y) in oa.heads.iter().zip(&ob.heads) {
+        let d = max_abs_diff(&host(x), &host(y));
+        assert!(d < 1e-4, "flex vs ndarray differ by {d}");
+    }
+}
+
+/// CPU vs GPU (wgpu) on the same bundle. CI installs Mesa's software Vulkan driver so this runs
+/// there for real; with no adapter at all it fails under CI and is skipped (loudly) elsewhere.
+#[test]
+fn cpu_and_wgpu_agree_on_the_same_weights() {
+    let gpu = match BackendChoice::Wgpu.select() {
+        Ok(g) => g,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED cpu_and_wgpu_agree_on_the_same_weights: {e}");
+            return;
+        }
+        Err(e) => panic!("CI must have a wgpu adapter: {e}"),
+    };
+    eprintln!("wgpu parity on {}", gpu.description);
+    let cpu = BackendChoice::Cpu.select().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = saved_bundle(dir.path());
+    let a = ModelBundle::load(&path, &cpu.device).unwrap();
+    let b = ModelBundle::load(&path, &gpu.device).unwrap();
+    let oa = a.model.forward(input(2, 32, 9, &cpu.device));
+    let ob = b.model.forward(input(2, 32, 9, &gpu.device));
+    for (x, y) in oa.heads.iter().zip(&ob.heads) {
+        let d = max_abs_diff(&host(x), &host(y));
+        assert!(d < 1e-3, "cpu vs wgpu logits differ by {d}");
+    }
+}
+
+#[test]
+fn backend_names_parse() {
+    for (s, b) in [("cpu", BackendChoice::Cpu), ("WGPU", BackendChoice::Wgpu), ("auto", BackendChoice::Auto), ("ndarray", BackendChoice::Ndarray)] {
+        assert_eq!(s.parse::<BackendChoice>().unwrap(), b);
+    }
+    assert!("cuda".parse::<BackendChoice>().unwrap_err().contains("choose"));
+}

@@ -1,0 +1,1 @@
+//! Umbrella package: see tests/.

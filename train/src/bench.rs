@@ -1,0 +1,146 @@
+//! `retina-train bench`: the time of a full training step (forward, all losses, backward,
+//! optimizer), measured like `shared/peer/bench.py` does for PyTorch.
+
+use crate::loss::{ClassWeights, HeadLossConfig, HeadTargets, LossConfig};
+use anyhow::{Result, anyhow};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::prelude::*;
+use retina_model::{BackendChoice, RetinaConfig};
+use serde::Serialize;
+use std::time::Instant;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Network preset.
+    pub preset: String,
+    /// Input side.
+    pub image_size: usize,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Timed steps (after 2 warm-up steps).
+    pub steps: usize,
+    /// Backend.
+    pub backend: BackendChoice,
+}
+
+/// The result, also printed as JSON with `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    /// Preset.
+    pub preset: String,
+    /// Backend description.
+    pub backend: String,
+    /// Input side.
+    pub image_size: usize,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Trainable parameters.
+    pub params: usize,
+    /// Timed steps.
+    pub timed_steps: usize,
+    /// Median seconds per step.
+    pub median_step_s: f64,
+    /// Fastest step.
+    pub min_step_s: f64,
+    /// Slowest step.
+    pub max_step_s: f64,
+    /// Images per second at the median step.
+    pub train_img_per_s: f64,
+    /// Peak resident memory of the process, MiB (host memory; the GPU's is not included).
+    pub peak_rss_mib: Option<f64>,
+    /// Loss of the first and last step (it should fall on a repeated batch).
+    pub first_loss: f32,
+    /// Loss of the last step.
+    pub last_loss: f32,
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+pub fn lcg_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Peak resident set size of this process, from `/proc/self/status`.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The loss of the PyTorch reference (shared/peer/model.py).
+pub fn reference_loss() -> LossConfig {
+    LossConfig::new().with_heads(vec![
+        HeadLossConfig::new("diagnosis".into())
+            .with_class_weights(ClassWeights::Manual(vec![1.0, 2.0, 2.0, 4.0, 4.0])),
+        HeadLossConfig::new("fluid".into()).with_weight(0.5).with_pos_weight(Some(5.0)),
+        HeadLossConfig::new("vessel_growth".into()).with_weight(0.5),
+    ])
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
+    let backend = opts.backend.select()?;
+    let device = backend.device.clone();
+    device.seed(0);
+    let ad = device.clone().autodiff();
+    let mut config = RetinaConfig::preset(&opts.preset)?;
+    config.preprocess.image_size = opts.image_size;
+    let mut model = config.init(&ad)?;
+    let params = model.parameter_count();
+    let loss = reference_loss()
+        .init(&config.heads, &|_| None)
+        .map_err(|e| anyhow!(e))?;
+    // Adam, lr 1e-3, eps 1e-8: the reference optimizer.
+    let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
+    let (n, s) = (opts.batch_size, opts.image_size);
+    let x = Tensor::<4>::from_data(TensorData::new(lcg_values(n * 3 * s * s, 1), [n, 3, s, s]), &ad);
+    let r = lcg_values(3 * n, 2);
+    let grades: Vec<Option<f32>> = r[..n].iter().map(|v| Some(((v + 1.0) * 2.5).floor().min(4.0))).collect();
+    let fluid: Vec<Option<f32>> = r[n..2 * n].iter().map(|v| Some((*v > 0.0) as u8 as f32)).collect();
+    let vessel: Vec<Option<f32>> = r[2 * n..].iter().map(|v| Some((v + 1.0) / 2.0)).collect();
+    let targets = [
+        HeadTargets::from_options(&grades, &ad),
+        HeadTargets::from_options(&fluid, &ad),
+        HeadTargets::from_options(&vessel, &ad),
+    ];
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for i in 0..opts.steps + 2 {
+        let t0 = Instant::now();
+        let out = model.forward(x.clone());
+        let l = loss.forward(&model, &out, &targets);
+        let grads = GradientsParams::from_grads(l.total.backward(), &model);
+        model = optim.step(1e-3, model, grads);
+        // Reading the loss waits for the step to finish on asynchronous backends.
+        let v: f32 = l.total.into_scalar::<f32>();
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        losses.push(v);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    Ok(BenchResult {
+        preset: opts.preset.clone(),
+        backend: backend.description,
+        image_size: s,
+        batch_size: n,
+        params,
+        timed_steps: times.len(),
+        median_step_s: median,
+        min_step_s: sorted[0],
+        max_step_s: *sorted.last().expect("at least one step"),
+        train_img_per_s: n as f64 / median,
+        peak_rss_mib: peak_rss_mib(),
+        first_loss: losses[0],
+        last_loss: *losses.last().expect("at least one step"),
+    })
+}

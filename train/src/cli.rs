@@ -1,0 +1,341 @@
+//! Command-line interface of `retina-train`: every flag in one place.
+
+use crate::bench;
+use crate::config::TrainConfig;
+use crate::dataset::DatasetFormat;
+use crate::trainer::{self, DataSource, FitRequest};
+use crate::synth::{self, SynthOptions};
+use crate::util::{parse_grade_mix, write_file_atomic};
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use retina_model::burn::prelude::Device;
+use retina_model::{BackendChoice, BundleMetadata, ModelBundle, RetinaConfig};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Train, evaluate and generate data for the Retina diabetic-retinopathy screening network.
+#[derive(Parser, Debug)]
+#[command(name = "retina-train", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model on a labelled data set (or on generated images with --synthetic N).
+    Fit(Box<FitArgs>),
+    /// Time full training steps (forward, losses, backward, optimizer).
+    Bench(BenchArgs),
+    /// Generate synthetic fundus photographs with known labels.
+    Synth(SynthArgs),
+    /// Write a bundle's weights as a PyTorch-layout safetensors file.
+    ExportTorch {
+        /// Model bundle directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Output .safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make a bundle from PyTorch-layout safetensors weights of a preset network.
+    ImportTorch {
+        /// PyTorch-layout .safetensors file (a `state_dict` of the matching network).
+        #[arg(long)]
+        weights: PathBuf,
+        /// The architecture the weights belong to.
+        #[arg(long, default_value = "reference")]
+        preset: String,
+        /// Output bundle directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct FitArgs {
+    /// Label file of the training data.
+    #[arg(long, required_unless_present_any = ["synthetic", "resume"])]
+    data: Option<PathBuf>,
+    /// Format of the label file: native, aptos, eyepacs, idrid, messidor2, ddr.
+    #[arg(long, default_value = "native")]
+    format: DatasetFormat,
+    /// Image folder (default: the format's usual folder beside the label file).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// A separate validation label file (instead of splitting the training data).
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Train on N generated images instead of a data set (the embedded default).
+    #[arg(long, conflicts_with = "data")]
+    synthetic: Option<usize>,
+    /// Side of the generated images.
+    #[arg(long, default_value_t = 256)]
+    synthetic_size: u32,
+    /// Run directory: checkpoints, metrics.jsonl, and the exported bundle in RUN_DIR/model.
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint.
+    #[arg(long, conflicts_with_all = ["data", "synthetic", "out"])]
+    resume: Option<PathBuf>,
+    /// Training config (TOML); the flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Network preset: small, reference, resnet18.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Input size in pixels.
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Batch size.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Backend: cpu, wgpu, auto (also flex, ndarray).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Skip unreadable or missing images (counted in the summary) instead of failing.
+    #[arg(long)]
+    skip_bad_images: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Network preset.
+    #[arg(long, default_value = "reference")]
+    preset: String,
+    /// Input size.
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Timed steps (after 2 warm-up steps).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Backend: cpu, wgpu, flex, ndarray.
+    #[arg(long, default_value = "cpu")]
+    backend: BackendChoice,
+    /// Print one JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct SynthArgs {
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 100)]
+    count: usize,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 256)]
+    size: u32,
+    /// Random seed; the same seed gives the same bytes.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Relative frequency of grades 0-4 (default: a screening population, 73/7/15/2.5/2.5 %).
+    #[arg(long, value_parser = parse_grade_mix)]
+    grades: Option<[f32; 5]>,
+    /// Fraction of auxiliary labels (vessel_growth, fluid) to leave blank.
+    #[arg(long, default_value_t = 0.0)]
+    missing: f32,
+    /// Layout and label file: native, aptos, eyepacs or idrid.
+    #[arg(long, default_value = "native")]
+    format: DatasetFormat,
+    /// Also write a contact sheet of the images to this PNG.
+    #[arg(long)]
+    contact_sheet: Option<PathBuf>,
+}
+
+/// Runs the CLI; errors are printed as `error: ...` with their causes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Fit(a) => fit(*a),
+        Command::Bench(a) => {
+            let r = bench::run(&bench::BenchOptions {
+                preset: a.preset,
+                image_size: a.image_size,
+                batch_size: a.batch_size,
+                steps: a.steps.max(1),
+                backend: a.backend,
+            })?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} on {}: {:.2} train img/s (median step {:.3} s over {} steps, batch {}, {} px); \
+                     peak RSS {:.0} MiB; loss {:.4} -> {:.4}",
+                    r.preset,
+                    r.backend,
+                    r.train_img_per_s,
+                    r.median_step_s,
+                    r.timed_steps,
+                    r.batch_size,
+                    r.image_size,
+                    r.peak_rss_mib.unwrap_or(f64::NAN),
+                    r.first_loss,
+                    r.last_loss
+                );
+            }
+            Ok(())
+        }
+        Command::Synth(a) => {
+            let opts = SynthOptions {
+                out: a.out.clone(),
+                count: a.count,
+                size: a.size,
+                seed: a.seed,
+                grades: a.grades.unwrap_or(synth::SCREENING_MIX),
+                missing: a.missing,
+                format: a.format,
+                progress: std::io::stderr().is_terminal(),
+            };
+            let t = std::time::Instant::now();
+            let labels = synth::generate(&opts)?;
+            let mut by_grade = [0usize; 5];
+            for l in &labels {
+                by_grade[l.diagnosis as usize] += 1;
+            }
+            eprintln!(
+                "wrote {} images ({} px, {} format) and {} in {:.1} s; grades 0-4: {:?}",
+                labels.len(),
+                a.size,
+                a.format,
+                synth::label_path(&a.out, a.format).display(),
+                t.elapsed().as_secs_f64(),
+                by_grade
+            );
+            if let Some(sheet) = a.contact_sheet {
+                let images: Vec<_> = (0..labels.len())
+                    .map(|i| {
+                        let scene = synth::scene_for(a.seed, i as u64, a.size, &opts.grades);
+                        synth::render(&scene, synth::Layers::default())
+                    })
+                    .collect();
+                let img = synth::contact_sheet(&images, 6.min(images.len() as u32), 160);
+                let mut bytes = Vec::new();
+                img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+                write_file_atomic(&sheet, &bytes)?;
+                eprintln!("contact sheet: {}", sheet.display());
+            }
+            Ok(())
+        }
+        Command::ExportTorch { model, out } => {
+            let device = cpu();
+            let bundle = ModelBundle::load(&model, &device)?;
+            bundle.model.export_torch(&bundle.metadata.config, &out)?;
+            eprintln!("wrote PyTorch-layout weights to {}", out.display());
+            Ok(())
+        }
+        Command::ImportTorch {
+            weights,
+            preset,
+            out,
+        } => {
+            let device = cpu();
+            let config = RetinaConfig::preset(&preset)?;
+            let mut net = config.init(&device)?;
+            net.import_torch(&config, &weights)
+                .with_context(|| format!("importing {}", weights.display()))?;
+            let mut meta = BundleMetadata::new(config);
+            meta.provenance.dataset = Some(format!("imported from {}", weights.display()));
+            meta.provenance.created = Some(retina_model::bundle::utc_now_rfc3339());
+            ModelBundle::new(net, meta).save(&out)?;
+            eprintln!("wrote bundle {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn fit(a: FitArgs) -> Result<()> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let summary = if let Some(dir) = a.resume {
+        trainer::resume(&dir, a.epochs)?
+    } else {
+        let mut config = match &a.config {
+            Some(p) => TrainConfig::load(p)?,
+            None => TrainConfig::default(),
+        };
+        if let Some(v) = a.preset {
+            config.preset = v;
+        }
+        if let Some(v) = a.epochs {
+            config.epochs = v;
+        }
+        if let Some(v) = a.image_size {
+            config.image_size = Some(v);
+        }
+        if let Some(v) = a.batch_size {
+            config.batch_size = v;
+        }
+        if let Some(v) = a.learning_rate {
+            config.learning_rate = v;
+        }
+        if let Some(v) = a.seed {
+            config.seed = v;
+        }
+        let data = match (a.synthetic, a.data) {
+            (Some(n), _) => DataSource::Synthetic {
+                n,
+                size: a.synthetic_size,
+            },
+            (None, Some(path)) => DataSource::Labels {
+                path,
+                format: a.format,
+                images: a.images,
+                val: a.val,
+            },
+            (None, None) => bail!("give --data LABELS or --synthetic N"),
+        };
+        trainer::fit(FitRequest {
+            data,
+            out: a.out.expect("clap requires --out"),
+            config,
+            backend: a.backend,
+            skip_bad_images: a.skip_bad_images,
+            command,
+        })?
+    };
+    eprintln!(
+        "done in {:.0} s: best epoch {} ({} {:.4}); model bundle: {}",
+        summary.seconds,
+        summary.best_epoch,
+        "selection metric",
+        summary.best_metric,
+        summary.out.join("model").display()
+    );
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn cpu() -> Device {
+    BackendChoice::Cpu
+        .select()
+        .expect("the CPU backend is always available")
+        .device
+}

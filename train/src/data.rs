@@ -1,0 +1,365 @@
+//! Feeding the trainer: splits, sampling, augmentation and a parallel background loader.
+
+use crate::dataset::Sample;
+use image::RgbImage;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use retina_model::{PreprocessConfig, PreprocessError};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+
+/// Splits samples into training and validation sets, stratified by grade and grouped by
+/// patient: both eyes of a patient land on the same side. Samples without a patient id are
+/// their own group. Deterministic for a seed.
+pub fn split(samples: &[Sample], val_fraction: f32, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, s) in samples.iter().enumerate() {
+        let key = s
+            .patient
+            .clone()
+            .unwrap_or_else(|| format!("\u{0}{}", s.image.display()));
+        groups.entry(key).or_default().push(i);
+    }
+    // Stratum of a group: its worst grade (6 = ungraded).
+    let mut strata: BTreeMap<usize, Vec<Vec<usize>>> = BTreeMap::new();
+    for (_, members) in groups {
+        let g = members
+            .iter()
+            .filter_map(|&i| samples[i].grade())
+            .max()
+            .unwrap_or(6);
+        strata.entry(g).or_default().push(members);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5151_7a17);
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (_, mut groups) in strata {
+        groups.shuffle(&mut rng);
+        let n_val = (groups.len() as f32 * val_fraction).round() as usize;
+        for (k, members) in groups.into_iter().enumerate() {
+            let dst = if k < n_val { &mut val } else { &mut train };
+            dst.extend(members.into_iter().map(|i| samples[i].clone()));
+        }
+    }
+    // Keep label-file order within each side, for readable logs.
+    train.sort_by_key(|s| s.line);
+    val.sort_by_key(|s| s.line);
+    (train, val)
+}
+
+/// How training samples are drawn each epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// Every sample once per epoch, shuffled.
+    #[default]
+    Shuffle,
+    /// Grades drawn equally often (with replacement): oversampling the rare grades, the
+    /// alternative to class weights.
+    Balanced,
+}
+
+impl std::str::FromStr for Sampling {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shuffle" => Ok(Self::Shuffle),
+            "balanced" => Ok(Self::Balanced),
+            o => Err(format!("unknown sampling `{o}`: choose shuffle or balanced")),
+        }
+    }
+}
+
+/// The sample order of one epoch.
+pub fn epoch_order(samples: &[Sample], sampling: Sampling, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1 + epoch as u64 * 7919));
+    match sampling {
+        Sampling::Shuffle => {
+            let mut v: Vec<usize> = (0..samples.len()).collect();
+            v.shuffle(&mut rng);
+            v
+        }
+        Sampling::Balanced => {
+            let mut by_grade: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            for (i, s) in samples.iter().enumerate() {
+                by_grade.entry(s.grade().unwrap_or(99)).or_default().push(i);
+            }
+            let classes: Vec<&Vec<usize>> = by_grade.values().collect();
+            (0..samples.len())
+                .map(|_| {
+                    let c = classes[rng.random_range(0..classes.len())];
+                    c[rng.random_range(0..c.len())]
+                })
+                .collect()
+        }
+    }
+}
+
+/// Training-time augmentation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Augment {
+    /// Random horizontal and vertical flips (a fundus flipped is still a fundus).
+    pub flips: bool,
+    /// Maximum rotation, degrees.
+    pub rotation: f32,
+    /// Maximum relative zoom in or out.
+    pub scale: f32,
+    /// Maximum relative brightness change.
+    pub brightness: f32,
+    /// Maximum relative contrast change.
+    pub contrast: f32,
+    /// Maximum per-channel gain change (colour jitter).
+    pub colour: f32,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment {
+            flips: true,
+            rotation: 20.0,
+            scale: 0.08,
+            brightness: 0.15,
+            contrast: 0.15,
+            colour: 0.05,
+        }
+    }
+}
+
+impl Augment {
+    /// No augmentation.
+    pub fn none() -> Augment {
+        Augment {
+            flips: false,
+            rotation: 0.0,
+            scale: 0.0,
+            brightness: 0.0,
+            contrast: 0.0,
+            colour: 0.0,
+        }
+    }
+
+    /// A randomly flipped, rotated, zoomed and colour-jittered copy (one bilinear resampling).
+    pub fn apply(&self, img: &RgbImage, rng: &mut ChaCha8Rng) -> RgbImage {
+        let sym = |rng: &mut ChaCha8Rng, m: f32| if m > 0.0 { rng.random_range(-m..=m) } else { 0.0 };
+        let fx = if self.flips && rng.random::<bool>() { -1.0 } else { 1.0 };
+        let fy = if self.flips && rng.random::<bool>() { -1.0 } else { 1.0 };
+        let angle = sym(rng, self.rotation).to_radians();
+        let zoom = 1.0 + sym(rng, self.scale);
+        let bright = 1.0 + sym(rng, self.brightness);
+        let contrast = 1.0 + sym(rng, self.contrast);
+        let gains = [
+            bright * (1.0 + sym(rng, self.colour)),
+            bright * (1.0 + sym(rng, self.colour)),
+            bright * (1.0 + sym(rng, self.colour)),
+        ];
+        let (w, h) = img.dimensions();
+        let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
+        let (s, c) = angle.sin_cos();
+        let mean = 128.0;
+        let src = img.as_raw();
+        let mut out = RgbImage::new(w, h);
+        for (x, y, p) in out.enumerate_pixels_mut() {
+            // Inverse map: output pixel -> source position.
+            let (dx, dy) = ((x as f32 + 0.5 - cx) / zoom, (y as f32 + 0.5 - cy) / zoom);
+            let (rx, ry) = (c * dx + s * dy, -s * dx + c * dy);
+            let (sx, sy) = (cx + fx * rx - 0.5, cy + fy * ry - 0.5);
+            if sx < 0.0 || sy < 0.0 || sx > (w - 1) as f32 || sy > (h - 1) as f32 {
+                continue; // outside: black, like the border of a fundus photograph
+            }
+            let (x0, y0) = (sx.floor() as usize, sy.floor() as usize);
+            let (x1, y1) = ((x0 + 1).min(w as usize - 1), (y0 + 1).min(h as usize - 1));
+            let (ax, ay) = (sx - x0 as f32, sy - y0 as f32);
+            for ch in 0..3 {
+                let at = |xx: usize, yy: usize| src[(yy * w as usize + xx) * 3 + ch] as f32;
+                let v = (at(x0, y0) * (1.0 - ax) + at(x1, y0) * ax) * (1.0 - ay)
+                    + (at(x0, y1) * (1.0 - ax) + at(x1, y1) * ax) * ay;
+                // Contrast around mid-grey keeps black borders dark enough to stay a border.
+                let v = ((v - mean) * contrast + mean).max(0.0).min(v * 2.0 + 1.0) * gains[ch];
+                p[ch] = v.round().clamp(0.0, 255.0) as u8;
+            }
+        }
+        out
+    }
+}
+
+/// One batch, ready to become tensors.
+#[derive(Debug)]
+pub struct HostBatch {
+    /// Normalised images, `[n, 3, S, S]` flattened.
+    pub images: Vec<f32>,
+    /// Per head (in head order), one optional label per sample.
+    pub targets: Vec<Vec<Option<f32>>>,
+    /// Number of samples.
+    pub n: usize,
+    /// Images that could not be read (skipped with `--skip-bad-images`).
+    pub bad: Vec<String>,
+}
+
+/// Caches each image's cropped, resized view (before augmentation and normalisation), so an
+/// image is decoded once per run, not once per epoch.
+#[derive(Default)]
+pub struct ViewCache {
+    views: Mutex<HashMap<std::path::PathBuf, Arc<RgbImage>>>,
+}
+
+/// The parameters a loader needs.
+#[derive(Clone)]
+pub struct LoaderSpec {
+    /// Shared preprocessing.
+    pub preprocess: PreprocessConfig,
+    /// Head names, in network order.
+    pub heads: Vec<String>,
+    /// Augmentation (None on validation).
+    pub augment: Option<Augment>,
+    /// Skip unreadable images instead of failing.
+    pub skip_bad: bool,
+    /// Cache decoded views in memory.
+    pub cache: Option<Arc<ViewCache>>,
+    /// Seed for augmentation.
+    pub seed: u64,
+}
+
+/// A batch or the error that stopped the loader.
+pub type LoadResult = Result<HostBatch, PreprocessError>;
+
+impl LoaderSpec {
+    fn view(&self, s: &Sample) -> Result<Arc<RgbImage>, PreprocessError> {
+        if let Some(c) = &self.cache
+            && let Some(v) = c.views.lock().expect("cache lock").get(&s.image)
+        {
+            return Ok(v.clone());
+        }
+        let img = self.preprocess.load(&s.image)?;
+        let view = Arc::new(self.preprocess.crop_and_resize(&img.to_rgb8()));
+        if let Some(c) = &self.cache {
+            c.views.lock().expect("cache lock").insert(s.image.clone(), view.clone());
+        }
+        Ok(view)
+    }
+
+    /// Loads, augments and normalises a batch in parallel (rayon).
+    pub fn load_batch(&self, samples: &[Sample], idx: &[usize], batch_no: u64) -> LoadResult {
+        let per: Vec<Result<Vec<f32>, PreprocessError>> = idx
+            .par_iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let view = self.view(&samples[i])?;
+                Ok(match self.augment {
+                    Some(a) => {
+                        let mut rng = ChaCha8Rng::seed_from_u64(
+                            self.seed ^ batch_no.wrapping_mul(1_000_003) ^ (k as u64) << 40,
+                        );
+                        self.preprocess.normalise(&a.apply(&view, &mut rng))
+                    }
+                    None => self.preprocess.normalise(&view),
+                })
+            })
+            .collect();
+        let s = self.preprocess.image_size;
+        let mut images = Vec::with_capacity(idx.len() * 3 * s * s);
+        let mut targets = vec![Vec::with_capacity(idx.len()); self.heads.len()];
+        let mut bad = Vec::new();
+        for (r, &i) in per.into_iter().zip(idx) {
+            match r {
+                Ok(x) => {
+                    images.extend_from_slice(&x);
+                    for (h, name) in self.heads.iter().enumerate() {
+                        targets[h].push(samples[i].labels.get(name).copied());
+                    }
+                }
+                Err(e) if self.skip_bad => bad.push(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+        let n = images.len() / (3 * s * s);
+        Ok(HostBatch {
+            images,
+            targets,
+            n,
+            bad,
+        })
+    }
+
+    /// Starts a background thread that loads the batches of `order` (in chunks of
+    /// `batch_size`) ahead of the trainer, at most `prefetch` batches in flight.
+    pub fn spawn(
+        self,
+        samples: Arc<Vec<Sample>>,
+        order: Vec<usize>,
+        batch_size: usize,
+        prefetch: usize,
+        first_batch_no: u64,
+    ) -> Receiver<LoadResult> {
+        let (tx, rx): (SyncSender<LoadResult>, _) = sync_channel(prefetch.max(1));
+        std::thread::spawn(move || {
+            for (b, chunk) in order.chunks(batch_size).enumerate() {
+                let r = self.load_batch(&samples, chunk, first_batch_no + b as u64);
+                let stop = r.is_err();
+                if tx.send(r).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn sample(i: usize, grade: usize, patient: Option<&str>) -> Sample {
+        Sample {
+            image: PathBuf::from(format!("{i}.png")),
+            labels: BTreeMap::from([("diagnosis".to_string(), grade as f32)]),
+            patient: patient.map(str::to_string),
+            line: i + 2,
+        }
+    }
+
+    #[test]
+    fn split_is_stratified_and_keeps_patients_together() {
+        let mut samples = Vec::new();
+        for p in 0..200 {
+            let g = if p % 10 == 0 { 3 } else { 0 };
+            samples.push(sample(2 * p, g, Some(&format!("p{p}"))));
+            samples.push(sample(2 * p + 1, g, Some(&format!("p{p}"))));
+        }
+        let (train, val) = split(&samples, 0.2, 1);
+        assert_eq!(train.len() + val.len(), 400);
+        let val_patients: std::collections::HashSet<_> = val.iter().map(|s| s.patient.clone()).collect();
+        assert!(train.iter().all(|s| !val_patients.contains(&s.patient)), "a patient straddles the split");
+        let rare_val = val.iter().filter(|s| s.grade() == Some(3)).count();
+        assert_eq!(rare_val, 8, "20% of the 20 grade-3 patients, both eyes");
+        assert_eq!(split(&samples, 0.2, 1).1, val, "deterministic");
+    }
+
+    #[test]
+    fn balanced_sampling_evens_out_grades() {
+        let samples: Vec<Sample> = (0..1000).map(|i| sample(i, if i < 950 { 0 } else { 4 }, None)).collect();
+        let order = epoch_order(&samples, Sampling::Balanced, 3, 0);
+        let rare = order.iter().filter(|&&i| i >= 950).count();
+        assert!((400..600).contains(&rare), "{rare}");
+        let plain = epoch_order(&samples, Sampling::Shuffle, 3, 0);
+        let mut sorted = plain.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn augmentation_changes_pixels_but_not_size_and_none_is_identity_like() {
+        let img = RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, 100]));
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let a = Augment::default().apply(&img, &mut rng);
+        assert_eq!(a.dimensions(), (32, 32));
+        assert_ne!(a, img);
+        let same = Augment::none().apply(&img, &mut rng);
+        let diff: i32 = same.pixels().zip(img.pixels()).map(|(p, q)| (p[0] as i32 - q[0] as i32).abs()).max().unwrap();
+        assert!(diff <= 1, "{diff}");
+    }
+}

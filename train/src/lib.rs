@@ -1,0 +1,19 @@
+//! # retina-train
+//!
+//! Training, evaluation and data tooling for the Retina network: a procedural fundus generator
+//! with known ground truth ([`synth`]), readers for the public data sets' label files
+//! ([`dataset`]), the multi-head objective ([`loss`]), the data pipeline ([`data`]), the
+//! training loop ([`trainer`]), screening metrics ([`metrics`]) and the benchmark ([`bench`]).
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod dataset;
+pub mod loss;
+pub mod metrics;
+pub mod synth;
+pub mod trainer;
+pub mod util;
+
+pub use retina_model::burn;
