@@ -13,7 +13,8 @@ fn bin(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut c = Command::new(env!("CARGO"));
-        c.args(["build", "--quiet", "--bin", "retina-train", "--bin", "retina-infer"]);
+        // The whole workspace, so features unify exactly as in `cargo test --workspace` (no rebuild).
+        c.args(["build", "--quiet", "--workspace", "--bins"]);
         if release {
             c.arg("--release");
         }
@@ -153,12 +154,13 @@ fn cpu_and_wgpu_predictions_agree() {
 
 #[test]
 fn wgpu_without_an_adapter_is_a_clear_message() {
-    // Point the Vulkan loader at no driver and keep wgpu on Vulkan: no adapter exists.
+    // Point the Vulkan loader and the EGL (OpenGL) dispatcher at no driver: no adapter exists.
     let out = Command::new(bin("retina-infer"))
         .args(["bench", "--preset", "small", "--image-size", "32", "--runs", "1", "--backend", "wgpu"])
         .env("VK_ICD_FILENAMES", "/nonexistent.json")
         .env("VK_DRIVER_FILES", "/nonexistent.json")
-        .env("WGPU_BACKEND", "vulkan")
+        .env("__EGL_VENDOR_LIBRARY_FILENAMES", "/nonexistent.json")
+        .env("__EGL_VENDOR_LIBRARY_DIRS", "/nonexistent")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

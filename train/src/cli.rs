@@ -161,6 +161,7 @@ struct SynthArgs {
 /// Runs the CLI; errors are printed as `error: ...` with their causes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    pin_default_device(&cli);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -331,6 +332,28 @@ fn fit(a: FitArgs) -> Result<()> {
     );
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+/// burn materialises restored optimizer state on its *default* device (`BURN_DEVICE`, else the
+/// GPU) before moving it to the parameters' device. Pin the default to the chosen backend so that
+/// resuming a CPU run never starts the GPU runtime (or fails on a machine without one). Done
+/// here, before any thread exists, because changing the environment later is unsound.
+fn pin_default_device(cli: &Cli) {
+    if std::env::var_os("BURN_DEVICE").is_some() {
+        return;
+    }
+    let backend = match &cli.command {
+        Command::Fit(a) => a.backend.as_str(),
+        _ => return,
+    };
+    let name = match backend.parse::<BackendChoice>() {
+        Ok(BackendChoice::Cpu | BackendChoice::Flex) => "flex",
+        Ok(BackendChoice::Ndarray) => "ndarray",
+        Ok(BackendChoice::Wgpu) => "wgpu",
+        _ => return,
+    };
+    // SAFETY: single-threaded at this point (called first thing in main).
+    unsafe { std::env::set_var("BURN_DEVICE", name) };
 }
 
 fn cpu() -> Device {

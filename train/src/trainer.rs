@@ -367,7 +367,13 @@ fn write_checkpoint(
     let partial = out.join(format!(".{CHECKPOINT}.partial"));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial)?;
-    ModelBundle::new(model.clone(), meta.clone()).save(&partial.join(MODEL))?;
+    // burn's own module record keeps each parameter's id, which the optimizer state is keyed
+    // by; weights restored from safetensors would get fresh ids and silently lose Adam's moments.
+    model
+        .clone()
+        .save_file(partial.join("model.bpk"))
+        .map_err(|e| anyhow!("cannot save the checkpoint weights: {e:?}"))?;
+    write_file_atomic(&partial.join("model.json"), serde_json::to_string_pretty(meta)?.as_bytes())?;
     optim
         .save(partial.join("optimizer.bpk"))
         .map_err(|e| anyhow!("cannot save the optimizer state: {e:?}"))?;
@@ -487,7 +493,9 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         let st: CheckpointState = serde_json::from_str(
             &std::fs::read_to_string(ck.join("state.json")).context("reading the checkpoint state")?,
         )?;
-        model = ModelBundle::load(&ck.join(MODEL), &ad)?.model;
+        model = model
+            .try_load_file(ck.join("model.bpk"))
+            .map_err(|e| anyhow!("cannot load the checkpoint weights {}: {e:?}", ck.join("model.bpk").display()))?;
         optim = optim
             .load(ck.join("optimizer.bpk"))
             .map_err(|e| anyhow!("cannot load the optimizer state: {e:?}"))?;

@@ -1,0 +1,97 @@
+//! Training end to end at library level: it learns, it resumes, it stops on NaN.
+
+use retina_train::config::TrainConfig;
+use retina_train::dataset::DatasetFormat;
+use retina_train::synth::{self, SynthOptions};
+use retina_train::trainer::{self, DataSource, EpochLog, FitRequest};
+use std::path::Path;
+
+fn data(dir: &Path, count: usize, size: u32, seed: u64) -> std::path::PathBuf {
+    synth::generate(&SynthOptions {
+        out: dir.to_path_buf(),
+        count,
+        size,
+        seed,
+        // Enough referable eyes to learn from in a short run.
+        grades: [0.4, 0.1, 0.3, 0.1, 0.1],
+        missing: 0.2,
+        format: DatasetFormat::Native,
+        progress: false,
+    })
+    .unwrap();
+    synth::label_path(dir, DatasetFormat::Native)
+}
+
+fn request(labels: &Path, out: &Path, config: TrainConfig) -> FitRequest {
+    FitRequest {
+        data: DataSource::Labels {
+            path: labels.to_path_buf(),
+            format: DatasetFormat::Native,
+            images: None,
+            val: None,
+        },
+        out: out.to_path_buf(),
+        config,
+        backend: "cpu".into(),
+        skip_bad_images: false,
+        command: "test".into(),
+    }
+}
+
+fn logs(dir: &Path) -> Vec<EpochLog> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn small_preset_learns_referable_dr_on_generated_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = data(&dir.path().join("data"), 480, 128, 1);
+    let config = TrainConfig {
+        image_size: Some(96),
+        epochs: 8,
+        batch_size: 16,
+        learning_rate: 3e-3,
+        val_fraction: 0.25,
+        ..TrainConfig::default()
+    };
+    let out = dir.path().join("run");
+    let summary = trainer::fit(request(&labels, &out, config)).unwrap();
+    let logs = logs(&out);
+    assert_eq!(logs.len(), 8);
+    assert!(
+        logs.last().unwrap().train_loss < 0.85 * logs[0].train_loss,
+        "training loss must fall: {:?}",
+        logs.iter().map(|l| l.train_loss).collect::<Vec<_>>()
+    );
+    let auc = summary.best_val["referable_auc"];
+    assert!(auc > 0.7, "validation referable AUC {auc} should beat chance (0.5) by a margin");
+    // Every head's loss and the L2 term are logged separately.
+    assert_eq!(logs[0].train_head_loss.len(), 3);
+    assert!(logs[0].train_l2 > 0.0);
+    // The exported bundle carries the validation metrics of its epoch.
+    let meta = retina_model::BundleMetadata::load(&out.join("model")).unwrap();
+    assert_eq!(meta.provenance.epochs, Some(summary.best_epoch));
+    assert_eq!(meta.provenance.metrics["referable_auc"], auc);
+}
+
+#[test]
+fn a_config_file_with_a_typo_is_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("train.toml");
+    std::fs::write(&p, "preset = \"small\"\nepochs = 3\nlearnig_rate = 0.1\n").unwrap();
+    let e = TrainConfig::load(&p).unwrap_err().to_string();
+    assert!(e.contains("train.toml:3:1") && e.contains("learnig_rate"), "{e}");
+    std::fs::write(
+        &p,
+        "preset = \"small\"\naugment = false\n[loss]\nobjective = \"screening\"\n[[loss.heads]]\nhead = \"fluid\"\nweight = 0.5\nclass_weights = [1.0, 1000.0]\n",
+    )
+    .unwrap();
+    let c = TrainConfig::load(&p).unwrap();
+    assert_eq!(c.augment, None);
+    assert_eq!(c.loss.heads[0].weight, 0.5);
+    assert_eq!(c.epochs, TrainConfig::default().epochs);
+}
