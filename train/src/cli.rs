@@ -28,6 +28,10 @@ enum Command {
     Fit(Box<FitArgs>),
     /// Time full training steps (forward, losses, backward, optimizer).
     Bench(BenchArgs),
+    /// Evaluate a model bundle on a labelled set: metrics.json, report.md and figures.
+    Eval(EvalArgs),
+    /// Choose decision thresholds on a validation set and store them in the bundle.
+    Calibrate(CalibrateArgs),
     /// Generate synthetic fundus photographs with known labels.
     Synth(SynthArgs),
     /// Write a bundle's weights as a PyTorch-layout safetensors file.
@@ -109,6 +113,57 @@ struct FitArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Label file of the (test) set.
+    #[arg(long)]
+    data: PathBuf,
+    /// Format of the label file.
+    #[arg(long, default_value = "native")]
+    format: DatasetFormat,
+    /// Image folder (default: the format's usual folder beside the label file).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Report folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Operating point to report sensitivity and specificity at (default: the bundle's).
+    #[arg(long)]
+    point: Option<String>,
+    /// Backend: cpu, wgpu, auto.
+    #[arg(long, default_value = "cpu")]
+    backend: BackendChoice,
+}
+
+#[derive(clap::Args, Debug)]
+struct CalibrateArgs {
+    /// Model bundle directory (updated in place, atomically).
+    #[arg(long)]
+    model: PathBuf,
+    /// Label file of the validation set (never the test set).
+    #[arg(long)]
+    data: PathBuf,
+    /// Format of the label file.
+    #[arg(long, default_value = "native")]
+    format: DatasetFormat,
+    /// Image folder.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// sensitivity=0.95, specificity=0.98 or youden.
+    #[arg(long)]
+    target: crate::eval::Target,
+    /// Name of the operating point (default: screening for a sensitivity target, confirmation
+    /// for a specificity target, youden).
+    #[arg(long)]
+    name: Option<String>,
+    /// Backend: cpu, wgpu, auto.
+    #[arg(long, default_value = "cpu")]
+    backend: BackendChoice,
+}
+
+#[derive(clap::Args, Debug)]
 struct BenchArgs {
     /// Network preset.
     #[arg(long, default_value = "reference")]
@@ -177,6 +232,20 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fit(a) => fit(*a),
+        Command::Eval(a) => {
+            let m = crate::eval::evaluate(&a.model, &a.data, a.format, a.images.as_deref(), &a.out, a.point.as_deref(), a.backend)?;
+            eprintln!("wrote {}/metrics.json and report.md", a.out.display());
+            println!("{}", serde_json::to_string_pretty(&m)?);
+            Ok(())
+        }
+        Command::Calibrate(a) => {
+            let (name, _, report) = crate::eval::calibrate(&a.model, &a.data, a.format, a.images.as_deref(), a.target, a.name.as_deref(), a.backend)?;
+            for line in report {
+                println!("{line}");
+            }
+            eprintln!("operating point `{name}` written into {}", a.model.display());
+            Ok(())
+        }
         Command::Bench(a) => {
             let r = bench::run(&bench::BenchOptions {
                 preset: a.preset,

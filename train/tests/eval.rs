@@ -1,0 +1,118 @@
+//! Evaluation and calibration: thresholds that meet their target, stable metric keys, reports,
+//! and refusal of label files that do not match the model.
+
+use retina_model::burn::prelude::Device;
+use retina_model::{BackendChoice, BundleMetadata, HeadKind, HeadSpec, ModelBundle, RetinaConfig};
+use retina_train::dataset::DatasetFormat;
+use retina_train::eval::{self, Target, choose_threshold};
+use retina_train::metrics::BinaryCounts;
+use retina_train::synth::{self, SynthOptions};
+use std::path::{Path, PathBuf};
+
+#[test]
+fn a_threshold_for_sensitivity_095_really_gives_it() {
+    // 300 scores with overlapping classes.
+    let mut scores = Vec::new();
+    let mut truth = Vec::new();
+    for i in 0..300u32 {
+        let pos = i % 3 == 0;
+        let noise = ((i * 7919) % 100) as f32 / 100.0;
+        scores.push(if pos { 0.3 + 0.7 * noise } else { 0.7 * noise });
+        truth.push(pos);
+    }
+    for target in [0.8, 0.95, 0.99] {
+        let t = choose_threshold(&scores, &truth, Target::Sensitivity(target)).unwrap();
+        let c = BinaryCounts::at(&scores, &truth, t);
+        assert!(c.sensitivity().unwrap() >= target, "target {target}: {c:?}");
+        // The highest such threshold: one step up would miss the target.
+        let above = scores.iter().cloned().filter(|s| *s > t).fold(f32::INFINITY, f32::min);
+        if above.is_finite() {
+            assert!(BinaryCounts::at(&scores, &truth, above).sensitivity().unwrap() < target);
+        }
+    }
+    let t = choose_threshold(&scores, &truth, Target::Specificity(0.98)).unwrap();
+    assert!(BinaryCounts::at(&scores, &truth, t).specificity().unwrap() >= 0.98);
+    assert!(choose_threshold(&scores, &truth, Target::Youden).is_some());
+    assert_eq!(choose_threshold(&[0.1, 0.2], &[true, true], Target::Youden), None);
+    assert!("sensitivity=1.5".parse::<Target>().is_err());
+    assert_eq!("specificity=0.98".parse::<Target>().unwrap(), Target::Specificity(0.98));
+}
+
+fn setup(dir: &Path, heads: Option<Vec<HeadSpec>>) -> (PathBuf, PathBuf) {
+    let labels_dir = dir.join("data");
+    synth::generate(&SynthOptions {
+        out: labels_dir.clone(),
+        count: 16,
+        size: 64,
+        seed: 5,
+        grades: [1.0; 5],
+        missing: 0.25,
+        format: DatasetFormat::Native,
+        progress: false,
+    })
+    .unwrap();
+    let mut config = RetinaConfig::preset("small").unwrap();
+    config.preprocess.image_size = 32;
+    if let Some(h) = heads {
+        config.heads = h;
+    }
+    let net = config.init(&Device::flex()).unwrap();
+    let model = dir.join("model");
+    ModelBundle::new(net, BundleMetadata::new(config)).save(&model).unwrap();
+    (model, synth::label_path(&labels_dir, DatasetFormat::Native))
+}
+
+#[test]
+fn eval_writes_stable_keys_report_and_figures_and_calibrate_adds_a_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, labels) = setup(dir.path(), None);
+    let out = dir.path().join("report");
+    let m = eval::evaluate(&model, &labels, DatasetFormat::Native, None, &out, None, BackendChoice::Cpu).unwrap();
+    for key in [
+        "diagnosis.quadratic_kappa",
+        "diagnosis.referable_auc",
+        "diagnosis.referable_sensitivity",
+        "diagnosis.referable_specificity",
+        "diagnosis.n",
+        "fluid.auc",
+        "fluid.n",
+        "vessel_growth.mae",
+        "vessel_growth.n",
+    ] {
+        let v = key.split('.').fold(&m, |v, k| &v[k]);
+        assert!(v.is_number(), "{key} missing or not a number in {m}");
+    }
+    // Missing labels are left out and counted.
+    assert_eq!(m["fluid"]["n"].as_u64().unwrap() + m["fluid"]["missing"].as_u64().unwrap(), 16);
+    assert!(m["fluid"]["missing"].as_u64().unwrap() > 0);
+    let ci = m["diagnosis"]["referable_auc_ci95"].as_array().unwrap();
+    let auc = m["diagnosis"]["referable_auc"].as_f64().unwrap();
+    assert!(ci[0].as_f64().unwrap() <= auc && auc <= ci[1].as_f64().unwrap());
+    for f in ["metrics.json", "report.md", "roc.png", "confusion_diagnosis.png"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let png = image::open(out.join("roc.png")).unwrap();
+    assert!(png.width() > 100);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("operating point: `default`"), "{report}");
+
+    // Calibrate a screening point, then evaluate at it.
+    let (name, point, _) = eval::calibrate(&model, &labels, DatasetFormat::Native, None, Target::Sensitivity(0.95), None, BackendChoice::Cpu).unwrap();
+    assert_eq!(name, "screening");
+    let meta = BundleMetadata::load(&model).unwrap();
+    assert_eq!(meta.operating_points["screening"], point);
+    let m = eval::evaluate(&model, &labels, DatasetFormat::Native, None, &out, Some("screening"), BackendChoice::Cpu).unwrap();
+    assert_eq!(m["operating_point"]["name"], "screening");
+    assert!(m["diagnosis"]["referable_sensitivity"].as_f64().unwrap() >= 0.95);
+}
+
+#[test]
+fn eval_refuses_labels_for_heads_the_model_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, labels) = setup(dir.path(), Some(vec![HeadSpec::new("diagnosis".into(), HeadKind::Multiclass(5))]));
+    let out = dir.path().join("report");
+    let e = eval::evaluate(&model, &labels, DatasetFormat::Native, None, &out, None, BackendChoice::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("labels the head `fluid`") && e.contains("does not have"), "{e}");
+}
