@@ -38,7 +38,19 @@ fn run(name: &str, args: &[&str]) -> Output {
 fn synth(dir: &Path, count: usize) -> PathBuf {
     let out = run(
         "retina-train",
-        &["synth", "--out", dir.to_str().unwrap(), "--count", &count.to_string(), "--size", "96", "--seed", "4", "--grades", "1,1,1,1,1"],
+        &[
+            "synth",
+            "--out",
+            dir.to_str().unwrap(),
+            "--count",
+            &count.to_string(),
+            "--size",
+            "96",
+            "--seed",
+            "4",
+            "--grades",
+            "1,1,1,1,1",
+        ],
     );
     assert!(out.status.success());
     dir.join("images")
@@ -73,9 +85,26 @@ const KEYS: [&str; 10] = [
 fn predict_json_lines_carry_every_key_and_a_corrupt_file_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let images = synth(dir.path(), 3);
-    std::fs::write(images.join("zz_corrupt.png"), b"\x89PNG\r\n\x1a\nthis is not really a png").unwrap();
-    let out = run("retina-infer", &["predict", images.to_str().unwrap(), "--json", "--backend", "cpu"]);
-    assert_eq!(out.status.code(), Some(1), "one unreadable image makes the exit status 1");
+    std::fs::write(
+        images.join("zz_corrupt.png"),
+        b"\x89PNG\r\n\x1a\nthis is not really a png",
+    )
+    .unwrap();
+    let out = run(
+        "retina-infer",
+        &[
+            "predict",
+            images.to_str().unwrap(),
+            "--json",
+            "--backend",
+            "cpu",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "one unreadable image makes the exit status 1"
+    );
     let lines = json_lines(&out);
     assert_eq!(lines.len(), 4);
     for v in &lines[..3] {
@@ -83,14 +112,25 @@ fn predict_json_lines_carry_every_key_and_a_corrupt_file_is_reported() {
             assert!(!field(v, k).is_null(), "missing {k} in {v}");
         }
         assert!(v["elapsed_ms"].as_f64().unwrap() >= 0.0);
-        let p: f64 = v["diagnosis"]["probabilities"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).sum();
+        let p: f64 = v["diagnosis"]["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum();
         assert!((p - 1.0).abs() < 1e-4, "probabilities sum to {p}");
         let grade = v["diagnosis"]["grade"].as_u64().unwrap();
         assert!(grade <= 4);
     }
     let bad = &lines[3];
     assert!(bad["image"].as_str().unwrap().ends_with("zz_corrupt.png"));
-    assert!(bad["error"]["message"].as_str().unwrap().contains("zz_corrupt.png"), "{bad}");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("zz_corrupt.png"),
+        "{bad}"
+    );
     assert!(bad.get("diagnosis").is_none());
 }
 
@@ -104,12 +144,25 @@ fn human_output_and_stdin() {
         .stdin(std::fs::File::open(&file).unwrap())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    for want in ["grade", "referable DR", "fluid (DME)", "vessel growth", "ms)"] {
+    for want in [
+        "grade",
+        "referable DR",
+        "fluid (DME)",
+        "vessel growth",
+        "ms)",
+    ] {
         assert!(text.contains(want), "missing `{want}` in:\n{text}");
     }
-    let out = run("retina-infer", &["predict", "/no/such/eye.jpg", "--backend", "cpu"]);
+    let out = run(
+        "retina-infer",
+        &["predict", "/no/such/eye.jpg", "--backend", "cpu"],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("/no/such/eye.jpg"));
 }
@@ -118,10 +171,30 @@ fn human_output_and_stdin() {
 fn unknown_operating_point_and_bad_model_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let images = synth(dir.path(), 1);
-    let out = run("retina-infer", &["predict", images.to_str().unwrap(), "--point", "surgery", "--backend", "cpu"]);
+    let out = run(
+        "retina-infer",
+        &[
+            "predict",
+            images.to_str().unwrap(),
+            "--point",
+            "surgery",
+            "--backend",
+            "cpu",
+        ],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no operating point `surgery`"));
-    let out = run("retina-infer", &["predict", images.to_str().unwrap(), "--model", dir.path().to_str().unwrap(), "--backend", "cpu"]);
+    let out = run(
+        "retina-infer",
+        &[
+            "predict",
+            images.to_str().unwrap(),
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no model bundle here"));
 }
@@ -129,25 +202,66 @@ fn unknown_operating_point_and_bad_model_are_clear_errors() {
 /// Same grades and probabilities within 1e-3 on the CPU and on wgpu.
 #[test]
 fn cpu_and_wgpu_predictions_agree() {
-    let probe = run("retina-infer", &["bench", "--preset", "small", "--image-size", "32", "--runs", "1", "--backend", "wgpu", "--json"]);
+    let probe = run(
+        "retina-infer",
+        &[
+            "bench",
+            "--preset",
+            "small",
+            "--image-size",
+            "32",
+            "--runs",
+            "1",
+            "--backend",
+            "wgpu",
+            "--json",
+        ],
+    );
     if !probe.status.success() {
-        assert!(std::env::var_os("CI").is_none(), "CI must provide a wgpu adapter (software Vulkan)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide a wgpu adapter (software Vulkan)"
+        );
         eprintln!("SKIPPED cpu_and_wgpu_predictions_agree: no wgpu adapter");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let images = synth(dir.path(), 4);
-    let cpu = json_lines(&run("retina-infer", &["predict", images.to_str().unwrap(), "--json", "--backend", "cpu"]));
-    let gpu = json_lines(&run("retina-infer", &["predict", images.to_str().unwrap(), "--json", "--backend", "wgpu"]));
+    let cpu = json_lines(&run(
+        "retina-infer",
+        &[
+            "predict",
+            images.to_str().unwrap(),
+            "--json",
+            "--backend",
+            "cpu",
+        ],
+    ));
+    let gpu = json_lines(&run(
+        "retina-infer",
+        &[
+            "predict",
+            images.to_str().unwrap(),
+            "--json",
+            "--backend",
+            "wgpu",
+        ],
+    ));
     assert_eq!(gpu[0]["backend"], "wgpu");
     for (a, b) in cpu.iter().zip(&gpu) {
         assert_eq!(a["diagnosis"]["grade"], b["diagnosis"]["grade"]);
         let pa = a["diagnosis"]["probabilities"].as_array().unwrap();
         let pb = b["diagnosis"]["probabilities"].as_array().unwrap();
         for (x, y) in pa.iter().zip(pb) {
-            assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-3, "{a} vs {b}");
+            assert!(
+                (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-3,
+                "{a} vs {b}"
+            );
         }
-        let (fa, fb) = (a["fluid"]["probability"].as_f64().unwrap(), b["fluid"]["probability"].as_f64().unwrap());
+        let (fa, fb) = (
+            a["fluid"]["probability"].as_f64().unwrap(),
+            b["fluid"]["probability"].as_f64().unwrap(),
+        );
         assert!((fa - fb).abs() < 1e-3);
     }
 }
@@ -156,7 +270,17 @@ fn cpu_and_wgpu_predictions_agree() {
 fn wgpu_without_an_adapter_is_a_clear_message() {
     // Point the Vulkan loader and the EGL (OpenGL) dispatcher at no driver: no adapter exists.
     let out = Command::new(bin("retina-infer"))
-        .args(["bench", "--preset", "small", "--image-size", "32", "--runs", "1", "--backend", "wgpu"])
+        .args([
+            "bench",
+            "--preset",
+            "small",
+            "--image-size",
+            "32",
+            "--runs",
+            "1",
+            "--backend",
+            "wgpu",
+        ])
         .env("VK_ICD_FILENAMES", "/nonexistent.json")
         .env("VK_DRIVER_FILES", "/nonexistent.json")
         .env("__EGL_VENDOR_LIBRARY_FILENAMES", "/nonexistent.json")
@@ -165,8 +289,14 @@ fn wgpu_without_an_adapter_is_a_clear_message() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("no usable GPU adapter for --backend wgpu"), "{err}");
-    assert!(err.contains("--backend cpu"), "the message says what to do: {err}");
+    assert!(
+        err.contains("no usable GPU adapter for --backend wgpu"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--backend cpu"),
+        "the message says what to do: {err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -177,8 +307,21 @@ fn train_briefly_then_predict_with_the_bundle() {
     let out = run(
         "retina-train",
         &[
-            "fit", "--synthetic", "24", "--synthetic-size", "64", "--epochs", "1", "--image-size", "32",
-            "--batch-size", "8", "--out", run_dir.to_str().unwrap(), "--backend", "cpu",
+            "fit",
+            "--synthetic",
+            "24",
+            "--synthetic-size",
+            "64",
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--out",
+            run_dir.to_str().unwrap(),
+            "--backend",
+            "cpu",
         ],
     );
     assert!(out.status.success());
@@ -191,14 +334,34 @@ fn train_briefly_then_predict_with_the_bundle() {
         assert!(!epoch[k].is_null(), "{k} missing in {epoch}");
     }
     let images = run_dir.join("synthetic/images");
-    let out = run("retina-infer", &["predict", images.to_str().unwrap(), "--json", "--model", run_dir.join("model").to_str().unwrap(), "--backend", "cpu"]);
+    let out = run(
+        "retina-infer",
+        &[
+            "predict",
+            images.to_str().unwrap(),
+            "--json",
+            "--model",
+            run_dir.join("model").to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ],
+    );
     assert!(out.status.success());
     let lines = json_lines(&out);
     assert_eq!(lines.len(), 24);
     assert!(lines[0]["model"].as_str().unwrap().ends_with("model"));
 
     // Starting again into the same run directory is refused with advice.
-    let again = run("retina-train", &["fit", "--synthetic", "24", "--out", run_dir.to_str().unwrap()]);
+    let again = run(
+        "retina-train",
+        &[
+            "fit",
+            "--synthetic",
+            "24",
+            "--out",
+            run_dir.to_str().unwrap(),
+        ],
+    );
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
 }

@@ -13,7 +13,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the benchmark and prints the result.
-pub fn run(preset: String, size: usize, backend: BackendChoice, runs: usize, as_json: bool) -> Result<()> {
+pub fn run(
+    preset: String,
+    size: usize,
+    backend: BackendChoice,
+    runs: usize,
+    as_json: bool,
+) -> Result<()> {
     let backend = backend.select()?;
     let device = &backend.device;
     device.seed(0);
@@ -21,7 +27,9 @@ pub fn run(preset: String, size: usize, backend: BackendChoice, runs: usize, as_
     config.preprocess.image_size = size;
     let model = config.init(device)?;
     let input = |n: usize| {
-        let vals: Vec<f32> = (0..n * 3 * size * size).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+        let vals: Vec<f32> = (0..n * 3 * size * size)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
         Tensor::<4>::from_data(TensorData::new(vals, [n, 3, size, size]), device)
     };
     // Reading the outputs to the host waits for the device.

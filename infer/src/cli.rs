@@ -74,7 +74,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Predict(a) => predict(a),
-        Command::Bench(a) => crate::bench::run(a.preset, a.image_size, a.backend, a.runs, a.json).map(|()| ExitCode::SUCCESS),
+        Command::Bench(a) => crate::bench::run(a.preset, a.image_size, a.backend, a.runs, a.json)
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -96,7 +97,10 @@ fn predict(a: PredictArgs) -> Result<ExitCode> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     if !a.json {
-        eprintln!("model: {}; backend: {}", engine.model_name, engine.backend.description);
+        eprintln!(
+            "model: {}; backend: {}",
+            engine.model_name, engine.backend.description
+        );
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -151,14 +155,22 @@ fn write_human(
 ) -> Result<()> {
     let p = &r.prediction;
     writeln!(out, "{}", r.image)?;
-    if let Some(HeadAnswer::Multiclass { probabilities, class }) = p.heads.get(retina_model::DIAGNOSIS) {
+    if let Some(HeadAnswer::Multiclass {
+        probabilities,
+        class,
+    }) = p.heads.get(retina_model::DIAGNOSIS)
+    {
         let name = Grade::from_index(*class).map(|g| g.name()).unwrap_or("?");
         let probs: Vec<String> = Grade::ALL
             .iter()
             .zip(probabilities)
             .map(|(g, v)| format!("{} {:.2}", g.name(), v))
             .collect();
-        writeln!(out, "  grade          {class} ({name})   [{}]", probs.join(", "))?;
+        writeln!(
+            out,
+            "  grade          {class} ({name})   [{}]",
+            probs.join(", ")
+        )?;
         let rp = p.referable_probability().unwrap_or(0.0);
         let t = point.thresholds.get("referable").copied().unwrap_or(0.5);
         writeln!(
@@ -168,11 +180,19 @@ fn write_human(
         )?;
     }
     if let Some(HeadAnswer::Binary { probability }) = p.heads.get(retina_model::FLUID) {
-        let t = point.thresholds.get(retina_model::FLUID).copied().unwrap_or(0.5);
+        let t = point
+            .thresholds
+            .get(retina_model::FLUID)
+            .copied()
+            .unwrap_or(0.5);
         writeln!(
             out,
             "  fluid (DME)    {}   p={probability:.2} (threshold {t:.2})",
-            if *probability >= t { "present" } else { "absent" }
+            if *probability >= t {
+                "present"
+            } else {
+                "absent"
+            }
         )?;
     }
     if let Some(HeadAnswer::Regression { value }) = p.heads.get(retina_model::VESSEL_GROWTH) {

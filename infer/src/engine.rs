@@ -54,7 +54,8 @@ pub fn collect_inputs(args: &[String]) -> Result<Vec<Input>> {
     for a in args {
         if a == "-" {
             let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("reading stdin")?;
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+                .context("reading stdin")?;
             out.push(Input::Bytes {
                 name: "-".into(),
                 bytes,
@@ -68,14 +69,18 @@ pub fn collect_inputs(args: &[String]) -> Result<Vec<Input>> {
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| {
                     f.is_file()
-                        && f.extension()
-                            .and_then(|e| e.to_str())
-                            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                        && f.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                            IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
+                        })
                 })
                 .collect();
             files.sort();
             if files.is_empty() {
-                bail!("{}: the folder holds no images ({})", p.display(), IMAGE_EXTENSIONS.join(", "));
+                bail!(
+                    "{}: the folder holds no images ({})",
+                    p.display(),
+                    IMAGE_EXTENSIONS.join(", ")
+                );
             }
             out.extend(files.into_iter().map(Input::File));
         } else {
@@ -133,7 +138,12 @@ impl Engine {
                 dir.display().to_string(),
             ),
             None => (
-                ModelBundle::from_bytes("embedded:default", DEFAULT_METADATA, DEFAULT_WEIGHTS, &backend.device)?,
+                ModelBundle::from_bytes(
+                    "embedded:default",
+                    DEFAULT_METADATA,
+                    DEFAULT_WEIGHTS,
+                    &backend.device,
+                )?,
                 DEFAULT_MODEL_NAME.to_string(),
             ),
         };
@@ -159,7 +169,11 @@ impl Engine {
     }
 
     /// Decodes (in parallel) and predicts a list of images, `batch_size` at a time.
-    pub fn predict(&self, inputs: &[Input], batch_size: usize) -> Vec<Result<ImageResult, ImageError>> {
+    pub fn predict(
+        &self,
+        inputs: &[Input],
+        batch_size: usize,
+    ) -> Vec<Result<ImageResult, ImageError>> {
         let pre = &self.bundle.metadata.config.preprocess;
         let mut results = Vec::with_capacity(inputs.len());
         for chunk in inputs.chunks(batch_size.max(1)) {
@@ -207,7 +221,11 @@ impl Engine {
             "operating_point": point_name,
             "elapsed_ms": (r.elapsed_ms * 1000.0).round() / 1000.0,
         });
-        if let Some(HeadAnswer::Multiclass { probabilities, class }) = p.heads.get(DIAGNOSIS) {
+        if let Some(HeadAnswer::Multiclass {
+            probabilities,
+            class,
+        }) = p.heads.get(DIAGNOSIS)
+        {
             let referable_p = p.referable_probability().unwrap_or(0.0);
             let t = point.thresholds.get("referable").copied().unwrap_or(0.5);
             v["diagnosis"] = json!({
@@ -221,7 +239,8 @@ impl Engine {
         }
         if let Some(HeadAnswer::Binary { probability }) = p.heads.get(FLUID) {
             let t = point.thresholds.get(FLUID).copied().unwrap_or(0.5);
-            v["fluid"] = json!({"probability": probability, "present": *probability >= t, "threshold": t});
+            v["fluid"] =
+                json!({"probability": probability, "present": *probability >= t, "threshold": t});
         }
         if let Some(HeadAnswer::Regression { value }) = p.heads.get(VESSEL_GROWTH) {
             v["vessel_growth"] = json!({"amount": value.clamp(0.0, 1.0)});

@@ -37,7 +37,11 @@ pub fn grad_cam(bundle: &ModelBundle, input: &[f32], device: &Device) -> Result<
     // `valid` first: it switches batch norm to inference statistics, and the fork keeps that state.
     let model = bundle.model.valid().fork(&ad);
     let x = Tensor::<4>::from_data(TensorData::new(input.to_vec(), [1, 3, s, s]), &ad);
-    let features = model.trunk.forward_stages(x, stage).pop().expect("at least one stage");
+    let features = model
+        .trunk
+        .forward_stages(x, stage)
+        .pop()
+        .expect("at least one stage");
     let features = features.detach().require_grad();
     let logits = model.heads[head_index].forward(global_avg_pool(features.clone()));
     let preds = Prediction::from_output(
@@ -68,7 +72,10 @@ pub fn grad_cam(bundle: &ModelBundle, input: &[f32], device: &Device) -> Result<
         .try_into_vec_as::<f32>()
         .expect("f32");
     let max = cam.iter().cloned().fold(0.0f32, f32::max);
-    let norm: Vec<f32> = cam.iter().map(|v| if max > 0.0 { v / max } else { 0.0 }).collect();
+    let norm: Vec<f32> = cam
+        .iter()
+        .map(|v| if max > 0.0 { v / max } else { 0.0 })
+        .collect();
     Ok(HeatMap {
         size: s,
         values: upsample(&norm, w, h, s),

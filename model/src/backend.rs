@@ -100,8 +100,7 @@ pub fn probe_gpu() -> Result<GpuInfo, BackendError> {
                         device,
                         adapter: info.name.clone(),
                         api: format!("{:?}", info.backend),
-                        software: info.device_type
-                            == burn::tensor::wgpu::wgpu::DeviceType::Cpu,
+                        software: info.device_type == burn::tensor::wgpu::wgpu::DeviceType::Cpu,
                     })
                 }
                 Ok(Err(e)) => Err(BackendError(e.to_string())),

@@ -437,9 +437,7 @@ impl ModelBundle {
     pub fn load(dir: &Path, device: &Device) -> Result<ModelBundle, BundleError> {
         let metadata = BundleMetadata::load(dir)?;
         let weights = dir.join(WEIGHTS_FILE);
-        let found = std::fs::metadata(&weights)
-            .map_err(io(&weights))?
-            .len();
+        let found = std::fs::metadata(&weights).map_err(io(&weights))?.len();
         if found != metadata.weights_bytes {
             return Err(BundleError::Truncated {
                 path: weights,

@@ -357,8 +357,14 @@ mod tests {
 
     #[test]
     fn attach_points_parse_and_print() {
-        assert_eq!("embedding".parse::<AttachPoint>().unwrap(), AttachPoint::Embedding);
-        assert_eq!("Stage3".parse::<AttachPoint>().unwrap(), AttachPoint::Stage(3));
+        assert_eq!(
+            "embedding".parse::<AttachPoint>().unwrap(),
+            AttachPoint::Embedding
+        );
+        assert_eq!(
+            "Stage3".parse::<AttachPoint>().unwrap(),
+            AttachPoint::Stage(3)
+        );
         assert!("stage0".parse::<AttachPoint>().is_err());
         assert!("layer2".parse::<AttachPoint>().is_err());
         assert_eq!(AttachPoint::Stage(2).to_string(), "stage2");

@@ -32,7 +32,7 @@ pub use config::{
 pub use grade::{Grade, NUM_GRADES};
 pub use network::{RetinaNet, RetinaOutput};
 pub use prediction::{HeadAnswer, Prediction};
-pub use preprocess::{PreprocessConfig, PreprocessError, Prepared};
+pub use preprocess::{Prepared, PreprocessConfig, PreprocessError};
 
 /// Re-exported so downstream crates use the same burn as the model.
 pub use burn;

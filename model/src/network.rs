@@ -79,9 +79,7 @@ impl RetinaNet {
             .heads
             .iter()
             .zip(&self.specs)
-            .map(|(head, spec)| {
-                head.forward(embeddings[spec.attach.stage_index(n) - 1].clone())
-            })
+            .map(|(head, spec)| head.forward(embeddings[spec.attach.stage_index(n) - 1].clone()))
             .collect();
         RetinaOutput {
             heads,

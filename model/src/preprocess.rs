@@ -140,7 +140,10 @@ impl PreprocessConfig {
     /// Checks the parameters; returns what is wrong.
     pub fn validate(&self) -> Result<(), String> {
         if self.image_size < 16 || self.image_size > 4096 {
-            return Err(format!("image_size must be 16-4096 (got {})", self.image_size));
+            return Err(format!(
+                "image_size must be 16-4096 (got {})",
+                self.image_size
+            ));
         }
         if !(0.0..1.0).contains(&self.disc_threshold) {
             return Err("disc_threshold must be in [0, 1)".into());
@@ -176,8 +179,9 @@ impl PreprocessConfig {
             if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
                 return Err(PreprocessError::Corrupt {
                     name: name.into(),
-                    reason: "the JPEG data stops before its end-of-image marker: the file is truncated"
-                        .into(),
+                    reason:
+                        "the JPEG data stops before its end-of-image marker: the file is truncated"
+                            .into(),
                 });
             }
         }
@@ -275,7 +279,8 @@ impl PreprocessConfig {
                     let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
                     let inside = (dx * dx + dy * dy).sqrt() <= radius * self.rim_fraction;
                     v = if inside {
-                        (4.0 * v - 4.0 * blurred.get_pixel(x, y)[c] as f32 + 128.0).clamp(0.0, 255.0)
+                        (4.0 * v - 4.0 * blurred.get_pixel(x, y)[c] as f32 + 128.0)
+                            .clamp(0.0, 255.0)
                     } else {
                         128.0
                     };
@@ -382,7 +387,11 @@ mod tests {
     fn disc_image(w: u32, h: u32, cx: f32, cy: f32, r: f32) -> RgbImage {
         ImageBuffer::from_fn(w, h, |x, y| {
             let d = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
-            if d <= r { Rgb([200, 90, 40]) } else { Rgb([3, 2, 1]) }
+            if d <= r {
+                Rgb([200, 90, 40])
+            } else {
+                Rgb([3, 2, 1])
+            }
         })
     }
 
@@ -397,14 +406,23 @@ mod tests {
         // A 400x300 frame with a disc of radius 60 off centre: the crop must be that disc.
         let img = disc_image(400, 300, 250.0, 140.0, 60.0);
         let r = find_disc(&img, 0.07).unwrap();
-        assert!((r.x0 as i32 - 190).abs() <= 1 && (r.x1 as i32 - 311).abs() <= 1, "{r:?}");
-        assert!((r.y0 as i32 - 80).abs() <= 1 && (r.y1 as i32 - 201).abs() <= 1, "{r:?}");
+        assert!(
+            (r.x0 as i32 - 190).abs() <= 1 && (r.x1 as i32 - 311).abs() <= 1,
+            "{r:?}"
+        );
+        assert!(
+            (r.y0 as i32 - 80).abs() <= 1 && (r.y1 as i32 - 201).abs() <= 1,
+            "{r:?}"
+        );
         let view = cfg(64).crop_and_resize(&img);
         assert_eq!(view.dimensions(), (64, 64));
         // The disc now fills the frame: centre and edge midpoints are fundus-coloured,
         // corners are black.
         for (x, y) in [(32, 32), (2, 32), (61, 32), (32, 2), (32, 61)] {
-            assert!(view.get_pixel(x, y)[0] > 100, "({x},{y}) should be inside the disc");
+            assert!(
+                view.get_pixel(x, y)[0] > 100,
+                "({x},{y}) should be inside the disc"
+            );
         }
         for (x, y) in [(0, 0), (63, 0), (0, 63), (63, 63)] {
             assert!(view.get_pixel(x, y)[0] < 20, "({x},{y}) should be border");
@@ -484,36 +502,59 @@ mod tests {
         let at = |x: usize, y: usize| p[y * 64 + x];
         assert!((at(20, 20) - neutral).abs() < 0.3, "{}", at(20, 20));
         assert!((at(44, 44) - neutral).abs() < 0.3, "{}", at(44, 44));
-        assert!(at(31, 31) < neutral - 1.0, "lesion should stay dark: {}", at(31, 31));
+        assert!(
+            at(31, 31) < neutral - 1.0,
+            "lesion should stay dark: {}",
+            at(31, 31)
+        );
         assert_eq!(at(0, 0), neutral, "rim is masked");
     }
 
     #[test]
     fn non_images_truncated_files_and_bombs_are_clear_errors() {
         let c = cfg(32);
-        let e = c.prepare_bytes(b"image,diagnosis\nx.png,2\n", "labels.csv").unwrap_err();
+        let e = c
+            .prepare_bytes(b"image,diagnosis\nx.png,2\n", "labels.csv")
+            .unwrap_err();
         assert!(matches!(e, PreprocessError::NotAnImage { .. }), "{e}");
         assert!(e.to_string().starts_with("labels.csv: "));
 
         let img = DynamicImage::ImageRgb8(disc_image(120, 100, 60.0, 50.0, 45.0));
         let jpeg = encode(&img, image::ImageFormat::Jpeg);
-        let e = c.prepare_bytes(&jpeg[..jpeg.len() / 3], "eye.jpg").err().expect("truncated");
+        let e = c
+            .prepare_bytes(&jpeg[..jpeg.len() / 3], "eye.jpg")
+            .err()
+            .expect("truncated");
         assert!(matches!(e, PreprocessError::Corrupt { .. }), "{e}");
         assert!(e.to_string().contains("truncated"), "{e}");
-        assert!(c.prepare_bytes(&jpeg, "eye.jpg").is_ok(), "the whole JPEG decodes");
+        assert!(
+            c.prepare_bytes(&jpeg, "eye.jpg").is_ok(),
+            "the whole JPEG decodes"
+        );
         let png = encode(&img, image::ImageFormat::Png);
-        let e = c.prepare_bytes(&png[..png.len() / 2], "eye.png").err().expect("truncated");
+        let e = c
+            .prepare_bytes(&png[..png.len() / 2], "eye.png")
+            .err()
+            .expect("truncated");
         assert!(matches!(e, PreprocessError::Corrupt { .. }), "{e}");
 
         // A BMP header (no checksum to forge) that declares 40000 x 40000 pixels (1.6 gigapixels).
-        let small = encode(&DynamicImage::ImageRgb8(RgbImage::new(1, 1)), image::ImageFormat::Bmp);
+        let small = encode(
+            &DynamicImage::ImageRgb8(RgbImage::new(1, 1)),
+            image::ImageFormat::Bmp,
+        );
         let mut bomb = small.clone();
         bomb[18..22].copy_from_slice(&40_000i32.to_le_bytes());
         bomb[22..26].copy_from_slice(&40_000i32.to_le_bytes());
         let e = c.prepare_bytes(&bomb, "bomb.bmp").unwrap_err();
-        assert!(matches!(e, PreprocessError::TooLarge { width: 40_000, .. }), "{e}");
+        assert!(
+            matches!(e, PreprocessError::TooLarge { width: 40_000, .. }),
+            "{e}"
+        );
 
-        let e = c.prepare_path(Path::new("/nonexistent/eye.png")).unwrap_err();
+        let e = c
+            .prepare_path(Path::new("/nonexistent/eye.png"))
+            .unwrap_err();
         assert!(matches!(e, PreprocessError::Io { .. }));
         assert!(e.to_string().contains("/nonexistent/eye.png"));
     }

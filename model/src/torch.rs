@@ -94,11 +94,10 @@ impl RetinaNet {
             .remap(remapper(config, true))
             .map_indices_contiguous(false)
             .overwrite(true);
-        self.save_into(&mut store)
-            .map_err(|e| BundleError::Write {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })
+        self.save_into(&mut store).map_err(|e| BundleError::Write {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
     }
 
     /// Loads weights from a PyTorch-layout safetensors file into this network; every tensor the

@@ -104,7 +104,11 @@ impl Stage {
     fn new(cin: usize, s: &StageConfig, cfg: &TrunkConfig, device: &Device) -> Self {
         let blocks = (0..s.depth)
             .map(|i| {
-                let (inp, stride) = if i == 0 { (cin, s.stride) } else { (s.width, 1) };
+                let (inp, stride) = if i == 0 {
+                    (cin, s.stride)
+                } else {
+                    (s.width, 1)
+                };
                 BasicBlock::new(inp, s.width, stride, cfg, device)
             })
             .collect();
@@ -130,7 +134,14 @@ impl TrunkConfig {
     /// Builds the trunk on `device` with PyTorch-default initialisation.
     pub fn init(&self, device: &Device) -> Trunk {
         let stem = Stem {
-            conv: conv(3, self.stem_width, 3, self.stem_stride, self.stem_bias, device),
+            conv: conv(
+                3,
+                self.stem_width,
+                3,
+                self.stem_stride,
+                self.stem_bias,
+                device,
+            ),
             bn: batch_norm(self.stem_width, self, device),
         };
         let mut cin = self.stem_width;

@@ -1,7 +1,7 @@
 //! The network, bundles and backends, on small inputs (32 px) so the suite stays fast.
 
-use retina_model::burn::prelude::*;
 use retina_model::bundle::{BUNDLE_FORMAT_VERSION, METADATA_FILE, WEIGHTS_FILE};
+use retina_model::burn::prelude::*;
 use retina_model::*;
 use std::path::Path;
 
@@ -13,10 +13,14 @@ fn small(size: usize) -> RetinaConfig {
 
 fn input(n: usize, size: usize, seed: u64, device: &Device) -> Tensor<4> {
     // Deterministic pseudo-random input, independent of any backend's RNG.
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let data: Vec<f32> = (0..n * 3 * size * size)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         })
         .collect();
@@ -29,7 +33,10 @@ fn host(t: &Tensor<2>) -> Vec<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -58,7 +65,12 @@ fn every_head_kind_at_every_attach_point_has_the_right_shape() {
     let out = net.forward(input(2, 32, 1, &device));
     assert_eq!(out.heads.len(), config.heads.len());
     for (spec, t) in config.heads.iter().zip(&out.heads) {
-        assert_eq!(t.dims(), [2, spec.kind.output_width()], "head {}", spec.name);
+        assert_eq!(
+            t.dims(),
+            [2, spec.kind.output_width()],
+            "head {}",
+            spec.name
+        );
     }
     // The embeddings of every stage are returned, with the stage's width.
     assert_eq!(out.embeddings.len(), stages);
@@ -72,8 +84,12 @@ fn every_head_kind_at_every_attach_point_has_the_right_shape() {
 fn early_heads_do_not_run_the_deep_stages() {
     let device = Device::flex();
     let mut config = small(32);
-    config.heads = vec![HeadSpec::new("early".into(), HeadKind::Binary).with_attach(AttachPoint::Stage(2))];
-    let out = config.init(&device).unwrap().forward(input(1, 32, 2, &device));
+    config.heads =
+        vec![HeadSpec::new("early".into(), HeadKind::Binary).with_attach(AttachPoint::Stage(2))];
+    let out = config
+        .init(&device)
+        .unwrap()
+        .forward(input(1, 32, 2, &device));
     assert_eq!(out.embeddings.len(), 2);
 }
 
@@ -82,13 +98,19 @@ fn unknown_stage_fails_at_init_with_a_clear_message() {
     let mut config = small(32);
     config.heads[2].attach = AttachPoint::Stage(9);
     let err = config.init(&Device::flex()).unwrap_err().to_string();
-    assert!(err.contains("vessel_growth") && err.contains("stage9") && err.contains("stage4"), "{err}");
+    assert!(
+        err.contains("vessel_growth") && err.contains("stage9") && err.contains("stage4"),
+        "{err}"
+    );
 }
 
 #[test]
 fn reference_preset_matches_the_pytorch_parameter_count() {
     // shared/peer/model.py: 1,228,103 parameters (buffers such as running stats excluded).
-    let net = RetinaConfig::preset("reference").unwrap().init(&Device::flex()).unwrap();
+    let net = RetinaConfig::preset("reference")
+        .unwrap()
+        .init(&Device::flex())
+        .unwrap();
     assert_eq!(net.parameter_count(), 1_228_103);
 }
 
@@ -109,7 +131,10 @@ fn l2_term_is_the_sum_of_squared_parameters() {
     }
     // BN gamma = 1 contributes, so the term is far from zero.
     assert!(expected > 100.0);
-    assert!(((l2 as f64) - expected).abs() / expected < 1e-5, "{l2} vs {expected}");
+    assert!(
+        ((l2 as f64) - expected).abs() / expected < 1e-5,
+        "{l2} vs {expected}"
+    );
 }
 
 /// Minimal safetensors reader for tests: (name, shape, f32 values), in file order of the header.
@@ -124,8 +149,18 @@ fn read_safetensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
             continue;
         }
         assert_eq!(v["dtype"], "F32", "{name}");
-        let shape: Vec<usize> = v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
-        let off: Vec<usize> = v["data_offsets"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let off: Vec<usize> = v["data_offsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
         let vals = data[off[0]..off[1]]
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -163,8 +198,14 @@ fn bundle_round_trip_gives_bit_identical_outputs() {
     let mut again = loaded;
     again.metadata.provenance.epochs = Some(3);
     again.save(&path).unwrap();
-    assert_eq!(BundleMetadata::load(&path).unwrap().provenance.epochs, Some(3));
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(
+        BundleMetadata::load(&path).unwrap().provenance.epochs,
+        Some(3)
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("bundle")]);
 }
 
@@ -189,7 +230,8 @@ fn truncated_weights_are_reported() {
 
 fn edit_metadata(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = path.join(METADATA_FILE);
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
@@ -217,7 +259,12 @@ fn shape_mismatch_names_the_tensor() {
     });
     let err = ModelBundle::load(&path, &Device::flex()).unwrap_err();
     match &err {
-        BundleError::ShapeMismatch { tensor, expected, found, .. } => {
+        BundleError::ShapeMismatch {
+            tensor,
+            expected,
+            found,
+            ..
+        } => {
             assert!(tensor.starts_with("heads.0.out"), "{tensor}");
             assert_ne!(expected, found);
         }
@@ -229,8 +276,14 @@ fn shape_mismatch_names_the_tensor() {
 fn malformed_metadata_gives_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = saved_bundle(dir.path());
-    std::fs::write(path.join(METADATA_FILE), "{\n  \"format_version\": 1,\n  \"config\": [\n").unwrap();
-    let err = ModelBundle::load(&path, &Device::flex()).unwrap_err().to_string();
+    std::fs::write(
+        path.join(METADATA_FILE),
+        "{\n  \"format_version\": 1,\n  \"config\": [\n",
+    )
+    .unwrap();
+    let err = ModelBundle::load(&path, &Device::flex())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("model.json:4:"), "{err}");
     let err = ModelBundle::load(&dir.path().join("nope"), &Device::flex()).unwrap_err();
     assert!(matches!(err, BundleError::NotFound { .. }));
@@ -247,7 +300,13 @@ fn pytorch_layout_export_has_the_reference_state_dict_keys_and_round_trips() {
     let tensors = read_safetensors(&file);
     // torch: 67 entries in state_dict() once the 5 num_batches_tracked counters are left out.
     assert_eq!(tensors.len(), 67);
-    let shape = |n: &str| tensors.iter().find(|t| t.0 == n).map(|t| t.1.clone()).unwrap_or_else(|| panic!("missing {n}"));
+    let shape = |n: &str| {
+        tensors
+            .iter()
+            .find(|t| t.0 == n)
+            .map(|t| t.1.clone())
+            .unwrap_or_else(|| panic!("missing {n}"))
+    };
     assert_eq!(shape("stem.0.weight"), [32, 3, 3, 3]);
     assert_eq!(shape("stem.0.bias"), [32]);
     assert_eq!(shape("stem.1.weight"), [32]);
@@ -263,9 +322,15 @@ fn pytorch_layout_export_has_the_reference_state_dict_keys_and_round_trips() {
     // Import into a differently initialised network: identical outputs afterwards.
     let mut other = config.init(&device).unwrap();
     let x = input(2, 64, 3, &device);
-    assert_ne!(host(&net.forward(x.clone()).heads[0]), host(&other.forward(x.clone()).heads[0]));
+    assert_ne!(
+        host(&net.forward(x.clone()).heads[0]),
+        host(&other.forward(x.clone()).heads[0])
+    );
     other.import_torch(&config, &file).unwrap();
-    assert_eq!(host(&net.forward(x.clone()).heads[0]), host(&other.forward(x).heads[0]));
+    assert_eq!(
+        host(&net.forward(x.clone()).heads[0]),
+        host(&other.forward(x).heads[0])
+    );
 
     // The wrong architecture is refused with a named tensor.
     let small_cfg = small(32);
@@ -318,8 +383,18 @@ fn cpu_and_wgpu_agree_on_the_same_weights() {
 
 #[test]
 fn backend_names_parse() {
-    for (s, b) in [("cpu", BackendChoice::Cpu), ("WGPU", BackendChoice::Wgpu), ("auto", BackendChoice::Auto), ("ndarray", BackendChoice::Ndarray)] {
+    for (s, b) in [
+        ("cpu", BackendChoice::Cpu),
+        ("WGPU", BackendChoice::Wgpu),
+        ("auto", BackendChoice::Auto),
+        ("ndarray", BackendChoice::Ndarray),
+    ] {
         assert_eq!(s.parse::<BackendChoice>().unwrap(), b);
     }
-    assert!("cuda".parse::<BackendChoice>().unwrap_err().contains("choose"));
+    assert!(
+        "cuda"
+            .parse::<BackendChoice>()
+            .unwrap_err()
+            .contains("choose")
+    );
 }

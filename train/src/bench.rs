@@ -57,10 +57,14 @@ pub struct BenchResult {
 
 /// Deterministic pseudo-random values in [-1, 1).
 pub fn lcg_values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -79,7 +83,9 @@ pub fn reference_loss() -> LossConfig {
     LossConfig::new().with_heads(vec![
         HeadLossConfig::new("diagnosis".into())
             .with_class_weights(ClassWeights::Manual(vec![1.0, 2.0, 2.0, 4.0, 4.0])),
-        HeadLossConfig::new("fluid".into()).with_weight(0.5).with_pos_weight(Some(5.0)),
+        HeadLossConfig::new("fluid".into())
+            .with_weight(0.5)
+            .with_pos_weight(Some(5.0)),
         HeadLossConfig::new("vessel_growth".into()).with_weight(0.5),
     ])
 }
@@ -100,10 +106,19 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
     // Adam, lr 1e-3, eps 1e-8: the reference optimizer.
     let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
     let (n, s) = (opts.batch_size, opts.image_size);
-    let x = Tensor::<4>::from_data(TensorData::new(lcg_values(n * 3 * s * s, 1), [n, 3, s, s]), &ad);
+    let x = Tensor::<4>::from_data(
+        TensorData::new(lcg_values(n * 3 * s * s, 1), [n, 3, s, s]),
+        &ad,
+    );
     let r = lcg_values(3 * n, 2);
-    let grades: Vec<Option<f32>> = r[..n].iter().map(|v| Some(((v + 1.0) * 2.5).floor().min(4.0))).collect();
-    let fluid: Vec<Option<f32>> = r[n..2 * n].iter().map(|v| Some((*v > 0.0) as u8 as f32)).collect();
+    let grades: Vec<Option<f32>> = r[..n]
+        .iter()
+        .map(|v| Some(((v + 1.0) * 2.5).floor().min(4.0)))
+        .collect();
+    let fluid: Vec<Option<f32>> = r[n..2 * n]
+        .iter()
+        .map(|v| Some((*v > 0.0) as u8 as f32))
+        .collect();
     let vessel: Vec<Option<f32>> = r[2 * n..].iter().map(|v| Some((v + 1.0) / 2.0)).collect();
     let targets = [
         HeadTargets::from_options(&grades, &ad),

@@ -3,8 +3,8 @@
 use crate::bench;
 use crate::config::TrainConfig;
 use crate::dataset::DatasetFormat;
-use crate::trainer::{self, DataSource, FitRequest};
 use crate::synth::{self, SynthOptions};
+use crate::trainer::{self, DataSource, FitRequest};
 use crate::util::{parse_grade_mix, write_file_atomic};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -233,17 +233,36 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fit(a) => fit(*a),
         Command::Eval(a) => {
-            let m = crate::eval::evaluate(&a.model, &a.data, a.format, a.images.as_deref(), &a.out, a.point.as_deref(), a.backend)?;
+            let m = crate::eval::evaluate(
+                &a.model,
+                &a.data,
+                a.format,
+                a.images.as_deref(),
+                &a.out,
+                a.point.as_deref(),
+                a.backend,
+            )?;
             eprintln!("wrote {}/metrics.json and report.md", a.out.display());
             println!("{}", serde_json::to_string_pretty(&m)?);
             Ok(())
         }
         Command::Calibrate(a) => {
-            let (name, _, report) = crate::eval::calibrate(&a.model, &a.data, a.format, a.images.as_deref(), a.target, a.name.as_deref(), a.backend)?;
+            let (name, _, report) = crate::eval::calibrate(
+                &a.model,
+                &a.data,
+                a.format,
+                a.images.as_deref(),
+                a.target,
+                a.name.as_deref(),
+                a.backend,
+            )?;
             for line in report {
                 println!("{line}");
             }
-            eprintln!("operating point `{name}` written into {}", a.model.display());
+            eprintln!(
+                "operating point `{name}` written into {}",
+                a.model.display()
+            );
             Ok(())
         }
         Command::Bench(a) => {
@@ -309,7 +328,10 @@ fn run(cli: Cli) -> Result<()> {
                     .collect();
                 let img = synth::contact_sheet(&images, 6.min(images.len() as u32), 160);
                 let mut bytes = Vec::new();
-                img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+                img.write_to(
+                    &mut std::io::Cursor::new(&mut bytes),
+                    image::ImageFormat::Png,
+                )?;
                 write_file_atomic(&sheet, &bytes)?;
                 eprintln!("contact sheet: {}", sheet.display());
             }

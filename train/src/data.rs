@@ -68,7 +68,9 @@ impl std::str::FromStr for Sampling {
         match s {
             "shuffle" => Ok(Self::Shuffle),
             "balanced" => Ok(Self::Balanced),
-            o => Err(format!("unknown sampling `{o}`: choose shuffle or balanced")),
+            o => Err(format!(
+                "unknown sampling `{o}`: choose shuffle or balanced"
+            )),
         }
     }
 }
@@ -144,9 +146,23 @@ impl Augment {
 
     /// A randomly flipped, rotated, zoomed and colour-jittered copy (one bilinear resampling).
     pub fn apply(&self, img: &RgbImage, rng: &mut ChaCha8Rng) -> RgbImage {
-        let sym = |rng: &mut ChaCha8Rng, m: f32| if m > 0.0 { rng.random_range(-m..=m) } else { 0.0 };
-        let fx = if self.flips && rng.random::<bool>() { -1.0 } else { 1.0 };
-        let fy = if self.flips && rng.random::<bool>() { -1.0 } else { 1.0 };
+        let sym = |rng: &mut ChaCha8Rng, m: f32| {
+            if m > 0.0 {
+                rng.random_range(-m..=m)
+            } else {
+                0.0
+            }
+        };
+        let fx = if self.flips && rng.random::<bool>() {
+            -1.0
+        } else {
+            1.0
+        };
+        let fy = if self.flips && rng.random::<bool>() {
+            -1.0
+        } else {
+            1.0
+        };
         let angle = sym(rng, self.rotation).to_radians();
         let zoom = 1.0 + sym(rng, self.scale);
         let bright = 1.0 + sym(rng, self.brightness);
@@ -236,7 +252,10 @@ impl LoaderSpec {
         let img = self.preprocess.load(&s.image)?;
         let view = Arc::new(self.preprocess.crop_and_resize(&img.to_rgb8()));
         if let Some(c) = &self.cache {
-            c.views.lock().expect("cache lock").insert(s.image.clone(), view.clone());
+            c.views
+                .lock()
+                .expect("cache lock")
+                .insert(s.image.clone(), view.clone());
         }
         Ok(view)
     }
@@ -332,8 +351,12 @@ mod tests {
         }
         let (train, val) = split(&samples, 0.2, 1);
         assert_eq!(train.len() + val.len(), 400);
-        let val_patients: std::collections::HashSet<_> = val.iter().map(|s| s.patient.clone()).collect();
-        assert!(train.iter().all(|s| !val_patients.contains(&s.patient)), "a patient straddles the split");
+        let val_patients: std::collections::HashSet<_> =
+            val.iter().map(|s| s.patient.clone()).collect();
+        assert!(
+            train.iter().all(|s| !val_patients.contains(&s.patient)),
+            "a patient straddles the split"
+        );
         let rare_val = val.iter().filter(|s| s.grade() == Some(3)).count();
         assert_eq!(rare_val, 8, "20% of the 20 grade-3 patients, both eyes");
         assert_eq!(split(&samples, 0.2, 1).1, val, "deterministic");
@@ -341,7 +364,9 @@ mod tests {
 
     #[test]
     fn balanced_sampling_evens_out_grades() {
-        let samples: Vec<Sample> = (0..1000).map(|i| sample(i, if i < 950 { 0 } else { 4 }, None)).collect();
+        let samples: Vec<Sample> = (0..1000)
+            .map(|i| sample(i, if i < 950 { 0 } else { 4 }, None))
+            .collect();
         let order = epoch_order(&samples, Sampling::Balanced, 3, 0);
         let rare = order.iter().filter(|&&i| i >= 950).count();
         assert!((400..600).contains(&rare), "{rare}");
@@ -353,13 +378,20 @@ mod tests {
 
     #[test]
     fn augmentation_changes_pixels_but_not_size_and_none_is_identity_like() {
-        let img = RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, 100]));
+        let img = RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([(x * 8) as u8, (y * 8) as u8, 100])
+        });
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let a = Augment::default().apply(&img, &mut rng);
         assert_eq!(a.dimensions(), (32, 32));
         assert_ne!(a, img);
         let same = Augment::none().apply(&img, &mut rng);
-        let diff: i32 = same.pixels().zip(img.pixels()).map(|(p, q)| (p[0] as i32 - q[0] as i32).abs()).max().unwrap();
+        let diff: i32 = same
+            .pixels()
+            .zip(img.pixels())
+            .map(|(p, q)| (p[0] as i32 - q[0] as i32).abs())
+            .max()
+            .unwrap();
         assert!(diff <= 1, "{diff}");
     }
 }

@@ -39,7 +39,13 @@ pub fn score(
     let bundle = ModelBundle::load(model, &backend.device)?;
     let file = read_labels(data, format, images)?;
     check_images(&file)?;
-    let heads: Vec<String> = bundle.metadata.config.heads.iter().map(|h| h.name.clone()).collect();
+    let heads: Vec<String> = bundle
+        .metadata
+        .config
+        .heads
+        .iter()
+        .map(|h| h.name.clone())
+        .collect();
     let mut labelled: Vec<&String> = file.samples.iter().flat_map(|s| s.labels.keys()).collect();
     labelled.sort();
     labelled.dedup();
@@ -52,7 +58,10 @@ pub fn score(
         );
     }
     if labelled.is_empty() {
-        bail!("{} has no labels for any of the model's heads {heads:?}", data.display());
+        bail!(
+            "{} has no labels for any of the model's heads {heads:?}",
+            data.display()
+        );
     }
     let spec = LoaderSpec {
         preprocess: bundle.metadata.config.preprocess.clone(),
@@ -74,13 +83,23 @@ pub fn score(
 
 /// Scores of one yes/no decision over the samples that carry its label.
 pub fn decision_scores(s: &Scored, decision: &str) -> (Vec<f32>, Vec<bool>) {
-    let head = if decision == "referable" { retina_model::DIAGNOSIS } else { decision };
+    let head = if decision == "referable" {
+        retina_model::DIAGNOSIS
+    } else {
+        decision
+    };
     let mut scores = Vec::new();
     let mut truth = Vec::new();
     for (sample, p) in s.samples.iter().zip(&s.preds) {
-        if let (Some(label), Some(score)) = (sample.labels.get(head), p.decision_probability(decision)) {
+        if let (Some(label), Some(score)) =
+            (sample.labels.get(head), p.decision_probability(decision))
+        {
             scores.push(score);
-            truth.push(if decision == "referable" { *label >= 2.0 } else { *label > 0.5 });
+            truth.push(if decision == "referable" {
+                *label >= 2.0
+            } else {
+                *label > 0.5
+            });
         }
     }
     (scores, truth)
@@ -150,16 +169,13 @@ pub fn choose_threshold(scores: &[f32], truth: &[bool], target: Target) -> Optio
             .iter()
             .find(|&&t| at(t).specificity().unwrap_or(0.0) >= s)
             .copied(),
-        Target::Youden => cands
-            .iter()
-            .copied()
-            .max_by(|&a, &b| {
-                let j = |t| {
-                    let c = at(t);
-                    c.sensitivity().unwrap_or(0.0) + c.specificity().unwrap_or(0.0)
-                };
-                j(a).total_cmp(&j(b))
-            }),
+        Target::Youden => cands.iter().copied().max_by(|&a, &b| {
+            let j = |t| {
+                let c = at(t);
+                c.sensitivity().unwrap_or(0.0) + c.specificity().unwrap_or(0.0)
+            };
+            j(a).total_cmp(&j(b))
+        }),
     }
 }
 
@@ -191,7 +207,9 @@ pub fn calibrate(
     for d in decisions(&s.bundle.metadata.config) {
         let (scores, truth) = decision_scores(&s, &d);
         let Some(t) = choose_threshold(&scores, &truth, target) else {
-            report.push(format!("{d}: not calibrated (the set needs positives and negatives)"));
+            report.push(format!(
+                "{d}: not calibrated (the set needs positives and negatives)"
+            ));
             continue;
         };
         let c = BinaryCounts::at(&scores, &truth, t);
@@ -213,7 +231,9 @@ pub fn calibrate(
 }
 
 fn num(v: Option<f64>) -> Value {
-    v.filter(|x| x.is_finite()).map(Value::from).unwrap_or(Value::Null)
+    v.filter(|x| x.is_finite())
+        .map(Value::from)
+        .unwrap_or(Value::Null)
 }
 
 fn auc_with_interval(scores: &[f32], truth: &[bool], seed: u64) -> (Option<f64>, Value) {
@@ -223,7 +243,10 @@ fn auc_with_interval(scores: &[f32], truth: &[bool], seed: u64) -> (Option<f64>,
         let t: Vec<bool> = idx.iter().map(|&i| truth[i]).collect();
         metrics::roc_auc(&s, &t)
     });
-    (auc, ci.map(|(lo, hi)| json!([lo, hi])).unwrap_or(Value::Null))
+    (
+        auc,
+        ci.map(|(lo, hi)| json!([lo, hi])).unwrap_or(Value::Null),
+    )
 }
 
 /// Evaluates a bundle on a labelled set; writes `metrics.json`, `report.md` and figures into
@@ -250,21 +273,37 @@ pub fn evaluate(
     let mut root = Map::new();
     root.insert("model".into(), json!(model.display().to_string()));
     root.insert("data".into(), json!(data.display().to_string()));
-    root.insert("operating_point".into(), json!({"name": pname, "method": point.method, "thresholds": point.thresholds}));
+    root.insert(
+        "operating_point".into(),
+        json!({"name": pname, "method": point.method, "thresholds": point.thresholds}),
+    );
     root.insert("backend".into(), json!(s.backend));
     let mut curves = Vec::new();
     let mut md = String::new();
-    let _ = writeln!(md, "# Evaluation report\n\n- model: `{}`\n- data: `{}` ({} images)\n- operating point: `{pname}` ({})\n- backend: {}\n", model.display(), data.display(), s.samples.len(), point.method, s.backend);
+    let _ = writeln!(
+        md,
+        "# Evaluation report\n\n- model: `{}`\n- data: `{}` ({} images)\n- operating point: `{pname}` ({})\n- backend: {}\n",
+        model.display(),
+        data.display(),
+        s.samples.len(),
+        point.method,
+        s.backend
+    );
 
     for spec in &meta.config.heads {
-        let present: Vec<usize> = (0..s.samples.len()).filter(|&i| s.samples[i].labels.contains_key(&spec.name)).collect();
+        let present: Vec<usize> = (0..s.samples.len())
+            .filter(|&i| s.samples[i].labels.contains_key(&spec.name))
+            .collect();
         let missing = s.samples.len() - present.len();
         let mut h = Map::new();
         h.insert("n".into(), json!(present.len()));
         h.insert("missing".into(), json!(missing));
         match spec.kind {
             HeadKind::Multiclass(k) => {
-                let truth: Vec<usize> = present.iter().map(|&i| s.samples[i].labels[&spec.name] as usize).collect();
+                let truth: Vec<usize> = present
+                    .iter()
+                    .map(|&i| s.samples[i].labels[&spec.name] as usize)
+                    .collect();
                 let pred: Vec<usize> = present
                     .iter()
                     .map(|&i| match &s.preds[i].heads[&spec.name] {
@@ -272,27 +311,67 @@ pub fn evaluate(
                         _ => 0,
                     })
                     .collect();
-                let acc = (!truth.is_empty()).then(|| truth.iter().zip(&pred).filter(|(a, b)| a == b).count() as f64 / truth.len() as f64);
+                let acc = (!truth.is_empty()).then(|| {
+                    truth.iter().zip(&pred).filter(|(a, b)| a == b).count() as f64
+                        / truth.len() as f64
+                });
                 let cm = metrics::confusion(&truth, &pred, k);
                 h.insert("accuracy".into(), num(acc));
-                h.insert("quadratic_kappa".into(), num(metrics::quadratic_kappa(&truth, &pred, k)));
+                h.insert(
+                    "quadratic_kappa".into(),
+                    num(metrics::quadratic_kappa(&truth, &pred, k)),
+                );
                 h.insert("confusion".into(), json!(cm));
-                let names = meta.class_names.get(&spec.name).cloned().unwrap_or_else(|| (0..k).map(|i| i.to_string()).collect());
-                let _ = writeln!(md, "## {} (multiclass, n = {}, missing = {missing})\n\n| accuracy | quadratic kappa |\n|---|---|\n| {} | {} |\n", spec.name, present.len(), fmt(acc), fmt(metrics::quadratic_kappa(&truth, &pred, k)));
-                let _ = writeln!(md, "Confusion matrix (rows: truth, columns: prediction):\n\n| | {} |\n|---|{}", names.join(" | "), "---|".repeat(k));
+                let names = meta
+                    .class_names
+                    .get(&spec.name)
+                    .cloned()
+                    .unwrap_or_else(|| (0..k).map(|i| i.to_string()).collect());
+                let _ = writeln!(
+                    md,
+                    "## {} (multiclass, n = {}, missing = {missing})\n\n| accuracy | quadratic kappa |\n|---|---|\n| {} | {} |\n",
+                    spec.name,
+                    present.len(),
+                    fmt(acc),
+                    fmt(metrics::quadratic_kappa(&truth, &pred, k))
+                );
+                let _ = writeln!(
+                    md,
+                    "Confusion matrix (rows: truth, columns: prediction):\n\n| | {} |\n|---|{}",
+                    names.join(" | "),
+                    "---|".repeat(k)
+                );
                 for (i, row) in cm.iter().enumerate() {
                     let cells: Vec<String> = row.iter().map(|c| c.to_string()).collect();
                     let _ = writeln!(md, "| **{}** | {} |", names[i], cells.join(" | "));
                 }
                 let _ = writeln!(md, "\n![confusion](confusion_{}.png)\n", spec.name);
-                plots::confusion(&out.join(format!("confusion_{}.png", spec.name)), &format!("{}: confusion matrix", spec.name), &cm, &names)?;
+                plots::confusion(
+                    &out.join(format!("confusion_{}.png", spec.name)),
+                    &format!("{}: confusion matrix", spec.name),
+                    &cm,
+                    &names,
+                )?;
                 if spec.name == retina_model::DIAGNOSIS && k == 5 {
-                    binary_block(&s, "referable", point, &mut h, &mut md, &mut curves, "referable_");
+                    binary_block(
+                        &s,
+                        "referable",
+                        point,
+                        &mut h,
+                        &mut md,
+                        &mut curves,
+                        "referable_",
+                    );
                 }
             }
-            HeadKind::Binary => binary_block(&s, &spec.name, point, &mut h, &mut md, &mut curves, ""),
+            HeadKind::Binary => {
+                binary_block(&s, &spec.name, point, &mut h, &mut md, &mut curves, "")
+            }
             HeadKind::Regression => {
-                let truth: Vec<f32> = present.iter().map(|&i| s.samples[i].labels[&spec.name]).collect();
+                let truth: Vec<f32> = present
+                    .iter()
+                    .map(|&i| s.samples[i].labels[&spec.name])
+                    .collect();
                 let pred: Vec<f32> = present
                     .iter()
                     .map(|&i| match &s.preds[i].heads[&spec.name] {
@@ -300,17 +379,33 @@ pub fn evaluate(
                         _ => 0.0,
                     })
                     .collect();
-                let (mae, rmse, r) = (metrics::mae(&pred, &truth), metrics::rmse(&pred, &truth), metrics::pearson(&pred, &truth));
+                let (mae, rmse, r) = (
+                    metrics::mae(&pred, &truth),
+                    metrics::rmse(&pred, &truth),
+                    metrics::pearson(&pred, &truth),
+                );
                 h.insert("mae".into(), num(mae));
                 h.insert("rmse".into(), num(rmse));
                 h.insert("pearson_r".into(), num(r));
-                let _ = writeln!(md, "## {} (regression, n = {}, missing = {missing})\n\n| MAE | RMSE | Pearson r |\n|---|---|---|\n| {} | {} | {} |\n", spec.name, present.len(), fmt(mae), fmt(rmse), fmt(r));
+                let _ = writeln!(
+                    md,
+                    "## {} (regression, n = {}, missing = {missing})\n\n| MAE | RMSE | Pearson r |\n|---|---|---|\n| {} | {} | {} |\n",
+                    spec.name,
+                    present.len(),
+                    fmt(mae),
+                    fmt(rmse),
+                    fmt(r)
+                );
             }
         }
         root.insert(spec.name.clone(), Value::Object(h));
     }
     if !curves.is_empty() {
-        plots::roc(&out.join("roc.png"), &format!("ROC, operating point `{pname}`"), &curves)?;
+        plots::roc(
+            &out.join("roc.png"),
+            &format!("ROC, operating point `{pname}`"),
+            &curves,
+        )?;
         let _ = writeln!(md, "## ROC curves\n\n![roc](roc.png)\n");
     }
     // Training curves, when the bundle sits in a run directory.
@@ -326,7 +421,10 @@ pub fn evaluate(
         }
     }
     let metrics = Value::Object(root);
-    write_file_atomic(&out.join("metrics.json"), serde_json::to_string_pretty(&metrics)?.as_bytes())?;
+    write_file_atomic(
+        &out.join("metrics.json"),
+        serde_json::to_string_pretty(&metrics)?.as_bytes(),
+    )?;
     write_file_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok(metrics)
 }
@@ -359,7 +457,13 @@ fn binary_block(
     h.insert(format!("{prefix}prevalence"), num(c.prevalence()));
     let ci_text = ci
         .as_array()
-        .map(|a| format!("{:.3}-{:.3}", a[0].as_f64().unwrap_or(0.0), a[1].as_f64().unwrap_or(0.0)))
+        .map(|a| {
+            format!(
+                "{:.3}-{:.3}",
+                a[0].as_f64().unwrap_or(0.0),
+                a[1].as_f64().unwrap_or(0.0)
+            )
+        })
         .unwrap_or_else(|| "-".into());
     let _ = writeln!(
         md,
@@ -376,8 +480,14 @@ fn binary_block(
     if auc.is_some() {
         curves.push(plots::RocCurve {
             name: format!("{decision} (AUC {:.3})", auc.unwrap_or(0.0)),
-            points: metrics::roc_curve(&scores, &truth).into_iter().map(|(x, y, _)| (x, y)).collect(),
-            operating: (1.0 - c.specificity().unwrap_or(0.0), c.sensitivity().unwrap_or(0.0)),
+            points: metrics::roc_curve(&scores, &truth)
+                .into_iter()
+                .map(|(x, y, _)| (x, y))
+                .collect(),
+            operating: (
+                1.0 - c.specificity().unwrap_or(0.0),
+                c.sensitivity().unwrap_or(0.0),
+            ),
         });
     }
 }

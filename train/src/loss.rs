@@ -54,9 +54,14 @@ impl LossKind {
     fn fits(self, kind: HeadKind) -> bool {
         matches!(
             (self, kind),
-            (LossKind::CrossEntropy | LossKind::Focal { .. }, HeadKind::Multiclass(_))
-                | (LossKind::Bce | LossKind::Focal { .. }, HeadKind::Binary)
-                | (LossKind::L1 | LossKind::Mse | LossKind::Huber { .. }, HeadKind::Regression)
+            (
+                LossKind::CrossEntropy | LossKind::Focal { .. },
+                HeadKind::Multiclass(_)
+            ) | (LossKind::Bce | LossKind::Focal { .. }, HeadKind::Binary)
+                | (
+                    LossKind::L1 | LossKind::Mse | LossKind::Huber { .. },
+                    HeadKind::Regression
+                )
         )
     }
 }
@@ -97,7 +102,9 @@ impl std::str::FromStr for Objective {
             "screening" => Ok(Self::Screening),
             "confirmation" => Ok(Self::Confirmation),
             "balanced" => Ok(Self::Balanced),
-            o => Err(format!("unknown objective `{o}`: choose screening, confirmation or balanced")),
+            o => Err(format!(
+                "unknown objective `{o}`: choose screening, confirmation or balanced"
+            )),
         }
     }
 }
@@ -311,7 +318,10 @@ impl LossConfig {
         for h in &self.heads {
             if !specs.iter().any(|s| s.name == h.head) {
                 let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-                return bad(format!("`{}` is not a head of the model (heads: {names:?})", h.head));
+                return bad(format!(
+                    "`{}` is not a head of the model (heads: {names:?})",
+                    h.head
+                ));
             }
         }
         if !(self.l2 >= 0.0) || !(self.bias_factor >= 1.0) {
@@ -327,14 +337,20 @@ impl LossConfig {
                 .unwrap_or_else(|| HeadLossConfig::new(spec.name.clone()));
             let loss = cfg.loss.unwrap_or(LossKind::default_for(spec.kind));
             if !loss.fits(spec.kind) {
-                return bad(format!("head `{}` is {} and cannot use {loss:?}", spec.name, spec.kind));
+                return bad(format!(
+                    "head `{}` is {} and cannot use {loss:?}",
+                    spec.name, spec.kind
+                ));
             }
             if !(cfg.weight >= 0.0) {
                 return bad(format!("head `{}`: weight must be >= 0", spec.name));
             }
             let smoothing = cfg.label_smoothing.unwrap_or(0.0);
             if !(0.0..1.0).contains(&smoothing) {
-                return bad(format!("head `{}`: label_smoothing must be in [0, 1)", spec.name));
+                return bad(format!(
+                    "head `{}`: label_smoothing must be in [0, 1)",
+                    spec.name
+                ));
             }
             let n_classes = match spec.kind {
                 HeadKind::Multiclass(n) => n,
@@ -345,13 +361,18 @@ impl LossConfig {
                 ClassWeights::Named(n) if n == "none" => None,
                 ClassWeights::Named(n) if n == "auto" => {
                     if n_classes == 0 {
-                        return bad(format!("head `{}` is a regression: no class weights", spec.name));
+                        return bad(format!(
+                            "head `{}` is a regression: no class weights",
+                            spec.name
+                        ));
                     }
                     let counts = class_counts(&spec.name).unwrap_or_else(|| vec![1; n_classes]);
                     Some(inverse_frequency(&counts))
                 }
                 ClassWeights::Named(n) => {
-                    return bad(format!("class_weights `{n}`: use \"auto\", \"none\" or a list"));
+                    return bad(format!(
+                        "class_weights `{n}`: use \"auto\", \"none\" or a list"
+                    ));
                 }
                 ClassWeights::Manual(w) => {
                     if w.len() != n_classes || w.iter().any(|x| !(*x > 0.0)) {
@@ -372,7 +393,9 @@ impl LossConfig {
                     for (c, x) in w.iter_mut().enumerate() {
                         let referable = c >= retina_model::grade::REFERABLE_FROM.index();
                         match (self.objective, referable) {
-                            (Objective::Screening, true) | (Objective::Confirmation, false) => *x *= f,
+                            (Objective::Screening, true) | (Objective::Confirmation, false) => {
+                                *x *= f
+                            }
                             _ => {}
                         }
                     }
@@ -470,7 +493,12 @@ impl HeadLoss {
 
 impl RetinaLoss {
     /// The total loss of a batch: `sum_h weight_h * loss_h + l2 * sum(p^2)`.
-    pub fn forward(&self, model: &RetinaNet, out: &RetinaOutput, targets: &[HeadTargets]) -> LossBreakdown {
+    pub fn forward(
+        &self,
+        model: &RetinaNet,
+        out: &RetinaOutput,
+        targets: &[HeadTargets],
+    ) -> LossBreakdown {
         let mut total: Option<Tensor<1>> = None;
         let mut heads = Vec::with_capacity(self.heads.len());
         for ((h, o), t) in self.heads.iter().zip(&out.heads).zip(targets) {

@@ -137,7 +137,9 @@ pub fn quadratic_kappa(truth: &[usize], pred: &[usize], k: usize) -> Option<f64>
     }
     let o = confusion(truth, pred, k);
     let rows: Vec<f64> = (0..k).map(|i| o[i].iter().sum::<usize>() as f64).collect();
-    let cols: Vec<f64> = (0..k).map(|j| (0..k).map(|i| o[i][j]).sum::<usize>() as f64).collect();
+    let cols: Vec<f64> = (0..k)
+        .map(|j| (0..k).map(|i| o[i][j]).sum::<usize>() as f64)
+        .collect();
     let (mut num, mut den) = (0.0, 0.0);
     for i in 0..k {
         for j in 0..k {
@@ -156,14 +158,22 @@ pub fn quadratic_kappa(truth: &[usize], pred: &[usize], k: usize) -> Option<f64>
 /// Mean absolute error.
 pub fn mae(pred: &[f32], truth: &[f32]) -> Option<f64> {
     (!pred.is_empty()).then(|| {
-        pred.iter().zip(truth).map(|(p, t)| (p - t).abs() as f64).sum::<f64>() / pred.len() as f64
+        pred.iter()
+            .zip(truth)
+            .map(|(p, t)| (p - t).abs() as f64)
+            .sum::<f64>()
+            / pred.len() as f64
     })
 }
 
 /// Root mean squared error.
 pub fn rmse(pred: &[f32], truth: &[f32]) -> Option<f64> {
     (!pred.is_empty()).then(|| {
-        (pred.iter().zip(truth).map(|(p, t)| ((p - t) as f64).powi(2)).sum::<f64>()
+        (pred
+            .iter()
+            .zip(truth)
+            .map(|(p, t)| ((p - t) as f64).powi(2))
+            .sum::<f64>()
             / pred.len() as f64)
             .sqrt()
     })
@@ -227,7 +237,10 @@ mod tests {
 
     #[test]
     fn kappa_by_hand() {
-        assert_eq!(quadratic_kappa(&[0, 1, 2, 3, 4], &[0, 1, 2, 3, 4], 5), Some(1.0));
+        assert_eq!(
+            quadratic_kappa(&[0, 1, 2, 3, 4], &[0, 1, 2, 3, 4], 5),
+            Some(1.0)
+        );
         // 3 classes, truth [0,1,2], pred [0,2,2]: O off-diagonal (1,2)=1 with w=1/4;
         // E: rows 1,1,1; cols 1,0,2 -> sum w*E = (1/3)[w01*0+w02*2 + w10*1+w12*2 + w20*1+w21*0]
         //  = (1/3)[2*1 + 0.25 + 2*0.25 + 1] = 3.75/3 = 1.25; kappa = 1 - 0.25/1.25 = 0.8.
@@ -248,7 +261,11 @@ mod tests {
     #[test]
     fn bootstrap_interval_contains_the_estimate() {
         let scores: Vec<f32> = (0..200).map(|i| ((i * 37) % 100) as f32 / 100.0).collect();
-        let pos: Vec<bool> = scores.iter().enumerate().map(|(i, s)| (*s > 0.4) ^ (i % 7 == 0)).collect();
+        let pos: Vec<bool> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s > 0.4) ^ (i % 7 == 0))
+            .collect();
         let est = roc_auc(&scores, &pos).unwrap();
         let (lo, hi) = bootstrap_interval(200, 300, 0.95, 1, |idx| {
             let s: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();

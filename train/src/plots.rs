@@ -24,7 +24,10 @@ fn fonts() {
 fn save(path: &Path, buf: Vec<u8>, w: u32, h: u32) -> Result<()> {
     let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| anyhow!("plot buffer size"))?;
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )?;
     write_file_atomic(path, &bytes)
 }
 
@@ -72,7 +75,9 @@ pub fn roc(path: &Path, title: &str, curves: &[RocCurve]) -> Result<()> {
                 .draw_series(LineSeries::new(c.points.clone(), colour.stroke_width(2)))
                 .map_err(err)?
                 .label(c.name.clone())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
+                });
             chart
                 .draw_series([Circle::new(c.operating, 6, colour.filled())])
                 .map_err(err)?;
@@ -161,36 +166,75 @@ pub fn training(path: &Path, logs: &[EpochLog]) -> Result<()> {
         let epochs = logs.len() as f64;
         let last = logs.last().expect("non-empty");
         // Left: losses.
-        let mut series: Vec<(String, Vec<(f64, f64)>)> =
-            vec![("total".into(), logs.iter().map(|l| (l.epoch as f64, l.train_loss)).collect())];
+        let mut series: Vec<(String, Vec<(f64, f64)>)> = vec![(
+            "total".into(),
+            logs.iter()
+                .map(|l| (l.epoch as f64, l.train_loss))
+                .collect(),
+        )];
         for name in last.train_head_loss.keys() {
             series.push((
                 name.clone(),
-                logs.iter().map(|l| (l.epoch as f64, *l.train_head_loss.get(name).unwrap_or(&0.0))).collect(),
+                logs.iter()
+                    .map(|l| (l.epoch as f64, *l.train_head_loss.get(name).unwrap_or(&0.0)))
+                    .collect(),
             ));
         }
-        series.push(("L2 term".into(), logs.iter().map(|l| (l.epoch as f64, l.train_l2)).collect()));
+        series.push((
+            "L2 term".into(),
+            logs.iter().map(|l| (l.epoch as f64, l.train_l2)).collect(),
+        ));
         if logs.iter().all(|l| l.val.contains_key("val_loss")) {
-            series.push(("val total".into(), logs.iter().map(|l| (l.epoch as f64, l.val["val_loss"])).collect()));
+            series.push((
+                "val total".into(),
+                logs.iter()
+                    .map(|l| (l.epoch as f64, l.val["val_loss"]))
+                    .collect(),
+            ));
         }
-        let ymax = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).fold(0.0, f64::max) * 1.1;
-        draw_lines(&left, "training losses", "loss", epochs, 0.0..ymax.max(1e-3), &series)?;
+        let ymax = series
+            .iter()
+            .flat_map(|s| s.1.iter().map(|p| p.1))
+            .fold(0.0, f64::max)
+            * 1.1;
+        draw_lines(
+            &left,
+            "training losses",
+            "loss",
+            epochs,
+            0.0..ymax.max(1e-3),
+            &series,
+        )?;
         // Right: validation metrics in 0..1.
         let keys: Vec<&String> = last
             .val
             .keys()
-            .filter(|k| k.ends_with("auc") || k.ends_with("kappa") || k.ends_with("accuracy") || k.ends_with("_mae"))
+            .filter(|k| {
+                k.ends_with("auc")
+                    || k.ends_with("kappa")
+                    || k.ends_with("accuracy")
+                    || k.ends_with("_mae")
+            })
             .collect();
         let series: Vec<(String, Vec<(f64, f64)>)> = keys
             .iter()
             .map(|k| {
                 (
                     k.to_string(),
-                    logs.iter().filter_map(|l| l.val.get(*k).map(|v| (l.epoch as f64, *v))).collect(),
+                    logs.iter()
+                        .filter_map(|l| l.val.get(*k).map(|v| (l.epoch as f64, *v)))
+                        .collect(),
                 )
             })
             .collect();
-        draw_lines(&right, "validation metrics", "value", epochs, 0.0..1.0, &series)?;
+        draw_lines(
+            &right,
+            "validation metrics",
+            "value",
+            epochs,
+            0.0..1.0,
+            &series,
+        )?;
         root.present().map_err(err)?;
     }
     save(path, buf, w, h)

@@ -174,7 +174,10 @@ fn load_samples(req: &FitRequest) -> Result<(Vec<Sample>, Vec<Sample>, usize, us
             let dir = req.out.join("synthetic");
             let label = synth::label_path(&dir, DatasetFormat::Native);
             if !label.is_file() {
-                eprintln!("generating {n} synthetic images ({size} px) into {}", dir.display());
+                eprintln!(
+                    "generating {n} synthetic images ({size} px) into {}",
+                    dir.display()
+                );
                 synth::generate(&SynthOptions {
                     out: dir.clone(),
                     count: *n,
@@ -198,25 +201,31 @@ fn load_samples(req: &FitRequest) -> Result<(Vec<Sample>, Vec<Sample>, usize, us
         } => {
             let mut file = read_labels(path, *format, images.as_deref())?;
             let mut missing = 0;
-            let keep_present = |f: &mut crate::dataset::LabelFile, missing: &mut usize| -> Result<()> {
-                if req.skip_bad_images {
-                    let before = f.samples.len();
-                    f.samples.retain(|s| s.image.is_file());
-                    *missing += before - f.samples.len();
-                    Ok(())
-                } else {
-                    check_images(f).map_err(|e| {
-                        anyhow!("{e}\nhint: pass --images DIR, or --skip-bad-images to skip it")
-                    })
-                }
-            };
+            let keep_present =
+                |f: &mut crate::dataset::LabelFile, missing: &mut usize| -> Result<()> {
+                    if req.skip_bad_images {
+                        let before = f.samples.len();
+                        f.samples.retain(|s| s.image.is_file());
+                        *missing += before - f.samples.len();
+                        Ok(())
+                    } else {
+                        check_images(f).map_err(|e| {
+                            anyhow!("{e}\nhint: pass --images DIR, or --skip-bad-images to skip it")
+                        })
+                    }
+                };
             keep_present(&mut file, &mut missing)?;
             let ungradable = file.skipped_ungradable;
             match val {
                 Some(v) => {
                     let mut vf = read_labels(v, *format, images.as_deref())?;
                     keep_present(&mut vf, &mut missing)?;
-                    Ok((file.samples, vf.samples, ungradable + vf.skipped_ungradable, missing))
+                    Ok((
+                        file.samples,
+                        vf.samples,
+                        ungradable + vf.skipped_ungradable,
+                        missing,
+                    ))
                 }
                 None => {
                     let (t, v) = split(&file.samples, cfg.val_fraction, cfg.seed);
@@ -254,7 +263,9 @@ fn label_counts(samples: &[Sample], head: &str, kind: HeadKind) -> Option<Vec<us
 }
 
 fn targets(t: &[Vec<Option<f32>>], device: &Device) -> Vec<HeadTargets> {
-    t.iter().map(|v| HeadTargets::from_options(v, device)).collect()
+    t.iter()
+        .map(|v| HeadTargets::from_options(v, device))
+        .collect()
 }
 
 /// Runs the model over `samples`; returns predictions (in order) and the mean validation loss.
@@ -268,9 +279,13 @@ pub fn predict_samples(
 ) -> Result<(Vec<Prediction>, Option<f64>)> {
     let kinds = model.head_kinds();
     let s = spec.preprocess.image_size;
-    let rx = spec
-        .clone()
-        .spawn(samples.clone(), (0..samples.len()).collect(), batch_size, 2, 0);
+    let rx = spec.clone().spawn(
+        samples.clone(),
+        (0..samples.len()).collect(),
+        batch_size,
+        2,
+        0,
+    );
     let mut preds = Vec::with_capacity(samples.len());
     let (mut loss_sum, mut n_loss) = (0.0, 0usize);
     for batch in rx {
@@ -292,7 +307,11 @@ pub fn predict_samples(
 }
 
 /// Validation metrics of predictions against the samples' labels.
-pub fn validation_metrics(specs: &[retina_model::HeadSpec], samples: &[Sample], preds: &[Prediction]) -> BTreeMap<String, f64> {
+pub fn validation_metrics(
+    specs: &[retina_model::HeadSpec],
+    samples: &[Sample],
+    preds: &[Prediction],
+) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
     for spec in specs {
         let pairs: Vec<(&Sample, &Prediction)> = samples
@@ -305,7 +324,10 @@ pub fn validation_metrics(specs: &[retina_model::HeadSpec], samples: &[Sample], 
         }
         match spec.kind {
             HeadKind::Multiclass(k) => {
-                let truth: Vec<usize> = pairs.iter().map(|(s, _)| s.labels[&spec.name] as usize).collect();
+                let truth: Vec<usize> = pairs
+                    .iter()
+                    .map(|(s, _)| s.labels[&spec.name] as usize)
+                    .collect();
                 let pred: Vec<usize> = pairs
                     .iter()
                     .map(|(_, p)| match &p.heads[&spec.name] {
@@ -313,14 +335,22 @@ pub fn validation_metrics(specs: &[retina_model::HeadSpec], samples: &[Sample], 
                         _ => 0,
                     })
                     .collect();
-                let acc = truth.iter().zip(&pred).filter(|(a, b)| a == b).count() as f64 / truth.len() as f64;
-                let prefix = if spec.name == retina_model::DIAGNOSIS { String::new() } else { format!("{}_", spec.name) };
+                let acc = truth.iter().zip(&pred).filter(|(a, b)| a == b).count() as f64
+                    / truth.len() as f64;
+                let prefix = if spec.name == retina_model::DIAGNOSIS {
+                    String::new()
+                } else {
+                    format!("{}_", spec.name)
+                };
                 m.insert(format!("{prefix}accuracy"), acc);
                 if let Some(k) = metrics::quadratic_kappa(&truth, &pred, k) {
                     m.insert(format!("{prefix}kappa"), k);
                 }
                 if spec.name == retina_model::DIAGNOSIS {
-                    let scores: Vec<f32> = pairs.iter().map(|(_, p)| p.referable_probability().unwrap_or(0.0)).collect();
+                    let scores: Vec<f32> = pairs
+                        .iter()
+                        .map(|(_, p)| p.referable_probability().unwrap_or(0.0))
+                        .collect();
                     let pos: Vec<bool> = truth.iter().map(|g| *g >= 2).collect();
                     if let Some(a) = metrics::roc_auc(&scores, &pos) {
                         m.insert("referable_auc".into(), a);
@@ -328,8 +358,14 @@ pub fn validation_metrics(specs: &[retina_model::HeadSpec], samples: &[Sample], 
                 }
             }
             HeadKind::Binary => {
-                let scores: Vec<f32> = pairs.iter().map(|(_, p)| p.decision_probability(&spec.name).unwrap_or(0.0)).collect();
-                let pos: Vec<bool> = pairs.iter().map(|(s, _)| s.labels[&spec.name] > 0.5).collect();
+                let scores: Vec<f32> = pairs
+                    .iter()
+                    .map(|(_, p)| p.decision_probability(&spec.name).unwrap_or(0.0))
+                    .collect();
+                let pos: Vec<bool> = pairs
+                    .iter()
+                    .map(|(s, _)| s.labels[&spec.name] > 0.5)
+                    .collect();
                 if let Some(a) = metrics::roc_auc(&scores, &pos) {
                     m.insert(format!("{}_auc", spec.name), a);
                 }
@@ -373,11 +409,17 @@ fn write_checkpoint(
         .clone()
         .save_file(partial.join("model.bpk"))
         .map_err(|e| anyhow!("cannot save the checkpoint weights: {e:?}"))?;
-    write_file_atomic(&partial.join("model.json"), serde_json::to_string_pretty(meta)?.as_bytes())?;
+    write_file_atomic(
+        &partial.join("model.json"),
+        serde_json::to_string_pretty(meta)?.as_bytes(),
+    )?;
     optim
         .save(partial.join("optimizer.bpk"))
         .map_err(|e| anyhow!("cannot save the optimizer state: {e:?}"))?;
-    write_file_atomic(&partial.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+    write_file_atomic(
+        &partial.join("state.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
     // Swap: the old checkpoint stays until the new one is complete.
     let old = out.join(format!(".{CHECKPOINT}.old"));
     let _ = std::fs::remove_dir_all(&old);
@@ -398,7 +440,8 @@ fn read_logs(path: &Path) -> Result<Vec<EpochLog>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| anyhow!("{}:{}:{}: {e}", path.display(), i + 1, e.column()))
+            serde_json::from_str(l)
+                .map_err(|e| anyhow!("{}:{}:{}: {e}", path.display(), i + 1, e.column()))
         })
         .collect()
 }
@@ -414,9 +457,8 @@ fn write_logs(path: &Path, logs: &[EpochLog]) -> Result<()> {
 
 /// Continues the run in `dir` from its last checkpoint; `epochs` may extend it.
 pub fn resume(dir: &Path, epochs: Option<usize>) -> Result<FitSummary> {
-    let text = std::fs::read_to_string(dir.join(REQUEST)).with_context(|| {
-        format!("{} is not a run directory (no {REQUEST})", dir.display())
-    })?;
+    let text = std::fs::read_to_string(dir.join(REQUEST))
+        .with_context(|| format!("{} is not a run directory (no {REQUEST})", dir.display()))?;
     let mut req: FitRequest = serde_json::from_str(&text)?;
     if let Some(e) = epochs {
         req.config.epochs = e;
@@ -444,7 +486,10 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
     let model_config: RetinaConfig = cfg.model_config()?;
     std::fs::create_dir_all(&req.out)
         .with_context(|| format!("cannot create {}", req.out.display()))?;
-    write_file_atomic(&req.out.join(REQUEST), serde_json::to_string_pretty(&req)?.as_bytes())?;
+    write_file_atomic(
+        &req.out.join(REQUEST),
+        serde_json::to_string_pretty(&req)?.as_bytes(),
+    )?;
 
     let choice: BackendChoice = req.backend.parse().map_err(|e: String| anyhow!(e))?;
     let backend = choice.select()?;
@@ -465,7 +510,8 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
             .and_then(|spec| label_counts(&train, h, spec.kind))
     };
     let loss = cfg.loss.init(&model_config.heads, &counts)?;
-    let train_grades = label_counts(&train, retina_model::DIAGNOSIS, HeadKind::Multiclass(5)).unwrap_or_default();
+    let train_grades =
+        label_counts(&train, retina_model::DIAGNOSIS, HeadKind::Multiclass(5)).unwrap_or_default();
     eprintln!(
         "data: {} training / {} validation images; training grades 0-4: {:?}; sampling {:?}",
         train.len(),
@@ -491,11 +537,15 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
     if resuming {
         let ck = req.out.join(CHECKPOINT);
         let st: CheckpointState = serde_json::from_str(
-            &std::fs::read_to_string(ck.join("state.json")).context("reading the checkpoint state")?,
+            &std::fs::read_to_string(ck.join("state.json"))
+                .context("reading the checkpoint state")?,
         )?;
-        model = model
-            .try_load_file(ck.join("model.bpk"))
-            .map_err(|e| anyhow!("cannot load the checkpoint weights {}: {e:?}", ck.join("model.bpk").display()))?;
+        model = model.try_load_file(ck.join("model.bpk")).map_err(|e| {
+            anyhow!(
+                "cannot load the checkpoint weights {}: {e:?}",
+                ck.join("model.bpk").display()
+            )
+        })?;
         optim = optim
             .load(ck.join("optimizer.bpk"))
             .map_err(|e| anyhow!("cannot load the optimizer state: {e:?}"))?;
@@ -556,7 +606,8 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         let mut step_time = 0.0f64;
         let mut lr = 0.0;
         for (b, batch) in rx.into_iter().enumerate() {
-            let batch = batch.with_context(|| format!("loading training batch {} of epoch {epoch}", b + 1))?;
+            let batch = batch
+                .with_context(|| format!("loading training batch {} of epoch {epoch}", b + 1))?;
             bad_images += batch.bad.len();
             for e in &batch.bad {
                 eprintln!("skipped: {e}");
@@ -610,7 +661,14 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
 
         // Validation on the inference snapshot (batch norm in eval mode, no autodiff).
         let valid = model.valid();
-        let (preds, val_loss) = predict_samples(&valid, Some(&loss), &val_spec, &val, cfg.batch_size, &device)?;
+        let (preds, val_loss) = predict_samples(
+            &valid,
+            Some(&loss),
+            &val_spec,
+            &val,
+            cfg.batch_size,
+            &device,
+        )?;
         let mut val_metrics = validation_metrics(&model_config.heads, &val, &preds);
         if let Some(v) = val_loss {
             val_metrics.insert("val_loss".into(), v);
@@ -618,14 +676,21 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         let log = EpochLog {
             epoch,
             train_loss: sum_total / n,
-            train_head_loss: head_names.iter().cloned().zip(sum_heads.iter().map(|v| v / n)).collect(),
+            train_head_loss: head_names
+                .iter()
+                .cloned()
+                .zip(sum_heads.iter().map(|v| v / n))
+                .collect(),
             train_l2: sum_l2 / n,
             val: val_metrics.clone(),
             learning_rate: lr,
             train_img_per_s: n_seen as f64 / step_time.max(1e-9),
             seconds: t_epoch.elapsed().as_secs_f64(),
         };
-        let shown: Vec<String> = val_metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        let shown: Vec<String> = val_metrics
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect();
         eprintln!(
             "epoch {epoch}/{}: loss {:.4} (l2 {:.4}), {:.1} img/s, {:.0} s | val: {}",
             cfg.epochs,
@@ -645,7 +710,11 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
             .or_else(|| val_metrics.get("val_loss").copied());
         let better = match (current, state.best_metric) {
             (Some(c), Some(b)) => {
-                if minimised(&cfg.select_metric) { c < b } else { c > b }
+                if minimised(&cfg.select_metric) {
+                    c < b
+                } else {
+                    c > b
+                }
             }
             (Some(_), None) => true,
             (None, _) => state.best_epoch == 0,
@@ -653,7 +722,9 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         metadata.provenance = retina_model::Provenance {
             dataset: Some(match &req.data {
                 DataSource::Labels { path, format, .. } => format!("{} ({format})", path.display()),
-                DataSource::Synthetic { n, size } => format!("{n} synthetic images at {size} px (seed {})", cfg.seed),
+                DataSource::Synthetic { n, size } => {
+                    format!("{n} synthetic images at {size} px (seed {})", cfg.seed)
+                }
             }),
             dataset_hash: Some(hash.clone()),
             epochs: Some(epoch),
@@ -697,6 +768,9 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         seconds: started.elapsed().as_secs_f64(),
         dataset_hash: hash,
     };
-    write_file_atomic(&req.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    write_file_atomic(
+        &req.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     Ok(summary)
 }

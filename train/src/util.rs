@@ -26,7 +26,10 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn parse_grade_mix(s: &str) -> Result<[f32; 5], String> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     if parts.len() != 5 {
-        return Err(format!("expected five comma-separated weights for grades 0-4, found {}", parts.len()));
+        return Err(format!(
+            "expected five comma-separated weights for grades 0-4, found {}",
+            parts.len()
+        ));
     }
     let mut out = [0f32; 5];
     for (i, p) in parts.iter().enumerate() {

@@ -25,17 +25,32 @@ fn a_threshold_for_sensitivity_095_really_gives_it() {
         let c = BinaryCounts::at(&scores, &truth, t);
         assert!(c.sensitivity().unwrap() >= target, "target {target}: {c:?}");
         // The highest such threshold: one step up would miss the target.
-        let above = scores.iter().cloned().filter(|s| *s > t).fold(f32::INFINITY, f32::min);
+        let above = scores
+            .iter()
+            .cloned()
+            .filter(|s| *s > t)
+            .fold(f32::INFINITY, f32::min);
         if above.is_finite() {
-            assert!(BinaryCounts::at(&scores, &truth, above).sensitivity().unwrap() < target);
+            assert!(
+                BinaryCounts::at(&scores, &truth, above)
+                    .sensitivity()
+                    .unwrap()
+                    < target
+            );
         }
     }
     let t = choose_threshold(&scores, &truth, Target::Specificity(0.98)).unwrap();
     assert!(BinaryCounts::at(&scores, &truth, t).specificity().unwrap() >= 0.98);
     assert!(choose_threshold(&scores, &truth, Target::Youden).is_some());
-    assert_eq!(choose_threshold(&[0.1, 0.2], &[true, true], Target::Youden), None);
+    assert_eq!(
+        choose_threshold(&[0.1, 0.2], &[true, true], Target::Youden),
+        None
+    );
     assert!("sensitivity=1.5".parse::<Target>().is_err());
-    assert_eq!("specificity=0.98".parse::<Target>().unwrap(), Target::Specificity(0.98));
+    assert_eq!(
+        "specificity=0.98".parse::<Target>().unwrap(),
+        Target::Specificity(0.98)
+    );
 }
 
 fn setup(dir: &Path, heads: Option<Vec<HeadSpec>>) -> (PathBuf, PathBuf) {
@@ -58,7 +73,9 @@ fn setup(dir: &Path, heads: Option<Vec<HeadSpec>>) -> (PathBuf, PathBuf) {
     }
     let net = config.init(&Device::flex()).unwrap();
     let model = dir.join("model");
-    ModelBundle::new(net, BundleMetadata::new(config)).save(&model).unwrap();
+    ModelBundle::new(net, BundleMetadata::new(config))
+        .save(&model)
+        .unwrap();
     (model, synth::label_path(&labels_dir, DatasetFormat::Native))
 }
 
@@ -67,7 +84,16 @@ fn eval_writes_stable_keys_report_and_figures_and_calibrate_adds_a_point() {
     let dir = tempfile::tempdir().unwrap();
     let (model, labels) = setup(dir.path(), None);
     let out = dir.path().join("report");
-    let m = eval::evaluate(&model, &labels, DatasetFormat::Native, None, &out, None, BackendChoice::Cpu).unwrap();
+    let m = eval::evaluate(
+        &model,
+        &labels,
+        DatasetFormat::Native,
+        None,
+        &out,
+        None,
+        BackendChoice::Cpu,
+    )
+    .unwrap();
     for key in [
         "diagnosis.quadratic_kappa",
         "diagnosis.referable_auc",
@@ -83,12 +109,20 @@ fn eval_writes_stable_keys_report_and_figures_and_calibrate_adds_a_point() {
         assert!(v.is_number(), "{key} missing or not a number in {m}");
     }
     // Missing labels are left out and counted.
-    assert_eq!(m["fluid"]["n"].as_u64().unwrap() + m["fluid"]["missing"].as_u64().unwrap(), 16);
+    assert_eq!(
+        m["fluid"]["n"].as_u64().unwrap() + m["fluid"]["missing"].as_u64().unwrap(),
+        16
+    );
     assert!(m["fluid"]["missing"].as_u64().unwrap() > 0);
     let ci = m["diagnosis"]["referable_auc_ci95"].as_array().unwrap();
     let auc = m["diagnosis"]["referable_auc"].as_f64().unwrap();
     assert!(ci[0].as_f64().unwrap() <= auc && auc <= ci[1].as_f64().unwrap());
-    for f in ["metrics.json", "report.md", "roc.png", "confusion_diagnosis.png"] {
+    for f in [
+        "metrics.json",
+        "report.md",
+        "roc.png",
+        "confusion_diagnosis.png",
+    ] {
         assert!(out.join(f).is_file(), "{f}");
     }
     let png = image::open(out.join("roc.png")).unwrap();
@@ -97,11 +131,29 @@ fn eval_writes_stable_keys_report_and_figures_and_calibrate_adds_a_point() {
     assert!(report.contains("operating point: `default`"), "{report}");
 
     // Calibrate a screening point, then evaluate at it.
-    let (name, point, _) = eval::calibrate(&model, &labels, DatasetFormat::Native, None, Target::Sensitivity(0.95), None, BackendChoice::Cpu).unwrap();
+    let (name, point, _) = eval::calibrate(
+        &model,
+        &labels,
+        DatasetFormat::Native,
+        None,
+        Target::Sensitivity(0.95),
+        None,
+        BackendChoice::Cpu,
+    )
+    .unwrap();
     assert_eq!(name, "screening");
     let meta = BundleMetadata::load(&model).unwrap();
     assert_eq!(meta.operating_points["screening"], point);
-    let m = eval::evaluate(&model, &labels, DatasetFormat::Native, None, &out, Some("screening"), BackendChoice::Cpu).unwrap();
+    let m = eval::evaluate(
+        &model,
+        &labels,
+        DatasetFormat::Native,
+        None,
+        &out,
+        Some("screening"),
+        BackendChoice::Cpu,
+    )
+    .unwrap();
     assert_eq!(m["operating_point"]["name"], "screening");
     assert!(m["diagnosis"]["referable_sensitivity"].as_f64().unwrap() >= 0.95);
 }
@@ -109,10 +161,27 @@ fn eval_writes_stable_keys_report_and_figures_and_calibrate_adds_a_point() {
 #[test]
 fn eval_refuses_labels_for_heads_the_model_lacks() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, labels) = setup(dir.path(), Some(vec![HeadSpec::new("diagnosis".into(), HeadKind::Multiclass(5))]));
+    let (model, labels) = setup(
+        dir.path(),
+        Some(vec![HeadSpec::new(
+            "diagnosis".into(),
+            HeadKind::Multiclass(5),
+        )]),
+    );
     let out = dir.path().join("report");
-    let e = eval::evaluate(&model, &labels, DatasetFormat::Native, None, &out, None, BackendChoice::Cpu)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("labels the head `fluid`") && e.contains("does not have"), "{e}");
+    let e = eval::evaluate(
+        &model,
+        &labels,
+        DatasetFormat::Native,
+        None,
+        &out,
+        None,
+        BackendChoice::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("labels the head `fluid`") && e.contains("does not have"),
+        "{e}"
+    );
 }

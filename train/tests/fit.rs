@@ -68,7 +68,10 @@ fn small_preset_learns_referable_dr_on_generated_images() {
         logs.iter().map(|l| l.train_loss).collect::<Vec<_>>()
     );
     let auc = summary.best_val["referable_auc"];
-    assert!(auc > 0.7, "validation referable AUC {auc} should beat chance (0.5) by a margin");
+    assert!(
+        auc > 0.7,
+        "validation referable AUC {auc} should beat chance (0.5) by a margin"
+    );
     // Every head's loss and the L2 term are logged separately.
     assert_eq!(logs[0].train_head_loss.len(), 3);
     assert!(logs[0].train_l2 > 0.0);
@@ -84,7 +87,10 @@ fn a_config_file_with_a_typo_is_located() {
     let p = dir.path().join("train.toml");
     std::fs::write(&p, "preset = \"small\"\nepochs = 3\nlearnig_rate = 0.1\n").unwrap();
     let e = TrainConfig::load(&p).unwrap_err().to_string();
-    assert!(e.contains("train.toml:3:1") && e.contains("learnig_rate"), "{e}");
+    assert!(
+        e.contains("train.toml:3:1") && e.contains("learnig_rate"),
+        "{e}"
+    );
     std::fs::write(
         &p,
         "preset = \"small\"\naugment = false\n[loss]\nobjective = \"screening\"\n[[loss.heads]]\nhead = \"fluid\"\nweight = 0.5\nclass_weights = [1.0, 1000.0]\n",

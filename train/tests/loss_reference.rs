@@ -3,7 +3,9 @@
 
 use burn::prelude::*;
 use retina_model::{HeadKind, HeadSpec};
-use retina_train::loss::{ClassWeights, HeadLossConfig, HeadTargets, LossConfig, Objective, RetinaLoss};
+use retina_train::loss::{
+    ClassWeights, HeadLossConfig, HeadTargets, LossConfig, Objective, RetinaLoss,
+};
 
 const LOGITS: [[f32; 5]; 4] = [
     [2.0, -1.0, 0.5, 0.0, -0.5],
@@ -31,7 +33,9 @@ fn reference_loss() -> RetinaLoss {
         .with_heads(vec![
             HeadLossConfig::new("diagnosis".into())
                 .with_class_weights(ClassWeights::Manual(vec![1.0, 2.0, 2.0, 4.0, 4.0])),
-            HeadLossConfig::new("fluid".into()).with_weight(0.5).with_pos_weight(Some(5.0)),
+            HeadLossConfig::new("fluid".into())
+                .with_weight(0.5)
+                .with_pos_weight(Some(5.0)),
             HeadLossConfig::new("vessel_growth".into()).with_weight(0.5),
         ])
         .init(&specs(), &|_| None)
@@ -63,8 +67,12 @@ fn run(fluid: &[Option<f32>]) -> Run {
     let device = Device::flex().autodiff();
     let loss = reference_loss();
     let z = Tensor::<2>::from_data(LOGITS, &device).require_grad();
-    let fx = Tensor::<2>::from_data([FLUID_LOGITS], &device).transpose().require_grad();
-    let vp = Tensor::<2>::from_data([VESSEL_PRED], &device).transpose().require_grad();
+    let fx = Tensor::<2>::from_data([FLUID_LOGITS], &device)
+        .transpose()
+        .require_grad();
+    let vp = Tensor::<2>::from_data([VESSEL_PRED], &device)
+        .transpose()
+        .require_grad();
     let targets = [
         HeadTargets::from_options(&LABELS.map(Some), &device),
         HeadTargets::from_options(fluid, &device),
@@ -99,20 +107,44 @@ fn matches_torch_on_the_reference_inputs() {
     close(
         &r.g_logits,
         &[
-            -0.029910098761320114, 0.0030369614250957966, 0.013610715977847576, 0.008255316875874996,
-            0.005007103085517883, 0.05895286053419113, 0.06515298038721085, 0.07200518995523453,
-            0.07957803457975388, -0.275689035654068, 0.0024248689878731966, -0.17095068097114563,
-            0.13239336013793945, 0.006591477431356907, 0.029540952295064926, 0.07789048552513123,
-            0.028654305264353752, 0.0577026903629303, -0.1720566749572754, 0.0078092096373438835,
+            -0.029910098761320114,
+            0.0030369614250957966,
+            0.013610715977847576,
+            0.008255316875874996,
+            0.005007103085517883,
+            0.05895286053419113,
+            0.06515298038721085,
+            0.07200518995523453,
+            0.07957803457975388,
+            -0.275689035654068,
+            0.0024248689878731966,
+            -0.17095068097114563,
+            0.13239336013793945,
+            0.006591477431356907,
+            0.029540952295064926,
+            0.07789048552513123,
+            0.028654305264353752,
+            0.0577026903629303,
+            -0.1720566749572754,
+            0.0078092096373438835,
         ],
         "grad wrt logits",
     );
     close(
         &r.g_fluid,
-        &[-0.1446719765663147, 0.03875318914651871, -0.3125, 0.11551772803068161],
+        &[
+            -0.1446719765663147,
+            0.03875318914651871,
+            -0.3125,
+            0.11551772803068161,
+        ],
         "grad wrt fluid logits",
     );
-    close(&r.g_vessel, &[-0.125, 0.125, -0.125, -0.125], "grad wrt vessel pred");
+    close(
+        &r.g_vessel,
+        &[-0.125, 0.125, -0.125, -0.125],
+        "grad wrt vessel pred",
+    );
 }
 
 #[test]
@@ -124,7 +156,12 @@ fn missing_fluid_label_is_masked_without_nan() {
     // 0.5 * torch's grad_bce_masked_wrt_fluid_logits, and exactly 0 for the missing sample.
     close(
         &r.g_fluid,
-        &[-0.38579195737838745 * 0.5, 0.10334184020757675 * 0.5, 0.0, 0.3080472946166992 * 0.5],
+        &[
+            -0.38579195737838745 * 0.5,
+            0.10334184020757675 * 0.5,
+            0.0,
+            0.3080472946166992 * 0.5,
+        ],
         "masked grad wrt fluid logits",
     );
     assert!(r.g_fluid.iter().all(|g| g.is_finite()));
@@ -135,7 +172,11 @@ fn a_head_with_no_labels_in_the_batch_contributes_zero() {
     let r = run(&[None, None, None, None]);
     assert_eq!(r.bce, 0.0);
     assert_eq!(r.g_fluid, vec![0.0; 4]);
-    close(&[r.total], &[r.ce + 0.5 * r.l1 + 1e-4 * L2_PARAMS_SUM_SQ], "total without fluid");
+    close(
+        &[r.total],
+        &[r.ce + 0.5 * r.l1 + 1e-4 * L2_PARAMS_SUM_SQ],
+        "total without fluid",
+    );
 }
 
 #[test]
@@ -152,32 +193,55 @@ fn screening_bias_weights_missed_positives_more() {
     let positive = HeadTargets::from_options(&[Some(1.0)], &device);
     let negative = HeadTargets::from_options(&[Some(0.0)], &device);
     let value = |l: &RetinaLoss, t: &HeadTargets| host(l.heads[1].forward(logit.clone(), t))[0];
-    let (s, c, b) = (make(Objective::Screening), make(Objective::Confirmation), make(Objective::Balanced));
+    let (s, c, b) = (
+        make(Objective::Screening),
+        make(Objective::Confirmation),
+        make(Objective::Balanced),
+    );
     // At p = 0.5 both errors cost ln 2 when balanced.
     assert!((value(&b, &positive) - std::f32::consts::LN_2).abs() < 1e-6);
     assert!((value(&s, &positive) / value(&s, &negative) - 10.0).abs() < 1e-4);
     assert!((value(&c, &negative) / value(&c, &positive) - 10.0).abs() < 1e-4);
     // The referable classes of the diagnosis head are tilted the same way.
-    assert_eq!(s.heads[0].class_weights.as_deref(), Some(&[1.0, 1.0, 10.0, 10.0, 10.0][..]));
-    assert_eq!(c.heads[0].class_weights.as_deref(), Some(&[10.0, 10.0, 1.0, 1.0, 1.0][..]));
+    assert_eq!(
+        s.heads[0].class_weights.as_deref(),
+        Some(&[1.0, 1.0, 10.0, 10.0, 10.0][..])
+    );
+    assert_eq!(
+        c.heads[0].class_weights.as_deref(),
+        Some(&[10.0, 10.0, 1.0, 1.0, 1.0][..])
+    );
 }
 
 #[test]
 fn class_weights_by_hand_and_from_frequencies() {
     let manual = LossConfig::new()
-        .with_heads(vec![HeadLossConfig::new("fluid".into()).with_class_weights(ClassWeights::Manual(vec![1.0, 1000.0]))])
+        .with_heads(vec![
+            HeadLossConfig::new("fluid".into())
+                .with_class_weights(ClassWeights::Manual(vec![1.0, 1000.0])),
+        ])
         .init(&specs(), &|_| None)
         .unwrap();
     assert_eq!(manual.heads[1].binary_weights, [1.0, 1000.0]);
     let auto = LossConfig::new()
-        .with_heads(vec![HeadLossConfig::new("diagnosis".into()).with_class_weights(ClassWeights::Named("auto".into()))])
-        .init(&specs(), &|h| (h == "diagnosis").then(|| vec![730, 70, 150, 25, 25]))
+        .with_heads(vec![
+            HeadLossConfig::new("diagnosis".into())
+                .with_class_weights(ClassWeights::Named("auto".into())),
+        ])
+        .init(&specs(), &|h| {
+            (h == "diagnosis").then(|| vec![730, 70, 150, 25, 25])
+        })
         .unwrap();
     let w = auto.heads[0].class_weights.clone().unwrap();
-    assert!((w[0] - 1000.0 / (5.0 * 730.0)).abs() < 1e-6 && (w[3] - 8.0).abs() < 1e-6, "{w:?}");
+    assert!(
+        (w[0] - 1000.0 / (5.0 * 730.0)).abs() < 1e-6 && (w[3] - 8.0).abs() < 1e-6,
+        "{w:?}"
+    );
     // Mistakes are reported, not panicked on.
     let e = LossConfig::new()
-        .with_heads(vec![HeadLossConfig::new("fluid".into()).with_class_weights(ClassWeights::Manual(vec![1.0]))])
+        .with_heads(vec![
+            HeadLossConfig::new("fluid".into()).with_class_weights(ClassWeights::Manual(vec![1.0])),
+        ])
         .init(&specs(), &|_| None)
         .unwrap_err();
     assert!(e.to_string().contains("2 positive class weights"), "{e}");

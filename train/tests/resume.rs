@@ -2,7 +2,6 @@
 //! (where burn materialises restored optimizer state) before any other thread exists, exactly as
 //! the `retina-train` binary does at start-up.
 
-
 use retina_train::config::TrainConfig;
 use retina_train::dataset::DatasetFormat;
 use retina_train::synth::{self, SynthOptions};
@@ -49,7 +48,6 @@ fn logs(dir: &Path) -> Vec<EpochLog> {
         .collect()
 }
 
-
 #[test]
 fn resume_and_stop_on_nan() {
     // SAFETY: the only test in this binary; nothing else reads the environment concurrently.
@@ -85,10 +83,17 @@ fn resume_matches_an_uninterrupted_run() {
     // uninterrupted one (a lost Adam state would show as a different trajectory).
     for (x, y) in a.iter().zip(&b) {
         let rel = (x.train_loss - y.train_loss).abs() / x.train_loss;
-        assert!(rel < 1e-3, "epoch {}: {} vs {}", x.epoch, x.train_loss, y.train_loss);
+        assert!(
+            rel < 1e-3,
+            "epoch {}: {} vs {}",
+            x.epoch,
+            x.train_loss,
+            y.train_loss
+        );
     }
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/state.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/state.json")).unwrap())
+            .unwrap();
     assert_eq!(state["epoch"], 3);
 }
 
@@ -100,16 +105,26 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let good = std::fs::read(out.join("checkpoint/model.bpk")).unwrap();
     // Continue with an absurd learning rate: the weights blow up and the loss becomes NaN.
     let run_json = out.join("run.json");
-    let mut req: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&run_json).unwrap()).unwrap();
+    let mut req: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&run_json).unwrap()).unwrap();
     req["config"]["learning_rate"] = serde_json::json!(1e30);
     std::fs::write(&run_json, req.to_string()).unwrap();
     let err = trainer::resume(&out, Some(4)).unwrap_err().to_string();
     assert!(err.contains("non-finite"), "{err}");
     assert!(err.contains("last good checkpoint (epoch 1)"), "{err}");
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/state.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/state.json")).unwrap())
+            .unwrap();
     assert_eq!(state["epoch"], 1);
-    assert_eq!(std::fs::read(out.join("checkpoint/model.bpk")).unwrap(), good, "checkpoint untouched");
+    assert_eq!(
+        std::fs::read(out.join("checkpoint/model.bpk")).unwrap(),
+        good,
+        "checkpoint untouched"
+    );
     // The exported model still loads.
-    retina_model::ModelBundle::load(&out.join("model"), &retina_model::burn::prelude::Device::flex()).unwrap();
+    retina_model::ModelBundle::load(
+        &out.join("model"),
+        &retina_model::burn::prelude::Device::flex(),
+    )
+    .unwrap();
 }

@@ -45,7 +45,11 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn same_seed_same_bytes_different_seed_different_images() {
-    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
     synth::generate(&opts(a.path(), 6, 11, DatasetFormat::Native)).unwrap();
     synth::generate(&opts(b.path(), 6, 11, DatasetFormat::Native)).unwrap();
     synth::generate(&opts(c.path(), 6, 12, DatasetFormat::Native)).unwrap();
@@ -53,7 +57,10 @@ fn same_seed_same_bytes_different_seed_different_images() {
     assert_eq!(fa.len(), 7, "six images and the label file");
     assert_eq!(fa, fb);
     let differing = fa.iter().filter(|(k, v)| fc.get(*k) != Some(v)).count();
-    assert!(differing >= 6, "another seed must give other images ({differing} differ)");
+    assert!(
+        differing >= 6,
+        "another seed must give other images ({differing} differ)"
+    );
 }
 
 #[test]
@@ -122,7 +129,9 @@ fn red_lesions_grow_with_grade() {
     let mean: Vec<f32> = (0..5)
         .map(|g| {
             (0..per_grade)
-                .map(|i| red_lesion_pixels(&scene_for(100 + g as u64, i, 160, &one_grade(g))) as f32)
+                .map(|i| {
+                    red_lesion_pixels(&scene_for(100 + g as u64, i, 160, &one_grade(g))) as f32
+                })
                 .sum::<f32>()
                 / per_grade as f32
         })
@@ -140,9 +149,15 @@ fn exudates_near_the_fovea_appear_exactly_with_fluid() {
         let s = scene_for(7, i, 160, &one_grade(2));
         let n = exudate_pixels_near_fovea(&s);
         if s.truth.fluid {
-            assert!(n > 10, "image {i}: fluid but only {n} exudate pixels near the fovea");
+            assert!(
+                n > 10,
+                "image {i}: fluid but only {n} exudate pixels near the fovea"
+            );
         } else {
-            assert_eq!(n, 0, "image {i}: no fluid but {n} exudate pixels near the fovea");
+            assert_eq!(
+                n, 0,
+                "image {i}: no fluid but {n} exudate pixels near the fovea"
+            );
         }
         seen[s.truth.fluid as usize] += 1;
     }
@@ -165,7 +180,12 @@ fn new_vessels_grow_with_vessel_growth() {
 
 #[test]
 fn every_format_parses_back_with_the_same_labels() {
-    for format in [DatasetFormat::Native, DatasetFormat::Aptos, DatasetFormat::Eyepacs, DatasetFormat::Idrid] {
+    for format in [
+        DatasetFormat::Native,
+        DatasetFormat::Aptos,
+        DatasetFormat::Eyepacs,
+        DatasetFormat::Idrid,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let mut o = opts(dir.path(), 10, 3, format);
         o.missing = 0.3;
@@ -181,7 +201,10 @@ fn every_format_parses_back_with_the_same_labels() {
             match format {
                 DatasetFormat::Native => {
                     assert_eq!(fluid, w.fluid);
-                    assert_eq!(vg.map(|v| (v * 1e4).round()), w.vessel_growth.map(|v| (v * 1e4).round()));
+                    assert_eq!(
+                        vg.map(|v| (v * 1e4).round()),
+                        w.vessel_growth.map(|v| (v * 1e4).round())
+                    );
                 }
                 DatasetFormat::Idrid => assert_eq!(fluid, w.fluid),
                 _ => assert_eq!((fluid, vg), (None, None), "{format} carries only the grade"),
@@ -193,7 +216,10 @@ fn every_format_parses_back_with_the_same_labels() {
                 .unwrap();
         }
         if format == DatasetFormat::Eyepacs {
-            assert_eq!(file.samples[0].patient, file.samples[1].patient, "both eyes of a patient");
+            assert_eq!(
+                file.samples[0].patient, file.samples[1].patient,
+                "both eyes of a patient"
+            );
             assert_ne!(file.samples[1].patient, file.samples[2].patient);
         }
     }
@@ -207,9 +233,16 @@ fn missing_fraction_blanks_auxiliary_labels_only() {
     let w = synth::generate(&o).unwrap();
     let blank_fluid = w.iter().filter(|l| l.fluid.is_none()).count();
     let blank_vg = w.iter().filter(|l| l.vessel_growth.is_none()).count();
-    assert!((8..=32).contains(&blank_fluid) && (8..=32).contains(&blank_vg), "{blank_fluid} {blank_vg}");
+    assert!(
+        (8..=32).contains(&blank_fluid) && (8..=32).contains(&blank_vg),
+        "{blank_fluid} {blank_vg}"
+    );
     let csv = std::fs::read_to_string(dir.path().join("labels.csv")).unwrap();
-    assert!(csv.lines().skip(1).all(|l| l.split(',').nth(1).is_some_and(|g| !g.is_empty())));
+    assert!(
+        csv.lines()
+            .skip(1)
+            .all(|l| l.split(',').nth(1).is_some_and(|g| !g.is_empty()))
+    );
 }
 
 #[test]
@@ -217,11 +250,19 @@ fn bad_options_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = opts(dir.path(), 1, 0, DatasetFormat::Native);
     o.size = 8;
-    assert!(synth::generate(&o).unwrap_err().to_string().contains("--size"));
+    assert!(
+        synth::generate(&o)
+            .unwrap_err()
+            .to_string()
+            .contains("--size")
+    );
     let mut o = opts(dir.path(), 1, 0, DatasetFormat::Native);
     o.missing = 1.5;
     assert!(synth::generate(&o).is_err());
     assert!(retina_train::util::parse_grade_mix("1,2,3").is_err());
     assert!(retina_train::util::parse_grade_mix("1,0,0,0,-1").is_err());
-    assert_eq!(retina_train::util::parse_grade_mix("1,1,0,0,2").unwrap(), [1.0, 1.0, 0.0, 0.0, 2.0]);
+    assert_eq!(
+        retina_train::util::parse_grade_mix("1,1,0,0,2").unwrap(),
+        [1.0, 1.0, 0.0, 0.0, 2.0]
+    );
 }

@@ -371,7 +371,10 @@ fn read_csv(
             return Err(loc.err(
                 1,
                 1,
-                format!("the file is empty: expected a header with {:?}", required(format)),
+                format!(
+                    "the file is empty: expected a header with {:?}",
+                    required(format)
+                ),
             ));
         }
     };
@@ -382,13 +385,18 @@ fn read_csv(
             Some(c) => columns.push(c),
             None => {
                 let known: Vec<&str> = match format {
-                    DatasetFormat::Native => vec!["image", "diagnosis", "vessel_growth", "fluid", "patient"],
+                    DatasetFormat::Native => {
+                        vec!["image", "diagnosis", "vessel_growth", "fluid", "patient"]
+                    }
                     _ => required(format).to_vec(),
                 };
                 return Err(loc.err(
                     1,
                     i + 1,
-                    format!("unknown column `{}` for the {format} format: expected {known:?}", h.trim()),
+                    format!(
+                        "unknown column `{}` for the {format} format: expected {known:?}",
+                        h.trim()
+                    ),
                 ));
             }
         }
@@ -414,7 +422,8 @@ fn read_csv(
         if rec.iter().all(|f| f.trim().is_empty()) {
             continue;
         }
-        if rec.len() > columns.len() && rec.iter().skip(columns.len()).any(|f| !f.trim().is_empty()) {
+        if rec.len() > columns.len() && rec.iter().skip(columns.len()).any(|f| !f.trim().is_empty())
+        {
             return Err(loc.err(
                 line,
                 columns.len() + 1,
@@ -426,7 +435,13 @@ fn read_csv(
         let mut gradable = true;
         for (i, col) in columns.iter().enumerate() {
             let cell = rec.get(i).unwrap_or("").trim();
-            let at = |m: String| loc.err(line, i + 1, format!("column `{}`: {m}", header.get(i).unwrap_or("").trim()));
+            let at = |m: String| {
+                loc.err(
+                    line,
+                    i + 1,
+                    format!("column `{}`: {m}", header.get(i).unwrap_or("").trim()),
+                )
+            };
             match col {
                 Column::Image => {
                     if cell.is_empty() {

@@ -100,7 +100,12 @@ fn encode(img: &RgbImage, ext: &str) -> Vec<u8> {
     let mut bytes = Vec::new();
     match ext {
         "png" => image::codecs::png::PngEncoder::new(&mut bytes)
-            .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+            .write_image(
+                img.as_raw(),
+                img.width(),
+                img.height(),
+                image::ExtendedColorType::Rgb8,
+            )
             .expect("encoding to memory cannot fail"),
         _ => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 92)
             .encode_image(img)
@@ -120,9 +125,14 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<WrittenLabels>> {
         bail!("--size must be 32-4096 pixels (got {})", opts.size);
     }
     if !(0.0..=1.0).contains(&opts.missing) {
-        bail!("--missing must be a fraction in 0..1 (got {})", opts.missing);
+        bail!(
+            "--missing must be a fraction in 0..1 (got {})",
+            opts.missing
+        );
     }
-    if opts.grades.iter().any(|p| *p < 0.0 || !p.is_finite()) || opts.grades.iter().sum::<f32>() <= 0.0 {
+    if opts.grades.iter().any(|p| *p < 0.0 || !p.is_finite())
+        || opts.grades.iter().sum::<f32>() <= 0.0
+    {
         bail!("--grades needs five non-negative weights with a positive sum");
     }
     if matches!(opts.format, DatasetFormat::Messidor2 | DatasetFormat::Ddr) {
@@ -182,7 +192,10 @@ fn write_label_file(opts: &SynthOptions, labels: &[WrittenLabels]) -> Result<()>
         DatasetFormat::Native => {
             s.push_str("image,diagnosis,vessel_growth,fluid\n");
             for l in labels {
-                let vg = l.vessel_growth.map(|v| format!("{v:.4}")).unwrap_or_default();
+                let vg = l
+                    .vessel_growth
+                    .map(|v| format!("{v:.4}"))
+                    .unwrap_or_default();
                 let fl = l.fluid.map(|f| (f as u8).to_string()).unwrap_or_default();
                 s.push_str(&format!("{},{},{vg},{fl}\n", l.image, l.diagnosis));
             }

@@ -26,7 +26,12 @@ struct Canvas {
 impl Canvas {
     fn bbox(&self, c: Pt, r: f32) -> (usize, usize, usize, usize) {
         let clamp = |v: f32| v.max(0.0).min(self.w as f32 - 1.0) as usize;
-        (clamp(c.0 - r), clamp(c.0 + r + 1.0), clamp(c.1 - r), clamp(c.1 + r + 1.0))
+        (
+            clamp(c.0 - r),
+            clamp(c.0 + r + 1.0),
+            clamp(c.1 - r),
+            clamp(c.1 + r + 1.0),
+        )
     }
 
     /// Blends `colour` over a disc with an anti-aliased (or soft) edge.
@@ -167,7 +172,8 @@ pub fn render(scene: &Scene, layers: Layers) -> RgbImage {
                 scene.background[1] * k,
                 scene.background[2] * k,
             ];
-            let dod = ((p.0 - scene.optic_disc.0).powi(2) + (p.1 - scene.optic_disc.1).powi(2)).sqrt();
+            let dod =
+                ((p.0 - scene.optic_disc.0).powi(2) + (p.1 - scene.optic_disc.1).powi(2)).sqrt();
             let disc = ((od_r - dod) / 0.012 + 0.5).clamp(0.0, 1.0);
             if disc > 0.0 {
                 mix(&mut c, [248.0, 215.0, 150.0], disc * 0.9);
@@ -180,7 +186,13 @@ pub fn render(scene: &Scene, layers: Layers) -> RgbImage {
         }
     }
     // The foveal light reflex.
-    canvas.disc(scene.to_pixel(scene.fovea), 0.006 * px_per_unit, [230.0, 190.0, 150.0], 0.6, 1.0);
+    canvas.disc(
+        scene.to_pixel(scene.fovea),
+        0.006 * px_per_unit,
+        [230.0, 190.0, 150.0],
+        0.6,
+        1.0,
+    );
 
     // Vessels.
     let mut vessels = StrokeLayer::new(w);
@@ -193,10 +205,20 @@ pub fn render(scene: &Scene, layers: Layers) -> RgbImage {
             width *= 1.0 + s.beading * m.max(0.0);
         }
         let (a, b) = (scene.to_pixel(s.a), scene.to_pixel(s.b));
-        let colour = if s.kind == VesselKind::Artery { ARTERY } else { VEIN };
+        let colour = if s.kind == VesselKind::Artery {
+            ARTERY
+        } else {
+            VEIN
+        };
         vessels.stroke(a, b, width * px_per_unit, colour, 0.85);
         if s.kind == VesselKind::Artery && s.width > 0.012 {
-            reflex.stroke(a, b, 0.25 * width * px_per_unit, [235.0, 140.0, 110.0], 0.35);
+            reflex.stroke(
+                a,
+                b,
+                0.25 * width * px_per_unit,
+                [235.0, 140.0, 110.0],
+                0.35,
+            );
         }
     }
     vessels.composite(&mut canvas);
@@ -208,7 +230,9 @@ pub fn render(scene: &Scene, layers: Layers) -> RgbImage {
             let c = scene.to_pixel(l.at);
             let r = l.radius * px_per_unit;
             match l.kind {
-                LesionKind::Microaneurysm => canvas.disc(c, r.max(0.7), MICROANEURYSM, l.alpha, 1.0),
+                LesionKind::Microaneurysm => {
+                    canvas.disc(c, r.max(0.7), MICROANEURYSM, l.alpha, 1.0)
+                }
                 LesionKind::Haemorrhage => canvas.disc(c, r, HAEMORRHAGE, l.alpha, 1.5),
                 LesionKind::HardExudate => canvas.disc(c, r.max(0.7), EXUDATE, l.alpha, 1.0),
                 LesionKind::CottonWool => canvas.gauss(c, r * 0.6, COTTON_WOOL, l.alpha),
@@ -227,7 +251,10 @@ pub fn render(scene: &Scene, layers: Layers) -> RgbImage {
                 let n = 24;
                 for i in 0..n {
                     let t = i as f32 / n as f32 * std::f32::consts::TAU;
-                    let p = (scene.fovea.0 + radius * t.cos(), scene.fovea.1 + radius * 0.8 * t.sin());
+                    let p = (
+                        scene.fovea.0 + radius * t.cos(),
+                        scene.fovea.1 + radius * 0.8 * t.sin(),
+                    );
                     canvas.shade(scene.to_pixel(p), 0.05 * px_per_unit, -amount);
                 }
             }
@@ -274,7 +301,11 @@ fn camera(scene: &Scene, canvas: Canvas) -> RgbImage {
         // Draw the noise for every pixel so the field is the same whatever the content.
         let n: [f32; 3] = [gaussian(&mut rng), gaussian(&mut rng), gaussian(&mut rng)];
         for c in 0..3 {
-            let v = if field { src[c] + n[c] * cam.noise } else { src[c] + n[c].abs() };
+            let v = if field {
+                src[c] + n[c] * cam.noise
+            } else {
+                src[c] + n[c].abs()
+            };
             p[c] = v.round().clamp(0.0, 255.0) as u8;
         }
     }

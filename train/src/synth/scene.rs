@@ -242,7 +242,12 @@ impl Scene {
             .map(|_| {
                 let f = uniform(rng, 3.0, 9.0);
                 let t = uniform(rng, 0.0, PI);
-                (f * t.cos(), f * t.sin(), uniform(rng, 0.0, 2.0 * PI), uniform(rng, 0.01, 0.03))
+                (
+                    f * t.cos(),
+                    f * t.sin(),
+                    uniform(rng, 0.0, 2.0 * PI),
+                    uniform(rng, 0.01, 0.03),
+                )
             })
             .collect();
         let mut scene = Scene {
@@ -297,17 +302,34 @@ impl Scene {
         let nasal = temporal + PI;
         let beaded = self.truth.grade >= Grade::Severe;
         let mut walks = Vec::new();
-        for (up, side) in [(-1.0f32, temporal), (1.0, temporal), (-1.0, nasal), (1.0, nasal)] {
+        for (up, side) in [
+            (-1.0f32, temporal),
+            (1.0, temporal),
+            (-1.0, nasal),
+            (1.0, nasal),
+        ] {
             let is_temporal = side == temporal;
             // Leave the disc steeply up or down, then bend toward the arcade's course.
             let leave = side + up * (if is_temporal { 1.25 } else { 0.7 }) * side_sign(side);
             for kind in [VesselKind::Vein, VesselKind::Artery] {
-                let offset = if kind == VesselKind::Vein { 0.12 } else { -0.12 };
+                let offset = if kind == VesselKind::Vein {
+                    0.12
+                } else {
+                    -0.12
+                };
                 walks.push(Walk {
                     start: self.optic_disc,
                     heading: leave + offset * up + uniform(rng, -0.1, 0.1),
-                    width: if kind == VesselKind::Vein { 0.026 } else { 0.019 } * uniform(rng, 0.9, 1.1),
-                    length: if is_temporal { uniform(rng, 1.1, 1.4) } else { uniform(rng, 0.7, 0.9) },
+                    width: if kind == VesselKind::Vein {
+                        0.026
+                    } else {
+                        0.019
+                    } * uniform(rng, 0.9, 1.1),
+                    length: if is_temporal {
+                        uniform(rng, 1.1, 1.4)
+                    } else {
+                        uniform(rng, 0.7, 0.9)
+                    },
                     kind,
                     depth: 0,
                     target: Some(side + up * 0.35 * side_sign(side)),
@@ -406,7 +428,10 @@ impl Scene {
         if g == Grade::Severe {
             // The 4-2-1 rule's first criterion: many haemorrhages in all four quadrants.
             for q in 0..4 {
-                let (sx, sy) = (if q % 2 == 0 { 1.0 } else { -1.0 }, if q < 2 { 1.0 } else { -1.0 });
+                let (sx, sy) = (
+                    if q % 2 == 0 { 1.0 } else { -1.0 },
+                    if q < 2 { 1.0 } else { -1.0 },
+                );
                 for _ in 0..count(rng, 5, 9) {
                     let p = loop {
                         let p = self.random_site(rng, 0.85, 0.05);
@@ -483,7 +508,10 @@ impl Scene {
             let c = if at_disc {
                 let a = uniform(rng, 0.0, 2.0 * PI);
                 let r = self.optic_disc_radius * uniform(rng, 0.3, 1.0);
-                (self.optic_disc.0 + r * a.cos(), self.optic_disc.1 + r * a.sin())
+                (
+                    self.optic_disc.0 + r * a.cos(),
+                    self.optic_disc.1 + r * a.sin(),
+                )
             } else {
                 // Along the vessel tree, where NVE grows.
                 let s = self.vessels[rng.random_range(0..self.vessels.len())];
@@ -544,7 +572,10 @@ impl Scene {
     /// Pixel coordinates to fundus coordinates.
     pub fn to_fundus(&self, x: f32, y: f32) -> Pt {
         let (s, c) = self.rotation.sin_cos();
-        let (dx, dy) = ((x - self.centre.0) / self.radius, (y - self.centre.1) / self.radius);
+        let (dx, dy) = (
+            (x - self.centre.0) / self.radius,
+            (y - self.centre.1) / self.radius,
+        );
         (c * dx + s * dy, -s * dx + c * dy)
     }
 }
