@@ -301,7 +301,7 @@ impl RetinaConfig {
                 ));
             }
         }
-        if !(t.bn_epsilon > 0.0) || !(0.0..=1.0).contains(&t.bn_momentum) {
+        if t.bn_epsilon.is_nan() || t.bn_epsilon <= 0.0 || !(0.0..=1.0).contains(&t.bn_momentum) {
             return bad("batch norm needs epsilon > 0 and momentum in [0, 1]".into());
         }
         if self.heads.is_empty() {

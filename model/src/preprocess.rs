@@ -148,10 +148,13 @@ impl PreprocessConfig {
         if !(0.0..1.0).contains(&self.disc_threshold) {
             return Err("disc_threshold must be in [0, 1)".into());
         }
-        if !(self.graham_sigma > 0.0) || !(self.rim_fraction > 0.0 && self.rim_fraction <= 1.0) {
+        // Written so that NaN fails every check.
+        let in_range =
+            self.graham_sigma > 0.0 && self.rim_fraction > 0.0 && self.rim_fraction <= 1.0;
+        if !in_range {
             return Err("graham_sigma must be > 0 and rim_fraction in (0, 1]".into());
         }
-        if self.std.iter().any(|s| !(*s > 0.0)) {
+        if self.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
             return Err("std must be > 0 for every channel".into());
         }
         if self.max_dimension == 0 {
@@ -523,8 +526,7 @@ mod tests {
         let jpeg = encode(&img, image::ImageFormat::Jpeg);
         let e = c
             .prepare_bytes(&jpeg[..jpeg.len() / 3], "eye.jpg")
-            .err()
-            .expect("truncated");
+            .expect_err("truncated");
         assert!(matches!(e, PreprocessError::Corrupt { .. }), "{e}");
         assert!(e.to_string().contains("truncated"), "{e}");
         assert!(
@@ -534,8 +536,7 @@ mod tests {
         let png = encode(&img, image::ImageFormat::Png);
         let e = c
             .prepare_bytes(&png[..png.len() / 2], "eye.png")
-            .err()
-            .expect("truncated");
+            .expect_err("truncated");
         assert!(matches!(e, PreprocessError::Corrupt { .. }), "{e}");
 
         // A BMP header (no checksum to forge) that declares 40000 x 40000 pixels (1.6 gigapixels).

@@ -417,7 +417,7 @@ fn fit(a: FitArgs) -> Result<()> {
         "done in {:.0} s: best epoch {} ({} {:.4}); model bundle: {}",
         summary.seconds,
         summary.best_epoch,
-        "selection metric",
+        summary.select_metric,
         summary.best_metric,
         summary.out.join("model").display()
     );

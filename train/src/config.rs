@@ -135,7 +135,10 @@ impl TrainConfig {
         if self.epochs == 0 || self.batch_size == 0 {
             bail!("epochs and batch_size must be at least 1");
         }
-        if !(self.learning_rate > 0.0) || !(0.0..0.9).contains(&self.val_fraction) {
+        if self.learning_rate.is_nan()
+            || self.learning_rate <= 0.0
+            || !(0.0..0.9).contains(&self.val_fraction)
+        {
             bail!("learning_rate must be > 0 and val_fraction in [0, 0.9)");
         }
         self.model_config()?;

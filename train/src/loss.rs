@@ -324,7 +324,8 @@ impl LossConfig {
                 ));
             }
         }
-        if !(self.l2 >= 0.0) || !(self.bias_factor >= 1.0) {
+        if self.l2.is_nan() || self.l2 < 0.0 || self.bias_factor.is_nan() || self.bias_factor < 1.0
+        {
             return bad("l2 must be >= 0 and bias_factor >= 1".into());
         }
         let mut heads = Vec::new();
@@ -342,7 +343,7 @@ impl LossConfig {
                     spec.name, spec.kind
                 ));
             }
-            if !(cfg.weight >= 0.0) {
+            if cfg.weight.is_nan() || cfg.weight < 0.0 {
                 return bad(format!("head `{}`: weight must be >= 0", spec.name));
             }
             let smoothing = cfg.label_smoothing.unwrap_or(0.0);
@@ -375,7 +376,7 @@ impl LossConfig {
                     ));
                 }
                 ClassWeights::Manual(w) => {
-                    if w.len() != n_classes || w.iter().any(|x| !(*x > 0.0)) {
+                    if w.len() != n_classes || w.iter().any(|x| x.is_nan() || *x <= 0.0) {
                         return bad(format!(
                             "head `{}` needs {n_classes} positive class weights, got {w:?}",
                             spec.name

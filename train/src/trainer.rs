@@ -110,6 +110,8 @@ pub struct FitSummary {
     pub class_weights: BTreeMap<String, Vec<f32>>,
     /// Sampling used.
     pub sampling: String,
+    /// The validation metric that picked the exported epoch.
+    pub select_metric: String,
     /// The exported epoch and its validation metrics.
     pub best_epoch: usize,
     /// The selection metric's value there.
@@ -762,6 +764,7 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
             })
             .collect(),
         sampling: format!("{:?}", cfg.sampling).to_lowercase(),
+        select_metric: cfg.select_metric.clone(),
         best_epoch: state.best_epoch,
         best_metric: state.best_metric.unwrap_or(f64::NAN),
         best_val,

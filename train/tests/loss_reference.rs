@@ -1,5 +1,8 @@
 //! The loss against PyTorch's exact values (shared/peer/loss_reference.txt, float32 section),
 //! to 1e-5, values and gradients, including the masked (missing-label) fluid case.
+//!
+//! The expected values are torch's printout, copied digit for digit so they can be traced.
+#![allow(clippy::excessive_precision)]
 
 use burn::prelude::*;
 use retina_model::{HeadKind, HeadSpec};

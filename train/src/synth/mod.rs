@@ -87,7 +87,11 @@ fn file_name(format: DatasetFormat, index: usize, seed: u64) -> (String, &'stati
             format!(
                 "{}_{}",
                 10 + index / 2,
-                if index % 2 == 0 { "left" } else { "right" }
+                if index.is_multiple_of(2) {
+                    "left"
+                } else {
+                    "right"
+                }
             ),
             "jpeg",
         ),
