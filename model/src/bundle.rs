@@ -427,6 +427,13 @@ impl ModelBundle {
                 path: weights.clone(),
                 message: e.to_string(),
             })?;
+        // burn-store writes through an owner-only temporary file; a model is meant to be shared.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&weights, std::fs::Permissions::from_mode(0o644))
+                .map_err(io(&weights))?;
+        }
         self.metadata.weights_bytes = std::fs::metadata(&weights).map_err(io(&weights))?.len();
         self.metadata.format_version = BUNDLE_FORMAT_VERSION;
         write_atomic(&dir.join(METADATA_FILE), self.metadata.to_json().as_bytes())

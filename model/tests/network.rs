@@ -187,6 +187,15 @@ fn bundle_round_trip_gives_bit_identical_outputs() {
     let device = Device::flex();
     let loaded = ModelBundle::load(&path, &device).unwrap();
     assert_eq!(loaded.metadata.format_version, BUNDLE_FORMAT_VERSION);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path.join(WEIGHTS_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "a bundle is readable by others");
+    }
     assert_eq!(loaded.metadata.config, small(32));
     let x = input(3, 32, 7, &device);
     let a = net.forward(x.clone());
