@@ -307,7 +307,7 @@ fn pytorch_layout_export_has_the_reference_state_dict_keys_and_round_trips() {
     let file = dir.path().join("ref_torch.safetensors");
     net.export_torch(&config, &file).unwrap();
     let tensors = read_safetensors(&file);
-    // torch: 67 entries in state_dict() once the 5 num_batches_tracked counters are left out.
+    // torch: 67 entries in state_dict() once the 12 num_batches_tracked counters are left out.
     assert_eq!(tensors.len(), 67);
     let shape = |n: &str| {
         tensors
