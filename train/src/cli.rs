@@ -112,20 +112,28 @@ struct FitArgs {
     skip_bad_images: bool,
 }
 
+/// A labelled image set: label file, its format and the image folder.
 #[derive(clap::Args, Debug)]
-struct EvalArgs {
-    /// Model bundle directory.
-    #[arg(long)]
-    model: PathBuf,
-    /// Label file of the (test) set.
+struct LabelSet {
+    /// Label file.
     #[arg(long)]
     data: PathBuf,
-    /// Format of the label file.
+    /// Format of the label file: native, aptos, eyepacs, idrid, messidor2, ddr.
     #[arg(long, default_value = "native")]
     format: DatasetFormat,
     /// Image folder (default: the format's usual folder beside the label file).
     #[arg(long)]
     images: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// The (test) set.
+    #[command(flatten)]
+    set: LabelSet,
     /// Report folder.
     #[arg(long)]
     out: PathBuf,
@@ -142,15 +150,9 @@ struct CalibrateArgs {
     /// Model bundle directory (updated in place, atomically).
     #[arg(long)]
     model: PathBuf,
-    /// Label file of the validation set (never the test set).
-    #[arg(long)]
-    data: PathBuf,
-    /// Format of the label file.
-    #[arg(long, default_value = "native")]
-    format: DatasetFormat,
-    /// Image folder.
-    #[arg(long)]
-    images: Option<PathBuf>,
+    /// The validation set (never the test set).
+    #[command(flatten)]
+    set: LabelSet,
     /// sensitivity=0.95, specificity=0.98 or youden.
     #[arg(long)]
     target: crate::eval::Target,
@@ -235,9 +237,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => {
             let m = crate::eval::evaluate(
                 &a.model,
-                &a.data,
-                a.format,
-                a.images.as_deref(),
+                &a.set.data,
+                a.set.format,
+                a.set.images.as_deref(),
                 &a.out,
                 a.point.as_deref(),
                 a.backend,
@@ -249,9 +251,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Calibrate(a) => {
             let (name, _, report) = crate::eval::calibrate(
                 &a.model,
-                &a.data,
-                a.format,
-                a.images.as_deref(),
+                &a.set.data,
+                a.set.format,
+                a.set.images.as_deref(),
                 a.target,
                 a.name.as_deref(),
                 a.backend,

@@ -1,50 +1,10 @@
-//! Training end to end at library level: it learns, it resumes, it stops on NaN.
+//! Training end to end at library level: it learns, and a config file with a typo is located.
 
+mod common;
+
+use common::{data, logs, request};
 use retina_train::config::TrainConfig;
-use retina_train::dataset::DatasetFormat;
-use retina_train::synth::{self, SynthOptions};
-use retina_train::trainer::{self, DataSource, EpochLog, FitRequest};
-use std::path::Path;
-
-fn data(dir: &Path, count: usize, size: u32, seed: u64) -> std::path::PathBuf {
-    synth::generate(&SynthOptions {
-        out: dir.to_path_buf(),
-        count,
-        size,
-        seed,
-        // Enough referable eyes to learn from in a short run.
-        grades: [0.4, 0.1, 0.3, 0.1, 0.1],
-        missing: 0.2,
-        format: DatasetFormat::Native,
-        progress: false,
-    })
-    .unwrap();
-    synth::label_path(dir, DatasetFormat::Native)
-}
-
-fn request(labels: &Path, out: &Path, config: TrainConfig) -> FitRequest {
-    FitRequest {
-        data: DataSource::Labels {
-            path: labels.to_path_buf(),
-            format: DatasetFormat::Native,
-            images: None,
-            val: None,
-        },
-        out: out.to_path_buf(),
-        config,
-        backend: "cpu".into(),
-        skip_bad_images: false,
-        command: "test".into(),
-    }
-}
-
-fn logs(dir: &Path) -> Vec<EpochLog> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use retina_train::trainer;
 
 #[test]
 fn small_preset_learns_referable_dr_on_generated_images() {
