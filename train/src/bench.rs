@@ -92,6 +92,9 @@ pub fn reference_loss() -> LossConfig {
 
 /// Runs the benchmark.
 pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
+    if opts.batch_size == 0 || opts.steps == 0 {
+        anyhow::bail!("--batch-size and --steps must be at least 1");
+    }
     let backend = opts.backend.select()?;
     let device = backend.device.clone();
     device.seed(0);
