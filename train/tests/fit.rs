@@ -58,6 +58,16 @@ fn a_config_file_with_a_typo_is_located() {
     .unwrap();
     let c = TrainConfig::load(&p).unwrap();
     assert_eq!(c.augment, None);
+    // The README's head override parses and moves the head.
+    std::fs::write(
+        &p,
+        "[[heads]]\nname = \"diagnosis\"\nkind = { multiclass = 5 }\nattach = \"embedding\"\n\n[[heads]]\nname = \"vessel_growth\"\nkind = \"regression\"\nattach = \"stage3\"\nhidden = 32\n",
+    )
+    .unwrap();
+    let m = TrainConfig::load(&p).unwrap().model_config().unwrap();
+    assert_eq!(m.heads.len(), 2);
+    assert_eq!(m.heads[1].attach, retina_model::AttachPoint::Stage(3));
+    assert_eq!(m.heads[1].hidden, Some(32));
     assert_eq!(c.loss.heads[0].weight, 0.5);
     assert_eq!(c.epochs, TrainConfig::default().epochs);
 }
