@@ -71,3 +71,25 @@ fn a_config_file_with_a_typo_is_located() {
     assert_eq!(c.loss.heads[0].weight, 0.5);
     assert_eq!(c.epochs, TrainConfig::default().epochs);
 }
+
+#[test]
+fn the_readme_train_toml_parses() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("A `train.toml`:")
+        .expect("README shows a train.toml");
+    let block = &readme[start..];
+    let block = &block[block.find("```toml\n").unwrap() + 8..];
+    let block = &block[..block.find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("train.toml");
+    std::fs::write(&p, block).unwrap();
+    let c = TrainConfig::load(&p).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    assert_eq!(c.loss.objective, retina_train::loss::Objective::Screening);
+    assert_eq!(c.loss.heads.len(), 3);
+    assert_eq!(c.loss.heads[2].weight, 0.0);
+    c.validate().unwrap();
+    let specs = c.model_config().unwrap().heads;
+    c.loss.init(&specs, &|_| Some(vec![5, 1, 1, 1, 1])).unwrap();
+}
