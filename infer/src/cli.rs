@@ -172,23 +172,23 @@ fn write_human(
             probs.join(", ")
         )?;
         let rp = p.referable_probability().unwrap_or(0.0);
-        let t = point.thresholds.get("referable").copied().unwrap_or(0.5);
+        let t = point.threshold("referable");
         writeln!(
             out,
             "  referable DR   {}   p={rp:.2} (threshold {t:.2}, point {point_name})",
-            if rp >= t { "YES - refer" } else { "no" }
+            if p.decide("referable", point) == Some(true) {
+                "YES - refer"
+            } else {
+                "no"
+            }
         )?;
     }
     if let Some(HeadAnswer::Binary { probability }) = p.heads.get(retina_model::FLUID) {
-        let t = point
-            .thresholds
-            .get(retina_model::FLUID)
-            .copied()
-            .unwrap_or(0.5);
+        let t = point.threshold(retina_model::FLUID);
         writeln!(
             out,
             "  fluid (DME)    {}   p={probability:.2} (threshold {t:.2})",
-            if *probability >= t {
+            if p.decide(retina_model::FLUID, point) == Some(true) {
                 "present"
             } else {
                 "absent"

@@ -227,20 +227,19 @@ impl Engine {
         }) = p.heads.get(DIAGNOSIS)
         {
             let referable_p = p.referable_probability().unwrap_or(0.0);
-            let t = point.thresholds.get("referable").copied().unwrap_or(0.5);
+            let t = point.threshold("referable");
             v["diagnosis"] = json!({
                 "grade": class,
                 "name": Grade::from_index(*class).map(|g| g.name()).unwrap_or("?"),
                 "probabilities": probabilities,
-                "referable": referable_p >= t,
+                "referable": p.decide("referable", point) == Some(true),
                 "referable_probability": referable_p,
                 "referable_threshold": t,
             });
         }
         if let Some(HeadAnswer::Binary { probability }) = p.heads.get(FLUID) {
-            let t = point.thresholds.get(FLUID).copied().unwrap_or(0.5);
-            v["fluid"] =
-                json!({"probability": probability, "present": *probability >= t, "threshold": t});
+            let t = point.threshold(FLUID);
+            v["fluid"] = json!({"probability": probability, "present": p.decide(FLUID, point) == Some(true), "threshold": t});
         }
         if let Some(HeadAnswer::Regression { value }) = p.heads.get(VESSEL_GROWTH) {
             v["vessel_growth"] = json!({"amount": value.clamp(0.0, 1.0)});

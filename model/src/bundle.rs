@@ -30,6 +30,11 @@ pub struct OperatingPoint {
 }
 
 impl OperatingPoint {
+    /// The threshold of `decision` (`referable` or a binary head); 0.5 when the point has none.
+    pub fn threshold(&self, decision: &str) -> f32 {
+        self.thresholds.get(decision).copied().unwrap_or(0.5)
+    }
+
     /// Threshold 0.5 for each decision.
     pub fn default_for(decisions: &[String]) -> OperatingPoint {
         OperatingPoint {

@@ -108,8 +108,8 @@ impl Prediction {
     /// The yes/no answer of a decision at an operating point (threshold 0.5 if the point has
     /// none for it).
     pub fn decide(&self, decision: &str, point: &OperatingPoint) -> Option<bool> {
-        let t = point.thresholds.get(decision).copied().unwrap_or(0.5);
-        self.decision_probability(decision).map(|p| p >= t)
+        self.decision_probability(decision)
+            .map(|p| p >= point.threshold(decision))
     }
 }
 

@@ -36,7 +36,7 @@ pub struct TrainConfig {
     /// Training-time augmentation; `augment = false` in TOML turns it off.
     #[serde(with = "augment_serde")]
     pub augment: Option<Augment>,
-    /// Keep decoded, resized images in memory between epochs.
+    /// Keep decoded, resized images in memory between epochs (skipped above 4 GiB).
     pub cache_images: bool,
     /// Validation metric that picks the exported epoch (`referable_auc`, `val_loss`, `kappa`,
     /// `fluid_auc`, ...). Losses and errors are minimised, the others maximised.

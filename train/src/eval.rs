@@ -12,7 +12,7 @@ use retina_model::bundle::decisions;
 use retina_model::{BackendChoice, HeadAnswer, HeadKind, ModelBundle, OperatingPoint, Prediction};
 use serde_json::{Map, Value, json};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// A labelled set and the model's predictions on it.
@@ -443,7 +443,7 @@ fn binary_block(
     prefix: &str,
 ) {
     let (scores, truth) = decision_scores(s, decision);
-    let t = point.thresholds.get(decision).copied().unwrap_or(0.5);
+    let t = point.threshold(decision);
     let c = BinaryCounts::at(&scores, &truth, t);
     let (auc, ci) = auc_with_interval(&scores, &truth, 7);
     h.insert(format!("{prefix}auc"), num(auc));
@@ -490,9 +490,4 @@ fn binary_block(
             ),
         });
     }
-}
-
-/// Where eval writes by default.
-pub fn default_out(model: &Path) -> PathBuf {
-    model.with_file_name("eval")
 }

@@ -136,6 +136,8 @@ const CHECKPOINT: &str = "checkpoint";
 const METRICS: &str = "metrics.jsonl";
 const REQUEST: &str = "run.json";
 const MODEL: &str = "model";
+/// Most memory the decoded-image cache may take.
+const CACHE_BUDGET_BYTES: usize = 4 << 30;
 
 fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
     for b in bytes {
@@ -557,7 +559,19 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         state = st;
     }
 
-    let cache = cfg.cache_images.then(|| Arc::new(ViewCache::default()));
+    // Decoded views cost S*S*3 bytes each; past the budget, decode every epoch instead of
+    // exhausting memory on a large data set.
+    let side = model_config.preprocess.image_size;
+    let cache_bytes = (train.len() + val.len()) * side * side * 3;
+    let cache_images = cfg.cache_images && cache_bytes <= CACHE_BUDGET_BYTES;
+    if cfg.cache_images && !cache_images {
+        eprintln!(
+            "not caching decoded images: they would need {} MiB (budget {} MiB); decoding each epoch",
+            cache_bytes >> 20,
+            CACHE_BUDGET_BYTES >> 20
+        );
+    }
+    let cache = cache_images.then(|| Arc::new(ViewCache::default()));
     let train_spec = LoaderSpec {
         preprocess: model_config.preprocess.clone(),
         heads: head_names.clone(),
