@@ -8,6 +8,7 @@ use retina_model::{BackendChoice, Grade, HeadAnswer};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// Diabetic-retinopathy screening predictions for fundus photographs.
 #[derive(Parser, Debug)]
@@ -23,6 +24,69 @@ enum Command {
     Predict(PredictArgs),
     /// Time inference: batch-1 latency and batch-16 throughput.
     Bench(BenchArgs),
+    /// Serve predictions over HTTP (POST /v1/predict), batching concurrent requests.
+    Serve(ServeArgs),
+    /// Send a bounded load to a running `serve` and report throughput and latency.
+    Loadtest(LoadtestArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Model bundle directory (default: the embedded demo model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Backend: cpu, wgpu, auto.
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
+    /// Address to listen on (port 0 picks a free port, printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// Most images in one forward pass.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    max_batch: u32,
+    /// Longest an image waits for others to fill its batch, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    max_wait_ms: u64,
+    /// Largest request body in MiB (larger gets 413).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_body_mb: u32,
+    /// Seconds a client gets to send its headers, and then its body (then 408).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    client_timeout_s: u64,
+    /// Seconds SIGTERM waits for in-flight requests before exiting.
+    #[arg(long, default_value_t = 30)]
+    drain_s: u64,
+    /// Images that may wait for the model before new ones get 503 (default: 64 batches).
+    #[arg(long)]
+    queue: Option<usize>,
+    /// Threads decoding images (default: the number of cores).
+    #[arg(long)]
+    decode_threads: Option<usize>,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct LoadtestArgs {
+    /// Image files to send, in turn.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Base URL of the service.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Clients sending at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Requests in all.
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+    /// Seconds before one request counts as failed.
+    #[arg(long, default_value_t = 60)]
+    timeout_s: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -76,6 +140,16 @@ pub fn main() -> ExitCode {
         Command::Predict(a) => predict(a),
         Command::Bench(a) => crate::bench::run(a.preset, a.image_size, a.backend, a.runs, a.json)
             .map(|()| ExitCode::SUCCESS),
+        Command::Serve(a) => serve(a).map(|()| ExitCode::SUCCESS),
+        Command::Loadtest(a) => crate::loadtest::run(crate::loadtest::LoadOptions {
+            url: a.url,
+            images: a.images,
+            concurrency: a.concurrency,
+            requests: a.requests,
+            timeout: Duration::from_secs(a.timeout_s),
+            json: a.json,
+        })
+        .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -87,6 +161,26 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let max_batch = a.max_batch as usize;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    crate::serve::run(crate::serve::ServeOptions {
+        model: a.model,
+        backend: a.backend,
+        addr: a.addr,
+        policy: crate::serve::batcher::BatchPolicy {
+            max_batch,
+            max_wait: Duration::from_millis(a.max_wait_ms),
+            queue_capacity: a.queue.unwrap_or(64 * max_batch).max(1),
+        },
+        max_body: a.max_body_mb as usize * (1 << 20),
+        client_timeout: Duration::from_secs(a.client_timeout_s),
+        drain: Duration::from_secs(a.drain_s),
+        decode_threads: a.decode_threads.unwrap_or(cores).max(1),
+        log_json: a.log_json,
+    })
 }
 
 fn predict(a: PredictArgs) -> Result<ExitCode> {

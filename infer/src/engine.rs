@@ -189,14 +189,8 @@ impl Engine {
                 })
                 .collect();
             let ok: Vec<&Prepared> = prepared.iter().filter_map(|r| r.as_ref().ok()).collect();
-            let preds = if ok.is_empty() {
-                Vec::new()
-            } else {
-                let inputs: Vec<&[f32]> = ok.iter().map(|p| p.input.as_slice()).collect();
-                let x = batch_tensor(&inputs, pre.image_size, &self.backend.device);
-                let out = self.bundle.model.forward(x);
-                Prediction::from_output(&out, &self.bundle.model.head_kinds())
-            };
+            let inputs: Vec<&[f32]> = ok.iter().map(|p| p.input.as_slice()).collect();
+            let preds = self.forward(&inputs);
             let per_image = t0.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
             let mut preds = preds.into_iter();
             for (input, p) in chunk.iter().zip(prepared) {
@@ -211,48 +205,92 @@ impl Engine {
         results
     }
 
-    /// The JSON object of one answer (`predict --json` and the HTTP API).
-    pub fn to_json(&self, r: &ImageResult, point: &OperatingPoint, point_name: &str) -> Value {
-        let p = &r.prediction;
-        let mut v = json!({
-            "image": r.image,
-            "backend": self.backend.name,
-            "model": self.model_name,
-            "operating_point": point_name,
-            "elapsed_ms": (r.elapsed_ms * 1000.0).round() / 1000.0,
-        });
-        if let Some(HeadAnswer::Multiclass {
-            probabilities,
-            class,
-        }) = p.heads.get(DIAGNOSIS)
-        {
-            let referable_p = p.referable_probability().unwrap_or(0.0);
-            let t = point.threshold("referable");
-            v["diagnosis"] = json!({
-                "grade": class,
-                "name": Grade::from_index(*class).map(|g| g.name()).unwrap_or("?"),
-                "probabilities": probabilities,
-                "referable": p.decide("referable", point) == Some(true),
-                "referable_probability": referable_p,
-                "referable_threshold": t,
-            });
+    /// One forward pass over already prepared inputs (normalised views), in order.
+    pub fn forward(&self, inputs: &[&[f32]]) -> Vec<Prediction> {
+        if inputs.is_empty() {
+            return Vec::new();
         }
-        if let Some(HeadAnswer::Binary { probability }) = p.heads.get(FLUID) {
-            let t = point.threshold(FLUID);
-            v["fluid"] = json!({"probability": probability, "present": p.decide(FLUID, point) == Some(true), "threshold": t});
-        }
-        if let Some(HeadAnswer::Regression { value }) = p.heads.get(VESSEL_GROWTH) {
-            v["vessel_growth"] = json!({"amount": value.clamp(0.0, 1.0)});
-        }
-        // Any other heads, by kind.
-        for (name, a) in &p.heads {
-            if [DIAGNOSIS, FLUID, VESSEL_GROWTH].contains(&name.as_str()) {
-                continue;
-            }
-            v[name] = serde_json::to_value(a).expect("answers serialise");
-        }
-        v
+        let pre = &self.bundle.metadata.config.preprocess;
+        let x = batch_tensor(inputs, pre.image_size, &self.backend.device);
+        let out = self.bundle.model.forward(x);
+        Prediction::from_output(&out, &self.bundle.model.head_kinds())
     }
+
+    /// The JSON object of one answer (`predict --json`).
+    pub fn to_json(&self, r: &ImageResult, point: &OperatingPoint, point_name: &str) -> Value {
+        prediction_json(
+            &r.prediction,
+            &Answered {
+                image: &r.image,
+                backend: self.backend.name,
+                model: &self.model_name,
+                point,
+                point_name,
+                elapsed_ms: r.elapsed_ms,
+            },
+        )
+    }
+}
+
+/// What an answer is about, besides the prediction itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Answered<'a> {
+    /// Image name.
+    pub image: &'a str,
+    /// Backend name (`flex`, `wgpu`, ...).
+    pub backend: &'a str,
+    /// Model name.
+    pub model: &'a str,
+    /// The operating point the decisions use.
+    pub point: &'a OperatingPoint,
+    /// Its name.
+    pub point_name: &'a str,
+    /// Milliseconds spent on this image.
+    pub elapsed_ms: f64,
+}
+
+/// The JSON object of one answer: one line of `predict --json`, and the body of a
+/// `POST /v1/predict` answer. Both go through here so the two never drift apart.
+pub fn prediction_json(p: &Prediction, a: &Answered) -> Value {
+    let point = a.point;
+    let mut v = json!({
+        "image": a.image,
+        "backend": a.backend,
+        "model": a.model,
+        "operating_point": a.point_name,
+        "elapsed_ms": (a.elapsed_ms * 1000.0).round() / 1000.0,
+    });
+    if let Some(HeadAnswer::Multiclass {
+        probabilities,
+        class,
+    }) = p.heads.get(DIAGNOSIS)
+    {
+        let referable_p = p.referable_probability().unwrap_or(0.0);
+        let t = point.threshold("referable");
+        v["diagnosis"] = json!({
+            "grade": class,
+            "name": Grade::from_index(*class).map(|g| g.name()).unwrap_or("?"),
+            "probabilities": probabilities,
+            "referable": p.decide("referable", point) == Some(true),
+            "referable_probability": referable_p,
+            "referable_threshold": t,
+        });
+    }
+    if let Some(HeadAnswer::Binary { probability }) = p.heads.get(FLUID) {
+        let t = point.threshold(FLUID);
+        v["fluid"] = json!({"probability": probability, "present": p.decide(FLUID, point) == Some(true), "threshold": t});
+    }
+    if let Some(HeadAnswer::Regression { value }) = p.heads.get(VESSEL_GROWTH) {
+        v["vessel_growth"] = json!({"amount": value.clamp(0.0, 1.0)});
+    }
+    // Any other heads, by kind.
+    for (name, answer) in &p.heads {
+        if [DIAGNOSIS, FLUID, VESSEL_GROWTH].contains(&name.as_str()) {
+            continue;
+        }
+        v[name] = serde_json::to_value(answer).expect("answers serialise");
+    }
+    v
 }
 
 /// The JSON object of a failed image.
@@ -260,7 +298,8 @@ pub fn error_json(e: &ImageError) -> Value {
     json!({"image": e.image, "error": {"kind": e.kind, "message": e.message}})
 }
 
-fn image_error(image: String, e: retina_model::PreprocessError) -> ImageError {
+/// Classifies a preprocessing failure for the output.
+pub fn image_error(image: String, e: retina_model::PreprocessError) -> ImageError {
     use retina_model::PreprocessError as P;
     let kind = match &e {
         P::Io { .. } => "unreadable",

@@ -162,3 +162,73 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
         last_loss: *losses.last().expect("at least one step"),
     })
 }
+
+/// What the data pipeline alone sustains: decode, disc crop, resize, augmentation, Graham and
+/// normalisation of JPEG photographs, with no training step competing for the cores.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineResult {
+    /// Images loaded (each once, no cache).
+    pub images: usize,
+    /// Side of the generated JPEG photographs.
+    pub source_size: u32,
+    /// Network input side.
+    pub image_size: usize,
+    /// Worker threads (rayon).
+    pub threads: usize,
+    /// Images per second through the loader.
+    pub pipeline_img_per_s: f64,
+}
+
+/// Generates `count` EyePACS-layout JPEGs of `source_size` px in a temporary folder (not timed),
+/// then times the training loader over them in batches of `batch_size`, augmentation on,
+/// cache off: the per-epoch cost when a data set is too large to cache.
+pub fn run_pipeline(
+    count: usize,
+    source_size: u32,
+    image_size: usize,
+    batch_size: usize,
+) -> Result<PipelineResult> {
+    use crate::data::{Augment, LoaderSpec};
+    use crate::dataset::format::{DatasetFormat, read_labels};
+    use crate::synth::{SCREENING_MIX, SynthOptions, generate, label_path};
+    if count == 0 || batch_size == 0 {
+        anyhow::bail!("--pipeline-images and --batch-size must be at least 1");
+    }
+    let dir = tempfile::tempdir()?;
+    let format = DatasetFormat::Eyepacs;
+    generate(&SynthOptions {
+        out: dir.path().to_path_buf(),
+        count,
+        size: source_size,
+        seed: 7,
+        grades: SCREENING_MIX,
+        missing: 0.0,
+        format,
+        progress: false,
+    })?;
+    let labels = read_labels(&label_path(dir.path(), format), format, None)?;
+    let mut preprocess = RetinaConfig::preset("small")?.preprocess;
+    preprocess.image_size = image_size;
+    let spec = LoaderSpec {
+        preprocess,
+        heads: vec!["diagnosis".into(), "fluid".into(), "vessel_growth".into()],
+        augment: Some(Augment::default()),
+        skip_bad: false,
+        cache: None,
+        seed: 0,
+    };
+    let order: Vec<usize> = (0..labels.samples.len()).collect();
+    let t0 = Instant::now();
+    let mut loaded = 0;
+    for (b, idx) in order.chunks(batch_size).enumerate() {
+        loaded += spec.load_batch(&labels.samples, idx, b as u64)?.n;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(PipelineResult {
+        images: loaded,
+        source_size,
+        image_size,
+        threads: rayon::current_num_threads(),
+        pipeline_img_per_s: loaded as f64 / secs,
+    })
+}

@@ -182,6 +182,13 @@ struct BenchArgs {
     /// Backend: cpu, wgpu, flex, ndarray.
     #[arg(long, default_value = "cpu")]
     backend: BackendChoice,
+    /// Time the data pipeline instead (decode, crop, augment, normalise), on this many
+    /// generated JPEG photographs.
+    #[arg(long, value_name = "IMAGES")]
+    pipeline: Option<usize>,
+    /// Side of the generated photographs for --pipeline.
+    #[arg(long, default_value_t = 1024)]
+    source_size: u32,
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
@@ -265,6 +272,23 @@ fn run(cli: Cli) -> Result<()> {
                 "operating point `{name}` written into {}",
                 a.model.display()
             );
+            Ok(())
+        }
+        Command::Bench(a) if a.pipeline.is_some() => {
+            let r = bench::run_pipeline(
+                a.pipeline.unwrap_or_default(),
+                a.source_size,
+                a.image_size,
+                a.batch_size,
+            )?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "data pipeline: {:.1} img/s ({} JPEGs of {} px to {} px, augmentation on, no cache, {} threads)",
+                    r.pipeline_img_per_s, r.images, r.source_size, r.image_size, r.threads
+                );
+            }
             Ok(())
         }
         Command::Bench(a) => {

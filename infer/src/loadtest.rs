@@ -1,0 +1,182 @@
+//! `retina-infer loadtest`: a bounded load against a running `serve`.
+//!
+//! A fixed number of clients send a fixed number of `POST /v1/predict` requests (the images
+//! given, round robin), then the run reports throughput, latency percentiles, errors and the
+//! mean batch size the server achieved over the run (from `GET /v1/stats` before and after).
+
+use crate::serve::quantile;
+use anyhow::{Context, Result, bail};
+use axum::body::Bytes;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Server base URL, e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    /// Image files sent in turn.
+    pub images: Vec<PathBuf>,
+    /// Clients sending at once.
+    pub concurrency: usize,
+    /// Requests in all.
+    pub requests: usize,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Print one JSON object instead of text.
+    pub json: bool,
+}
+
+/// Runs the load and prints the report. Fails if any request failed.
+pub fn run(o: LoadOptions) -> Result<()> {
+    if o.concurrency == 0 || o.requests == 0 {
+        bail!("--concurrency and --requests must be at least 1");
+    }
+    let images: Vec<Vec<u8>> = o
+        .images
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+        .collect::<Result<_>>()?;
+    if images.is_empty() {
+        bail!("give at least one image file to send");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(load(&o, images))?;
+    if o.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{} requests, {} clients, {:.2} s: {:.1} req/s\n\
+             latency ms: p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1}\n\
+             errors: {}\n\
+             server: mean batch {:.2}, largest {}, mean forward {:.1} ms",
+            report["requests"],
+            report["concurrency"],
+            report["wall_s"].as_f64().unwrap_or(0.0),
+            report["throughput_rps"].as_f64().unwrap_or(0.0),
+            report["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+            report["latency_ms"]["p90"].as_f64().unwrap_or(0.0),
+            report["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+            report["latency_ms"]["max"].as_f64().unwrap_or(0.0),
+            report["errors"],
+            report["mean_batch_size"].as_f64().unwrap_or(0.0),
+            report["largest_batch"],
+            report["mean_forward_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    let errors = report["errors"].as_u64().unwrap_or(u64::MAX);
+    if errors > 0 {
+        bail!(
+            "{errors} of {} requests failed: {}",
+            o.requests,
+            report["error_samples"]
+        );
+    }
+    Ok(())
+}
+
+async fn load(o: &LoadOptions, images: Vec<Vec<u8>>) -> Result<Value> {
+    let base = o.url.trim_end_matches('/').to_string();
+    let client = reqwest::Client::builder()
+        .timeout(o.timeout)
+        .pool_max_idle_per_host(o.concurrency)
+        .build()?;
+    let before = get_stats(&client, &base).await.with_context(|| {
+        format!("cannot reach {base}/v1/stats: is `retina-infer serve` running there?")
+    })?;
+    let images: Arc<Vec<Bytes>> = Arc::new(images.into_iter().map(Bytes::from).collect());
+    let next = Arc::new(AtomicUsize::new(0));
+    let total = o.requests;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..o.concurrency.min(total) {
+        let (client, images, next, url) = (
+            client.clone(),
+            images.clone(),
+            next.clone(),
+            format!("{base}/v1/predict"),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors: Vec<String> = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let body = images[i % images.len()].clone();
+                let t = Instant::now();
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/octet-stream")
+                    .body(body)
+                    .send()
+                    .await;
+                match r {
+                    Ok(resp) if resp.status().is_success() => {
+                        // Read the answer: a request is done when its body has arrived.
+                        match resp.bytes().await {
+                            Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                            Err(e) => errors.push(e.to_string()),
+                        }
+                    }
+                    Ok(resp) => {
+                        let s = resp.status();
+                        let text = resp.text().await.unwrap_or_default();
+                        errors.push(format!("{s}: {text}"));
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(total);
+    let mut errors = Vec::new();
+    for t in tasks {
+        let (l, e) = t.await?;
+        latencies.extend(l);
+        errors.extend(e);
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let after = get_stats(&client, &base).await?;
+    let delta = |k: &str| after[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0);
+    let (imgs, batches) = (delta("images"), delta("batches"));
+    let fwd_ms = |s: &Value| {
+        s["mean_forward_ms"].as_f64().unwrap_or(0.0) * s["batches"].as_f64().unwrap_or(0.0)
+    };
+    let ok = latencies.len();
+    Ok(json!({
+        "url": base,
+        "requests": total,
+        "concurrency": o.concurrency,
+        "ok": ok,
+        "errors": errors.len(),
+        "error_samples": errors.iter().take(3).collect::<Vec<_>>(),
+        "wall_s": wall,
+        "throughput_rps": ok as f64 / wall,
+        "latency_ms": {
+            "p50": quantile(&mut latencies, 0.5),
+            "p90": quantile(&mut latencies, 0.9),
+            "p99": quantile(&mut latencies, 0.99),
+            "max": quantile(&mut latencies, 1.0),
+        },
+        "mean_batch_size": if batches == 0 { 0.0 } else { imgs as f64 / batches as f64 },
+        "largest_batch": after["largest_batch"],
+        "mean_forward_ms": if batches == 0 { 0.0 } else { (fwd_ms(&after) - fwd_ms(&before)) / batches as f64 },
+    }))
+}
+
+async fn get_stats(client: &reqwest::Client, base: &str) -> Result<Value> {
+    let r = client.get(format!("{base}/v1/stats")).send().await?;
+    if !r.status().is_success() {
+        bail!("{base}/v1/stats answered {}", r.status());
+    }
+    Ok(r.json().await?)
+}

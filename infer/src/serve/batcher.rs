@@ -1,0 +1,258 @@
+//! Dynamic batching: concurrent requests share forward passes of one model instance.
+//!
+//! One OS thread owns the [`Engine`] (the model is never shared between threads and never runs
+//! on the async reactor). It takes the first waiting image, then keeps collecting until it holds
+//! `max_batch` images or `max_wait` has passed since the first one, and runs them as one batch.
+//! While a batch runs, new images queue up and form the next one, so under load the batch
+//! fills without waiting at all, and throughput approaches the batch-16 figure.
+
+use crate::engine::Engine;
+use retina_model::Prediction;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// How batches are formed.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    /// Most images in one forward pass.
+    pub max_batch: usize,
+    /// Longest an image waits for others to join its batch.
+    pub max_wait: Duration,
+    /// Images that may wait in the queue before new ones are refused (503).
+    pub queue_capacity: usize,
+}
+
+/// The answer for one queued image.
+#[derive(Debug)]
+pub struct BatchAnswer {
+    /// The prediction.
+    pub prediction: Prediction,
+    /// How many images shared the forward pass.
+    pub batch_size: usize,
+}
+
+/// Why a queued image got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BatchError {
+    /// The queue is full: the service is overloaded.
+    #[error("the service is at capacity ({0} images queued); retry shortly")]
+    Busy(usize),
+    /// The model thread has stopped (shutting down).
+    #[error("the model is shutting down")]
+    Stopped,
+    /// The forward pass panicked; the model thread survives and serves the next batch.
+    #[error("the forward pass failed: {0}")]
+    Failed(String),
+}
+
+struct Job {
+    input: Vec<f32>,
+    reply: oneshot::Sender<Result<BatchAnswer, BatchError>>,
+}
+
+/// Counters for `/v1/stats` and the load test.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Forward passes run.
+    pub batches: AtomicU64,
+    /// Images predicted.
+    pub images: AtomicU64,
+    /// Largest batch so far.
+    pub largest: AtomicU64,
+    /// Images dropped before their batch because the client had gone.
+    pub abandoned: AtomicU64,
+    /// Total forward-pass time, microseconds.
+    pub forward_us: AtomicU64,
+}
+
+impl BatchStats {
+    /// Mean images per forward pass.
+    pub fn mean_batch(&self) -> f64 {
+        let b = self.batches.load(Ordering::Relaxed);
+        if b == 0 {
+            0.0
+        } else {
+            self.images.load(Ordering::Relaxed) as f64 / b as f64
+        }
+    }
+}
+
+/// Handle for submitting images; cheap to clone.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: SyncSender<Job>,
+    capacity: usize,
+    /// Counters shared with the model thread.
+    pub stats: Arc<BatchStats>,
+}
+
+impl Batcher {
+    /// Starts the model thread. `load` runs on it (so the engine never crosses threads); its
+    /// result, after a warm-up pass, is sent to `ready`.
+    pub fn start<T: Send + 'static>(
+        policy: BatchPolicy,
+        load: impl FnOnce() -> anyhow::Result<(Engine, T)> + Send + 'static,
+        ready: oneshot::Sender<anyhow::Result<T>>,
+    ) -> std::io::Result<(Batcher, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = sync_channel::<Job>(policy.queue_capacity);
+        let stats = Arc::new(BatchStats::default());
+        let thread_stats = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("retina-model".into())
+            .spawn(move || {
+                let (engine, info) = match load().and_then(|(engine, info)| {
+                    warm_up(&engine, policy.max_batch)?;
+                    Ok((engine, info))
+                }) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(info));
+                run(&engine, &rx, policy, &thread_stats);
+            })?;
+        Ok((
+            Batcher {
+                tx,
+                capacity: policy.queue_capacity,
+                stats,
+            },
+            handle,
+        ))
+    }
+
+    /// Queues one prepared input; the answer arrives on the returned receiver.
+    pub fn submit(
+        &self,
+        input: Vec<f32>,
+    ) -> Result<oneshot::Receiver<Result<BatchAnswer, BatchError>>, BatchError> {
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(Job { input, reply }) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(BatchError::Busy(self.capacity)),
+            Err(TrySendError::Disconnected(_)) => Err(BatchError::Stopped),
+        }
+    }
+}
+
+/// One pass at the largest batch size, and one at batch 1, so the first requests do not pay
+/// for allocation and kernel set-up.
+fn warm_up(engine: &Engine, max_batch: usize) -> anyhow::Result<()> {
+    let s = engine.bundle.metadata.config.preprocess.image_size;
+    let zeros = vec![0.0f32; 3 * s * s];
+    for n in [max_batch, 1] {
+        let inputs: Vec<&[f32]> = (0..n).map(|_| zeros.as_slice()).collect();
+        let out = engine.forward(&inputs);
+        anyhow::ensure!(
+            out.len() == n,
+            "warm-up produced {} answers for {n}",
+            out.len()
+        );
+    }
+    Ok(())
+}
+
+fn run(engine: &Engine, rx: &Receiver<Job>, policy: BatchPolicy, stats: &BatchStats) {
+    let max_batch = policy.max_batch.max(1);
+    // Ends when every sender is gone: the server has drained and dropped its handles.
+    while let Ok(first) = rx.recv() {
+        let deadline = Instant::now() + policy.max_wait;
+        let mut jobs = vec![first];
+        while jobs.len() < max_batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(job) => jobs.push(job),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // A client that hung up no longer needs its image predicted.
+        let before = jobs.len();
+        jobs.retain(|j| !j.reply.is_closed());
+        stats
+            .abandoned
+            .fetch_add((before - jobs.len()) as u64, Ordering::Relaxed);
+        if jobs.is_empty() {
+            continue;
+        }
+        let t0 = Instant::now();
+        let inputs: Vec<&[f32]> = jobs.iter().map(|j| j.input.as_slice()).collect();
+        let outcome = catch_unwind(AssertUnwindSafe(|| engine.forward(&inputs)));
+        let n = jobs.len();
+        match outcome {
+            Ok(predictions) if predictions.len() == n => {
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats.images.fetch_add(n as u64, Ordering::Relaxed);
+                stats.largest.fetch_max(n as u64, Ordering::Relaxed);
+                stats
+                    .forward_us
+                    .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                for (job, prediction) in jobs.into_iter().zip(predictions) {
+                    let _ = job.reply.send(Ok(BatchAnswer {
+                        prediction,
+                        batch_size: n,
+                    }));
+                }
+            }
+            Ok(predictions) => {
+                let why = format!("{} answers for {n} images", predictions.len());
+                for job in jobs {
+                    let _ = job.reply.send(Err(BatchError::Failed(why.clone())));
+                }
+            }
+            Err(panic) => {
+                let why = panic_message(&panic);
+                tracing::error!(error = %why, images = n, "forward pass panicked");
+                for job in jobs {
+                    let _ = job.reply.send(Err(BatchError::Failed(why.clone())));
+                }
+            }
+        }
+    }
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Keeps the last `n` latencies for percentiles in `/v1/stats`.
+#[derive(Debug)]
+pub struct LatencyWindow {
+    samples: Mutex<std::collections::VecDeque<f64>>,
+    n: usize,
+}
+
+impl LatencyWindow {
+    /// A window of the last `n` samples.
+    pub fn new(n: usize) -> Self {
+        Self {
+            samples: Mutex::new(std::collections::VecDeque::with_capacity(n)),
+            n,
+        }
+    }
+
+    /// Adds one latency in milliseconds.
+    pub fn record(&self, ms: f64) {
+        let mut s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if s.len() == self.n {
+            s.pop_front();
+        }
+        s.push_back(ms);
+    }
+
+    /// The `q` quantile (0..=1) of the window, or `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<f64> = s.iter().copied().collect();
+        drop(s);
+        crate::serve::quantile(&mut v, q)
+    }
+}

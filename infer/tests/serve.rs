@@ -1,0 +1,581 @@
+//! `retina-infer serve`, tested through the real binary on a loopback port: every route, every
+//! error answer, slow and abandoned clients, dynamic batching, the load-test client and a
+//! SIGTERM drain.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_retina-infer");
+
+fn sample(i: usize) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../assets/samples/images")
+        .join(format!("synth_{i:05}.png"))
+}
+
+/// A running `serve`, stopped (SIGKILL) when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    addr: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--addr", "127.0.0.1:0", "--backend", "cpu"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start retina-infer serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        let addr = base.trim_start_matches("http://").to_string();
+        let server = Server {
+            child,
+            base,
+            addr,
+            log,
+        };
+        let t0 = Instant::now();
+        loop {
+            let (status, _) = server.get("/readyz");
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 503, "/readyz while loading");
+            assert!(t0.elapsed() < Duration::from_secs(120), "never ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// A request by hand over one connection: `(status, JSON body)`.
+    fn request(&self, head: &str, body: &[u8]) -> (u16, Value, String) {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let req = format!(
+            "{head}\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        read_response(&mut s)
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let (s, v, _) = self.request(&format!("GET {path} HTTP/1.1"), b"");
+        (s, v)
+    }
+
+    fn post(&self, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+        let (s, v, _) = self.request(
+            &format!("POST {path} HTTP/1.1\r\nContent-Type: {content_type}"),
+            body,
+        );
+        (s, v)
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The log once it holds `needle` (the stderr reader runs behind the responses).
+    fn log_with(&self, needle: &str) -> String {
+        let t0 = Instant::now();
+        loop {
+            let log = self.log();
+            if log.contains(needle) || t0.elapsed() > Duration::from_secs(5) {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads one HTTP/1.1 response to the end of the connection: status, JSON body, raw head.
+fn read_response(s: &mut TcpStream) -> (u16, Value, String) {
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    let json = serde_json::from_str(&body).unwrap_or(Value::Null);
+    (status, json, head.to_string())
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+fn multipart(parts: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "retina-test-boundary-7d3f";
+    let mut body = Vec::new();
+    for (name, bytes) in parts {
+        body.extend_from_slice(format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).as_bytes());
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn error_kind(v: &Value) -> &str {
+    v["error"]["kind"].as_str().unwrap_or("<none>")
+}
+
+#[test]
+fn routes_answer_like_predict_json() {
+    let server = Server::start(&[]);
+    let (s, v) = server.get("/healthz");
+    assert_eq!((s, v["status"].as_str()), (200, Some("ok")));
+    let (s, v) = server.get("/readyz");
+    assert_eq!((s, v["status"].as_str()), (200, Some("ready")));
+
+    let (s, model) = server.get("/v1/model");
+    assert_eq!(s, 200);
+    let heads: Vec<&str> = model["heads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        heads.contains(&"diagnosis") && heads.contains(&"fluid"),
+        "{heads:?}"
+    );
+    assert!(model["operating_points"]["screening"]["thresholds"]["referable"].is_number());
+    assert_eq!(model["default_point"], "screening");
+    assert!(model["provenance"].is_object());
+
+    // The answer for a raw body is exactly a line of `predict --json` for the same file.
+    let png = std::fs::read(sample(2)).unwrap();
+    let (s, answer) = server.post("/v1/predict?name=eye2.png", "image/png", &png);
+    assert_eq!(s, 200, "{answer}");
+    let cli = Command::new(BIN)
+        .args(["predict", "--json", "--backend", "cpu"])
+        .arg(sample(2))
+        .output()
+        .unwrap();
+    assert!(cli.status.success());
+    let line: Value = serde_json::from_slice(&cli.stdout).unwrap();
+    assert_eq!(answer["image"], "eye2.png");
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&answer), keys(&line));
+    for key in ["diagnosis", "fluid", "vessel_growth"] {
+        assert_eq!(keys(&answer[key]), keys(&line[key]), "{key}");
+    }
+    assert_eq!(answer["diagnosis"]["grade"], line["diagnosis"]["grade"]);
+    assert_eq!(
+        answer["diagnosis"]["referable"],
+        line["diagnosis"]["referable"]
+    );
+    let (a, b) = (
+        answer["diagnosis"]["probabilities"].as_array().unwrap(),
+        line["diagnosis"]["probabilities"].as_array().unwrap(),
+    );
+    for (x, y) in a.iter().zip(b) {
+        assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4);
+    }
+    assert_eq!(answer["operating_point"], "screening");
+
+    // Another operating point, and an unknown one.
+    let (s, v) = server.post("/v1/predict?point=confirmation", "image/png", &png);
+    assert_eq!(
+        (s, v["operating_point"].as_str()),
+        (200, Some("confirmation"))
+    );
+    let (s, v) = server.post("/v1/predict?point=nope", "image/png", &png);
+    assert_eq!((s, error_kind(&v)), (400, "unknown_operating_point"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("screening")
+    );
+
+    // Multipart: several files, one bad; each answered in order, 200 since some succeeded.
+    let other = std::fs::read(sample(1)).unwrap();
+    let (ct, body) = multipart(&[
+        ("a.png", &png),
+        ("notes.txt", b"not an image at all"),
+        ("b.png", &other),
+    ]);
+    let (s, v) = server.post("/v1/predict", &ct, &body);
+    assert_eq!(s, 200, "{v}");
+    let items = v.as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[0]["image"], "a.png");
+    assert_eq!(items[0]["diagnosis"]["grade"], answer["diagnosis"]["grade"]);
+    assert_eq!(items[1]["image"], "notes.txt");
+    assert_eq!(error_kind(&items[1]), "not_an_image");
+    assert_eq!(items[2]["image"], "b.png");
+    assert!(items[2]["diagnosis"]["grade"].is_u64());
+
+    // Request ids: the client's is echoed, otherwise one is made.
+    let (_, _, head) = server.request("GET /healthz HTTP/1.1\r\nX-Request-Id: cam-17-0042", b"");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-request-id: cam-17-0042"),
+        "{head}"
+    );
+    let (_, _, head) = server.request("GET /healthz HTTP/1.1", b"");
+    assert!(
+        head.to_ascii_lowercase().contains("x-request-id: "),
+        "{head}"
+    );
+
+    let (s, stats) = server.get("/v1/stats");
+    assert_eq!(s, 200);
+    assert_eq!(stats["images"], 4, "{stats}");
+    assert!(stats["batches"].as_u64().unwrap() >= 1);
+
+    // One structured line per request; names and sizes, never image data.
+    let log = server.log_with("request_id=cam-17-0042");
+    assert!(log.contains("request_id=cam-17-0042"), "{log}");
+    assert!(
+        log.contains("path=/v1/predict") && log.contains("status=200"),
+        "{log}"
+    );
+    assert!(
+        log.contains("image_sizes=") && log.contains("latency_ms="),
+        "{log}"
+    );
+    assert!(
+        !log.contains("not an image at all"),
+        "image bytes leaked into the log"
+    );
+}
+
+#[test]
+fn bad_input_gets_a_json_error_and_the_service_survives() {
+    let server = Server::start(&["--max-body-mb", "1"]);
+
+    let (s, v) = server.post("/v1/predict", "text/plain", b"hello, this is text");
+    assert_eq!((s, error_kind(&v)), (415, "not_an_image"), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("JPEG"));
+
+    // A JPEG cut short: a real format, unusable bytes.
+    let img = image::RgbImage::from_fn(200, 200, |x, y| image::Rgb([x as u8, y as u8, 90]));
+    let mut jpeg = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let (s, v) = server.post("/v1/predict", "image/jpeg", &jpeg[..jpeg.len() / 2]);
+    assert_eq!((s, error_kind(&v)), (422, "corrupt"), "{v}");
+
+    let (s, v) = server.post("/v1/predict", "image/png", b"");
+    assert_eq!((s, error_kind(&v)), (422, "empty"), "{v}");
+
+    // Over the limit, by declared length ...
+    let big = vec![7u8; (1 << 20) + 10];
+    let (s, v) = server.post("/v1/predict", "image/png", &big);
+    assert_eq!((s, error_kind(&v)), (413, "too_large"), "{v}");
+    // ... and streamed in chunks with no declared length.
+    let mut c = TcpStream::connect(&server.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        c,
+        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![1u8; 64 * 1024];
+    for _ in 0..20 {
+        if write!(c, "{:x}\r\n", chunk.len()).is_err()
+            || c.write_all(&chunk).is_err()
+            || c.write_all(b"\r\n").is_err()
+        {
+            break;
+        }
+    }
+    let (s, v, _) = read_response(&mut c);
+    assert_eq!((s, error_kind(&v)), (413, "too_large"), "{v}");
+
+    let (s, v) = server.get("/v1/predict");
+    assert_eq!((s, error_kind(&v)), (405, "method_not_allowed"), "{v}");
+    let (_, _, head) = server.request("GET /v1/predict HTTP/1.1", b"");
+    assert!(head.to_ascii_lowercase().contains("allow: post"), "{head}");
+    let (s, v) = server.post("/v1/model", "application/json", b"{}");
+    assert_eq!((s, error_kind(&v)), (405, "method_not_allowed"));
+    let (s, v) = server.get("/v2/anything");
+    assert_eq!((s, error_kind(&v)), (404, "not_found"));
+
+    let (s, v) = server.post(
+        "/v1/predict",
+        "multipart/form-data; boundary=abc",
+        b"--xyz\r\nnot really multipart\r\n",
+    );
+    assert!(s == 400 || s == 422, "{s} {v}");
+    assert!(v["error"]["kind"].is_string());
+    let (s, v) = server.post("/v1/predict", "multipart/form-data", b"x");
+    assert_eq!((s, error_kind(&v)), (400, "bad_multipart"), "{v}");
+
+    // Still serving, with the errors counted.
+    let png = std::fs::read(sample(0)).unwrap();
+    let (s, _) = server.post("/v1/predict", "image/png", &png);
+    assert_eq!(s, 200);
+    let (_, stats) = server.get("/v1/stats");
+    assert!(stats["responses"]["4xx"].as_u64().unwrap() >= 9, "{stats}");
+    let log = server.log_with("outcome=not_an_image");
+    assert!(log.contains("outcome=not_an_image"), "{log}");
+}
+
+#[test]
+fn slow_and_abandoned_clients_time_out() {
+    let server = Server::start(&["--client-timeout-s", "1"]);
+    // A body that never finishes: 408 after the timeout.
+    let mut c = TcpStream::connect(&server.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        c,
+        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\npartial"
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let (s, v, _) = read_response(&mut c);
+    assert_eq!((s, error_kind(&v)), (408, "timeout"), "{v}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+
+    // Headers that never finish: the connection is closed.
+    let mut c = TcpStream::connect(&server.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(c, "POST /v1/predict HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    let _ = c.read_to_end(&mut buf);
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "slow headers held the connection"
+    );
+
+    // A client that hangs up halfway through its body.
+    let mut c = TcpStream::connect(&server.addr).unwrap();
+    write!(
+        c,
+        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\nabc"
+    )
+    .unwrap();
+    drop(c);
+
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.get("/healthz").0, 200);
+    let png = std::fs::read(sample(3)).unwrap();
+    assert_eq!(server.post("/v1/predict", "image/png", &png).0, 200);
+}
+
+#[test]
+fn concurrent_requests_share_batches_and_loadtest_reports() {
+    let server = Server::start(&["--max-batch", "8", "--max-wait-ms", "300"]);
+    let png = Arc::new(std::fs::read(sample(4)).unwrap());
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let (addr, png) = (server.addr.clone(), png.clone());
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                write!(
+                    s,
+                    "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    png.len()
+                )
+                .unwrap();
+                s.write_all(&png).unwrap();
+                read_response(&mut s)
+            })
+        })
+        .collect();
+    let grades: Vec<Value> = threads
+        .into_iter()
+        .map(|t| {
+            let (s, v, _) = t.join().unwrap();
+            assert_eq!(s, 200, "{v}");
+            v["diagnosis"]["grade"].clone()
+        })
+        .collect();
+    assert!(
+        grades.iter().all(|g| *g == grades[0]),
+        "same image, same answer"
+    );
+    let (_, stats) = server.get("/v1/stats");
+    assert_eq!(stats["images"], 16);
+    let mean = stats["mean_batch_size"].as_f64().unwrap();
+    assert!(
+        mean >= 2.0,
+        "16 concurrent requests should share batches: {stats}"
+    );
+    assert!(stats["largest_batch"].as_u64().unwrap() <= 8);
+
+    let out = Command::new(BIN)
+        .args(["loadtest", "--url", &server.base, "--concurrency", "8"])
+        .args(["--requests", "48", "--json"])
+        .arg(sample(4))
+        .arg(sample(5))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], 48);
+    assert_eq!(report["errors"], 0);
+    assert!(report["throughput_rps"].as_f64().unwrap() > 0.0);
+    let (p50, p99) = (
+        report["latency_ms"]["p50"].as_f64().unwrap(),
+        report["latency_ms"]["p99"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= p99, "{report}");
+    assert!(
+        report["mean_batch_size"].as_f64().unwrap() > 1.0,
+        "{report}"
+    );
+
+    // Against nothing, the load test says so and fails.
+    let out = Command::new(BIN)
+        .args(["loadtest", "--url", "http://127.0.0.1:9", "--requests", "1"])
+        .arg(sample(4))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `retina-infer serve` running"));
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests() {
+    // A long batching wait keeps the request in flight when the signal arrives.
+    let mut server = Server::start(&["--max-batch", "64", "--max-wait-ms", "1500"]);
+    let png = std::fs::read(sample(6)).unwrap();
+    let addr = server.addr.clone();
+    let client = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(
+            s,
+            "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            png.len()
+        )
+        .unwrap();
+        s.write_all(&png).unwrap();
+        read_response(&mut s)
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let status = server.terminate();
+    let (s, v, _) = client.join().unwrap();
+    assert_eq!(s, 200, "the in-flight request finished: {v}");
+    assert!(v["diagnosis"]["grade"].is_u64());
+    assert!(status.success(), "clean exit: {status:?}");
+    let log = server.log_with("stopped cleanly");
+    assert!(log.contains("draining"), "{log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+    assert!(TcpStream::connect(&server.addr).is_err(), "still listening");
+}
+
+#[test]
+fn startup_errors_are_clear() {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--model",
+            "/nonexistent/bundle",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no model bundle"), "{err}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args(["serve", "--addr", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cannot listen on {addr}")));
+}
