@@ -365,3 +365,27 @@ fn train_briefly_then_predict_with_the_bundle() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
 }
+
+/// The README runs the binaries as `cargo run --bin NAME` from the workspace root, with no `-p`:
+/// the root's default members must include every crate (the umbrella package alone has no bins).
+#[test]
+fn readme_cargo_run_finds_both_binaries() {
+    let exe = std::env::current_exe().unwrap();
+    if exe.parent().unwrap().parent().unwrap().file_name() != Some("debug".as_ref()) {
+        return; // `cargo run` without --release would start a second, dev-profile build.
+    }
+    bin("retina-train"); // built once, with the workspace's features
+    for name in ["retina-train", "retina-infer"] {
+        let out = Command::new(env!("CARGO"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["run", "--quiet", "--bin", name, "--", "--version"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cargo run --bin {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with(name));
+    }
+}
