@@ -73,19 +73,9 @@ impl Server {
         server
     }
 
-    /// A request by hand over one connection: `(status, JSON body)`.
+    /// A request by hand over one connection: `(status, JSON body, head)`.
     fn request(&self, head: &str, body: &[u8]) -> (u16, Value, String) {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let req = format!(
-            "{head}\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        s.write_all(req.as_bytes()).unwrap();
-        // The server may answer (and close) before it has read the whole body.
-        let _ = s.write_all(body);
-        read_response(&mut s)
+        request_at(&self.addr, head, body)
     }
 
     fn get(&self, path: &str) -> (u16, Value) {
@@ -145,6 +135,20 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `head` (request line and extra headers) and `body` to `addr` over a new connection.
+fn request_at(addr: &str, head: &str, body: &[u8]) -> (u16, Value, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = format!(
+        "{head}\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    // The server may answer (and close) before it has read the whole body.
+    let _ = s.write_all(body);
+    read_response(&mut s)
 }
 
 /// Reads one HTTP/1.1 response to the end of the connection: status, JSON body, raw head.
@@ -461,18 +465,7 @@ fn concurrent_requests_share_batches_and_loadtest_reports() {
     let threads: Vec<_> = (0..16)
         .map(|_| {
             let (addr, png) = (server.addr.clone(), png.clone());
-            std::thread::spawn(move || {
-                let mut s = TcpStream::connect(&addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-                write!(
-                    s,
-                    "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    png.len()
-                )
-                .unwrap();
-                s.write_all(&png).unwrap();
-                read_response(&mut s)
-            })
+            std::thread::spawn(move || request_at(&addr, "POST /v1/predict HTTP/1.1", &png))
         })
         .collect();
     let grades: Vec<Value> = threads
@@ -538,18 +531,7 @@ fn sigterm_drains_in_flight_requests() {
     let mut server = Server::start(&["--max-batch", "64", "--max-wait-ms", "3000"]);
     let png = std::fs::read(sample(6)).unwrap();
     let addr = server.addr.clone();
-    let client = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(&addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        write!(
-            s,
-            "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            png.len()
-        )
-        .unwrap();
-        s.write_all(&png).unwrap();
-        read_response(&mut s)
-    });
+    let client = std::thread::spawn(move || request_at(&addr, "POST /v1/predict HTTP/1.1", &png));
     // Well inside the batching wait, so the request is queued when the signal arrives.
     std::thread::sleep(Duration::from_millis(1000));
     let status = server.terminate();
