@@ -146,7 +146,13 @@ async fn load(o: &LoadOptions, images: Vec<Vec<u8>>) -> Result<Value> {
     }
     let wall = t0.elapsed().as_secs_f64();
     let after = get_stats(&client, &base).await?;
-    let delta = |k: &str| after[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0);
+    // Saturating: a server restarted during the run has smaller counters than before.
+    let delta = |k: &str| {
+        after[k]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(before[k].as_u64().unwrap_or(0))
+    };
     let (imgs, batches) = (delta("images"), delta("batches"));
     let fwd_ms = |s: &Value| {
         s["mean_forward_ms"].as_f64().unwrap_or(0.0) * s["batches"].as_f64().unwrap_or(0.0)

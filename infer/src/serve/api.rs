@@ -315,9 +315,9 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
     for p in pending {
         match p {
             Ok((name, rx)) => match rx.await {
-                Ok(Ok(a)) => {
+                Ok(Ok(prediction)) => {
                     let v = prediction_json(
-                        &a.prediction,
+                        &prediction,
                         &Answered {
                             image: &name,
                             backend: model.backend,

@@ -26,15 +26,6 @@ pub struct BatchPolicy {
     pub queue_capacity: usize,
 }
 
-/// The answer for one queued image.
-#[derive(Debug)]
-pub struct BatchAnswer {
-    /// The prediction.
-    pub prediction: Prediction,
-    /// How many images shared the forward pass.
-    pub batch_size: usize,
-}
-
 /// Why a queued image got no answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BatchError {
@@ -51,7 +42,7 @@ pub enum BatchError {
 
 struct Job {
     input: Vec<f32>,
-    reply: oneshot::Sender<Result<BatchAnswer, BatchError>>,
+    reply: oneshot::Sender<Result<Prediction, BatchError>>,
 }
 
 /// Counters for `/v1/stats` and the load test.
@@ -131,7 +122,7 @@ impl Batcher {
     pub fn submit(
         &self,
         input: Vec<f32>,
-    ) -> Result<oneshot::Receiver<Result<BatchAnswer, BatchError>>, BatchError> {
+    ) -> Result<oneshot::Receiver<Result<Prediction, BatchError>>, BatchError> {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job { input, reply }) {
             Ok(()) => Ok(rx),
@@ -193,10 +184,7 @@ fn run(engine: &Engine, rx: &Receiver<Job>, policy: BatchPolicy, stats: &BatchSt
                     .forward_us
                     .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
                 for (job, prediction) in jobs.into_iter().zip(predictions) {
-                    let _ = job.reply.send(Ok(BatchAnswer {
-                        prediction,
-                        batch_size: n,
-                    }));
+                    let _ = job.reply.send(Ok(prediction));
                 }
             }
             Ok(predictions) => {
