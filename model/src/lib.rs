@@ -12,12 +12,15 @@
 //! println!("{} parameters", net.parameter_count());
 //! ```
 
+pub mod allocator;
 pub mod backend;
 pub mod bundle;
 pub mod config;
+pub mod conv;
 pub mod grade;
 pub mod head;
 pub mod network;
+pub mod norm;
 pub mod prediction;
 pub mod preprocess;
 pub mod torch;

@@ -5,10 +5,11 @@
 //! and map one-to-one onto the PyTorch reference's names (see [`crate::torch`]).
 
 use crate::config::{StageConfig, TrunkConfig};
+use crate::conv::conv2d;
+use crate::norm::{batch_norm, batch_norm_add_relu, batch_norm_relu};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 
 fn conv(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, device: &Device) -> Conv2d {
     let pad = k / 2;
@@ -19,7 +20,7 @@ fn conv(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, device: &D
         .init(device)
 }
 
-fn batch_norm(c: usize, cfg: &TrunkConfig, device: &Device) -> BatchNorm {
+fn batch_norm_layer(c: usize, cfg: &TrunkConfig, device: &Device) -> BatchNorm {
     BatchNormConfig::new(c)
         .with_epsilon(cfg.bn_epsilon)
         .with_momentum(cfg.bn_momentum)
@@ -38,7 +39,7 @@ pub struct Stem {
 impl Stem {
     /// `[N, 3, H, W]` to `[N, stem_width, H/s, W/s]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        relu(self.bn.forward(self.conv.forward(x)))
+        batch_norm_relu(&self.bn, conv2d(&self.conv, x))
     }
 }
 
@@ -70,13 +71,13 @@ impl BasicBlock {
     fn new(cin: usize, cout: usize, stride: usize, cfg: &TrunkConfig, device: &Device) -> Self {
         let downsample = (stride != 1 || cin != cout).then(|| Downsample {
             conv: conv(cin, cout, 1, stride, false, device),
-            bn: batch_norm(cout, cfg, device),
+            bn: batch_norm_layer(cout, cfg, device),
         });
         BasicBlock {
             conv1: conv(cin, cout, 3, stride, false, device),
-            bn1: batch_norm(cout, cfg, device),
+            bn1: batch_norm_layer(cout, cfg, device),
             conv2: conv(cout, cout, 3, 1, false, device),
-            bn2: batch_norm(cout, cfg, device),
+            bn2: batch_norm_layer(cout, cfg, device),
             downsample,
         }
     }
@@ -84,12 +85,11 @@ impl BasicBlock {
     /// Applies the block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let shortcut = match &self.downsample {
-            Some(d) => d.bn.forward(d.conv.forward(x.clone())),
+            Some(d) => batch_norm(&d.bn, conv2d(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let out = relu(self.bn1.forward(self.conv1.forward(x)));
-        let out = self.bn2.forward(self.conv2.forward(out));
-        relu(out + shortcut)
+        let out = batch_norm_relu(&self.bn1, conv2d(&self.conv1, x));
+        batch_norm_add_relu(&self.bn2, conv2d(&self.conv2, out), shortcut)
     }
 }
 
@@ -142,7 +142,7 @@ impl TrunkConfig {
                 self.stem_bias,
                 device,
             ),
-            bn: batch_norm(self.stem_width, self, device),
+            bn: batch_norm_layer(self.stem_width, self, device),
         };
         let mut cin = self.stem_width;
         let stages = self

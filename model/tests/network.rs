@@ -407,3 +407,85 @@ fn backend_names_parse() {
             .contains("choose")
     );
 }
+
+/// One training step of the whole reference-shaped network: Flex (through the im2col/gemm
+/// convolution and the fused batch norms) against NdArray (burn's own operations), from the same
+/// weights. Outputs, every parameter's gradient and the running statistics must agree.
+#[test]
+#[allow(deprecated)]
+fn training_step_through_the_fast_paths_matches_burns_own_operations() {
+    use retina_model::burn::module::{ModuleVisitor, Param};
+    use retina_model::burn::tensor::Gradients;
+
+    /// Every float parameter's gradient and every running statistic, in visiting order.
+    struct Collect<'a> {
+        grads: &'a Gradients,
+        out: Vec<(String, bool, Vec<f32>)>,
+    }
+    impl ModuleVisitor for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let t = param.val();
+            let (has_grad, v) = match t.grad(self.grads) {
+                Some(g) => (true, g.into_data()),
+                None => (false, t.into_data()), // buffers (running mean/var) have no gradient
+            };
+            let v = v.try_into_vec_as::<f32>().unwrap();
+            self.out.push((format!("{:?}", param.id), has_grad, v));
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = RetinaConfig::preset("reference").unwrap();
+    config.preprocess.image_size = 48;
+    let init = config
+        .init(&BackendChoice::Flex.select().unwrap().device)
+        .unwrap();
+    let path = dir.path().join("bundle");
+    ModelBundle::new(init, BundleMetadata::new(config))
+        .save(&path)
+        .unwrap();
+    let step = |choice: BackendChoice| {
+        let device = choice.select().unwrap().device.autodiff();
+        let net = ModelBundle::load(&path, &device).unwrap().model;
+        let out = net.forward(input(3, 48, 9, &device));
+        let mut loss = net.l2_sum_of_squares().mul_scalar(1e-4);
+        for (i, h) in out.heads.iter().enumerate() {
+            let probe = input(3, 48, 20 + i as u64, &device).reshape([-1]).narrow(
+                0,
+                0,
+                h.dims().iter().product(),
+            );
+            loss = loss + (h.clone().reshape([-1]) * probe).sum();
+        }
+        let heads: Vec<Vec<f32>> = out.heads.iter().map(host).collect();
+        let grads = loss.backward();
+        let mut collect = Collect {
+            grads: &grads,
+            out: Vec::new(),
+        };
+        net.visit(&mut collect);
+        (heads, collect.out)
+    };
+    let (fast_heads, fast) = step(BackendChoice::Flex);
+    let (ref_heads, reference) = step(BackendChoice::Ndarray);
+    for (a, b) in fast_heads.iter().zip(&ref_heads) {
+        assert!(max_abs_diff(a, b) < 1e-4, "head outputs differ");
+    }
+    assert_eq!(fast.len(), reference.len());
+    let with_grad = |v: &[(String, bool, Vec<f32>)]| v.iter().filter(|p| p.1).count();
+    assert_eq!(with_grad(&fast), with_grad(&reference));
+    // 12 convolutions, 12 batch norms (gamma, beta), 3 linear heads (weight, bias), stem bias.
+    assert!(
+        with_grad(&fast) >= 12 + 24 + 6 + 1,
+        "gradients for {}",
+        with_grad(&fast)
+    );
+    for ((name, _, a), (_, _, b)) in fast.iter().zip(&reference) {
+        let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let d = max_abs_diff(a, b);
+        assert!(
+            d <= 1e-3 * scale,
+            "{name}: gradient or statistic differs by {d} (scale {scale})"
+        );
+    }
+}

@@ -1,0 +1,590 @@
+//! Training-mode batch normalisation on the CPU in one pass per statistic.
+//!
+//! Why this exists: burn 0.22's generic `batch_norm_train` (which burn-flex inherits) swaps the
+//! batch and channel axes and copies the tensor to reduce over it, twice forward and twice
+//! backward, plus about ten broadcast element-wise passes. After the convolution fast path
+//! ([`crate::conv`]) those transposing copies were the largest item in a profile of the
+//! reference network's training step. Here the per-channel sums are read straight from NCHW
+//! (each channel is `N` contiguous runs of `H·W` values) and the output and input gradient are
+//! each one fused pass, `y = a·x + b` and `dx = a·dy + b·x + c` per channel.
+//!
+//! Like [`crate::conv`], this is a burn backend extension ([`BatchNormBackend`]) for Flex and
+//! `Autodiff<Flex>` with its own backward; [`batch_norm`] takes burn's `BatchNorm` module and
+//! falls back to `BatchNorm::forward` wherever the fast path does not apply (inference, other
+//! devices, other dtypes), updating the running statistics exactly as burn does.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::{ActivationOps, FloatTensorOps, ModuleOps};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{
+    AutodiffBackend, DType, Dispatch, DispatchDevice, DispatchTensor, Flex, TensorData,
+    backend_extension,
+};
+use burn::nn::BatchNorm;
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use rayon::prelude::*;
+
+/// Batch normalisation with the batch's own statistics, optionally followed by a residual add
+/// and ReLU: the two ways the trunk uses it (`relu(bn(x))` and `relu(bn(x) + shortcut)`).
+/// burn-flex runs element-wise operations on one thread, so fusing the ReLU and the add into the
+/// (parallel) normalisation pass also keeps the second core busy.
+#[backend_extension(Flex, Autodiff)]
+pub trait BatchNormBackend: burn::backend::Backend {
+    /// `x: [N, C, ...]`, `gamma`, `beta: [C]`. Returns the output (after ReLU when `relu`), and
+    /// the batch mean and biased variance per channel (not differentiated: they feed the running
+    /// statistics).
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `relu(batch_norm(x) + residual)`, with `residual` shaped like `x`; returns as above.
+    fn fused_batch_norm_add_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// Applies burn's `BatchNorm` module, through the fused kernel when it is training on a Flex
+/// device.
+pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    if !fast_path(bn, &x) {
+        return bn.forward(x);
+    }
+    let out = Dispatch::fused_batch_norm_train(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        bn.epsilon,
+        false,
+    );
+    update_running(bn, out)
+}
+
+/// `relu(bn(x))`.
+pub fn batch_norm_relu(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    if !fast_path(bn, &x) {
+        return relu(bn.forward(x));
+    }
+    let out = Dispatch::fused_batch_norm_train(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        bn.epsilon,
+        true,
+    );
+    update_running(bn, out)
+}
+
+/// `relu(bn(x) + residual)`: the end of a residual block.
+pub fn batch_norm_add_relu(bn: &BatchNorm, x: Tensor<4>, residual: Tensor<4>) -> Tensor<4> {
+    if !fast_path(bn, &x) || residual.dims() != x.dims() || residual.dtype() != DType::F32 {
+        return relu(bn.forward(x) + residual);
+    }
+    let out = Dispatch::fused_batch_norm_add_relu_train(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        residual.into_dispatch(),
+        bn.epsilon,
+    );
+    update_running(bn, out)
+}
+
+/// Folds the batch statistics into the running ones exactly as burn's `BatchNorm::forward_train`
+/// does, and returns the output.
+fn update_running(
+    bn: &BatchNorm,
+    (out, mean, var): (DispatchTensor, DispatchTensor, DispatchTensor),
+) -> Tensor<4> {
+    let (out, mean, var) = (
+        Tensor::<4>::from_dispatch(out),
+        Tensor::<1>::from_dispatch(mean),
+        Tensor::<1>::from_dispatch(var),
+    );
+    let device = out.device();
+    let running_mean = bn.running_mean.value_sync().to_device(&device);
+    let running_var = bn.running_var.value_sync().to_device(&device);
+    let running_mean = running_mean
+        .mul_scalar(1.0 - bn.momentum)
+        .add(mean.detach().mul_scalar(bn.momentum));
+    let running_var = running_var
+        .mul_scalar(1.0 - bn.momentum)
+        .add(var.detach().mul_scalar(bn.momentum));
+    bn.running_mean.update(running_mean.detach());
+    bn.running_var.update(running_var.detach());
+    out
+}
+
+/// Whether the fused kernels apply: training mode (an autodiff device and a layer that is not
+/// frozen), on Flex, in f32.
+pub fn fast_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
+    let device = x.device();
+    device.is_autodiff()
+        && bn.training.is_enabled()
+        && x.dtype() == DType::F32
+        && bn.gamma.val().dtype() == DType::F32
+        && bn.beta.val().dtype() == DType::F32
+        && matches!(
+            device.without_autodiff().as_dispatch(),
+            DispatchDevice::Flex(_)
+        )
+}
+
+/// Per-channel layout of an `[N, C, ...]` tensor: `n` runs of `plane` values per channel.
+#[derive(Clone, Copy, Debug)]
+struct Channels {
+    n: usize,
+    c: usize,
+    plane: usize,
+}
+
+impl Channels {
+    fn of(shape: &[usize]) -> Self {
+        assert!(shape.len() >= 2, "batch norm: rank {} < 2", shape.len());
+        Channels {
+            n: shape[0],
+            c: shape[1],
+            plane: shape[2..].iter().product(),
+        }
+    }
+
+    fn count(&self) -> f64 {
+        (self.n * self.plane).max(1) as f64
+    }
+
+    /// The runs of channel `ch` in `data`.
+    fn runs<'a>(&self, data: &'a [f32], ch: usize) -> impl Iterator<Item = &'a [f32]> {
+        let (c, p) = (self.c, self.plane);
+        (0..self.n).map(move |i| &data[(i * c + ch) * p..(i * c + ch + 1) * p])
+    }
+}
+
+/// Per-channel `(mean, biased variance)`, accumulated in f64 around a first estimate.
+fn statistics(x: &[f32], ch: &Channels) -> Vec<(f32, f32)> {
+    (0..ch.c)
+        .into_par_iter()
+        .map(|c| {
+            let sum: f64 = ch
+                .runs(x, c)
+                .map(|r| r.iter().map(|&v| v as f64).sum::<f64>())
+                .sum();
+            let mean = sum / ch.count();
+            let m = mean as f32;
+            let sq: f64 = ch
+                .runs(x, c)
+                .map(|r| {
+                    r.iter()
+                        .map(|&v| {
+                            let d = v - m;
+                            d * d
+                        })
+                        .sum::<f32>() as f64
+                })
+                .sum();
+            (m, (sq / ch.count()) as f32)
+        })
+        .collect()
+}
+
+/// `out[i, c, ...] = scale[c] · x[i, c, ...] + shift[c] (+ residual)`, then ReLU when asked.
+fn affine(
+    x: &[f32],
+    ch: &Channels,
+    scale: &[f32],
+    shift: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    let p = ch.plane.max(1);
+    out.par_chunks_mut(p)
+        .zip(x.par_chunks(p))
+        .enumerate()
+        .for_each(|(run, (o, x))| {
+            let c = run % ch.c;
+            let (a, b) = (scale[c], shift[c]);
+            match residual {
+                Some(r) => {
+                    let r = &r[run * p..(run + 1) * p];
+                    for ((o, &x), &r) in o.iter_mut().zip(x).zip(r) {
+                        *o = (a * x + b + r).max(0.0);
+                    }
+                }
+                None if relu => {
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = (a * x + b).max(0.0);
+                    }
+                }
+                None => {
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = a * x + b;
+                    }
+                }
+            }
+        });
+    out
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("fused batch norm: contiguous f32 tensor")
+}
+
+fn host(t: &FlexTensor) -> Vec<f32> {
+    slice(&t.to_contiguous()).to_vec()
+}
+
+fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+fn inv_std(var: f32, epsilon: f64) -> f32 {
+    (1.0 / (var as f64 + epsilon).sqrt()) as f32
+}
+
+/// The forward pass of both fused operations on Flex.
+fn forward_flex(
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    residual: Option<FlexTensor>,
+    epsilon: f64,
+    relu: bool,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let all_f32 = [Some(&x), Some(&gamma), Some(&beta), residual.as_ref()]
+        .into_iter()
+        .flatten()
+        .all(|t| t.dtype() == DType::F32);
+    if !all_f32 {
+        // burn's own operations, in the same order.
+        let r = Flex::batch_norm_train(x, gamma, beta, epsilon);
+        let mut out = r.output;
+        if let Some(residual) = residual {
+            out = Flex::float_add(out, residual);
+        }
+        if relu {
+            out = Flex::relu(out);
+        }
+        return (out, r.mean, r.variance);
+    }
+    let shape = x.layout().shape().to_vec();
+    let ch = Channels::of(&shape);
+    let x = x.to_contiguous();
+    let stats = statistics(slice(&x), &ch);
+    let (gamma, beta) = (host(&gamma), host(&beta));
+    let scale: Vec<f32> = (0..ch.c)
+        .map(|c| gamma[c] * inv_std(stats[c].1, epsilon))
+        .collect();
+    let shift: Vec<f32> = (0..ch.c).map(|c| beta[c] - stats[c].0 * scale[c]).collect();
+    let residual = residual.map(|r| r.to_contiguous());
+    let out = affine(
+        slice(&x),
+        &ch,
+        &scale,
+        &shift,
+        residual.as_ref().map(slice),
+        relu,
+    );
+    (
+        flex(out, shape),
+        flex(stats.iter().map(|s| s.0).collect(), vec![ch.c]),
+        flex(stats.iter().map(|s| s.1).collect(), vec![ch.c]),
+    )
+}
+
+impl BatchNormBackend for Flex {
+    fn fused_batch_norm_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+        relu: bool,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        forward_flex(x, gamma, beta, None, epsilon, relu)
+    }
+
+    fn fused_batch_norm_add_relu_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        residual: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        forward_flex(x, gamma, beta, Some(residual), epsilon, true)
+    }
+}
+
+/// `(dx, dgamma, dbeta)` of training-mode batch norm.
+fn backward(
+    x: &[f32],
+    dy: &[f32],
+    ch: &Channels,
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    epsilon: f64,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    // Per channel: Σ dy and Σ dy·x̂, with x̂ = (x - mean)·inv_std.
+    let sums: Vec<(f64, f64)> = (0..ch.c)
+        .into_par_iter()
+        .map(|c| {
+            let (m, s) = (mean[c], inv_std(var[c], epsilon));
+            ch.runs(x, c)
+                .zip(ch.runs(dy, c))
+                .fold((0.0f64, 0.0f64), |(a, b), (xr, gr)| {
+                    let (mut sa, mut sb) = (0.0f32, 0.0f32);
+                    for (&x, &g) in xr.iter().zip(gr) {
+                        sa += g;
+                        sb += g * (x - m) * s;
+                    }
+                    (a + sa as f64, b + sb as f64)
+                })
+        })
+        .collect();
+    let count = ch.count();
+    // dx = γ·s·(dy - mean(dy) - x̂·mean(dy·x̂)) = a·dy + b·x + c per channel.
+    let coef: Vec<[f32; 3]> = (0..ch.c)
+        .map(|c| {
+            let s = inv_std(var[c], epsilon) as f64;
+            let a = gamma[c] as f64 * s;
+            let mdy = sums[c].0 / count;
+            let mdyx = sums[c].1 / count;
+            [
+                a as f32,
+                (-a * s * mdyx) as f32,
+                (a * (s * mdyx * mean[c] as f64 - mdy)) as f32,
+            ]
+        })
+        .collect();
+    let mut dx = vec![0.0f32; x.len()];
+    let p = ch.plane.max(1);
+    dx.par_chunks_mut(p)
+        .zip(x.par_chunks(p).zip(dy.par_chunks(p)))
+        .enumerate()
+        .for_each(|(run, (o, (x, g)))| {
+            let [a, b, c] = coef[run % ch.c];
+            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                *o = a * g + b * x + c;
+            }
+        });
+    let dgamma = sums.iter().map(|s| s.1 as f32).collect();
+    let dbeta = sums.iter().map(|s| s.0 as f32).collect();
+    (dx, dgamma, dbeta)
+}
+
+/// What the backward pass of a fused batch norm keeps from its forward pass.
+#[derive(Debug, Clone)]
+struct Saved {
+    x: NodeId,
+    gamma: NodeId,
+    mean: FlexTensor,
+    var: FlexTensor,
+    epsilon: f64,
+    /// The output, when a ReLU followed: its zeros mask the incoming gradient.
+    relu_output: Option<FlexTensor>,
+}
+
+/// `(dx, dgamma, dbeta, dresidual)`: the gradient through the ReLU is the residual's.
+fn grads_of(
+    saved: Saved,
+    dy: FlexTensor,
+    checkpointer: &mut Checkpointer,
+) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
+    let x: FlexTensor = checkpointer.retrieve_node_output(saved.x);
+    let gamma: FlexTensor = checkpointer.retrieve_node_output(saved.gamma);
+    let shape = x.layout().shape().to_vec();
+    let ch = Channels::of(&shape);
+    let (x, dy) = (x.to_contiguous(), dy.to_contiguous());
+    let dy = match saved.relu_output {
+        Some(y) => {
+            let y = y.to_contiguous();
+            let mut masked = vec![0.0f32; slice(&dy).len()];
+            masked
+                .par_chunks_mut(1 << 14)
+                .zip(
+                    slice(&dy)
+                        .par_chunks(1 << 14)
+                        .zip(slice(&y).par_chunks(1 << 14)),
+                )
+                .for_each(|(m, (g, y))| {
+                    for ((m, &g), &y) in m.iter_mut().zip(g).zip(y) {
+                        *m = if y > 0.0 { g } else { 0.0 };
+                    }
+                });
+            flex(masked, shape.clone())
+        }
+        None => dy,
+    };
+    let (dx, dgamma, dbeta) = backward(
+        slice(&x),
+        slice(&dy),
+        &ch,
+        &host(&gamma),
+        &host(&saved.mean),
+        &host(&saved.var),
+        saved.epsilon,
+    );
+    (
+        flex(dx, shape),
+        flex(dgamma, vec![ch.c]),
+        flex(dbeta, vec![ch.c]),
+        dy,
+    )
+}
+
+#[derive(Debug)]
+struct FusedBatchNormBackward;
+
+impl Backward<Flex, 3> for FusedBatchNormBackward {
+    type State = Saved;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (dx, dgamma, dbeta, _) = grads_of(ops.state, dy, checkpointer);
+        for (node, grad) in ops.parents.into_iter().zip([dx, dgamma, dbeta]) {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, grad);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct FusedBatchNormAddReluBackward;
+
+impl Backward<Flex, 4> for FusedBatchNormAddReluBackward {
+    type State = Saved;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 4>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (dx, dgamma, dbeta, dres) = grads_of(ops.state, dy, checkpointer);
+        for (node, grad) in ops.parents.into_iter().zip([dx, dgamma, dbeta, dres]) {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        match FusedBatchNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                let (out, mean, var) = Flex::fused_batch_norm_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                    relu,
+                );
+                let saved = Saved {
+                    x: x_state,
+                    gamma: gamma_state,
+                    mean: mean.clone(),
+                    var: var.clone(),
+                    epsilon,
+                    relu_output: relu.then(|| out.clone()),
+                };
+                let out = prep.finish(saved, out);
+                (out, Self::from_inner(mean), Self::from_inner(var))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, mean, var) = Flex::fused_batch_norm_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    epsilon,
+                    relu,
+                );
+                (
+                    prep.finish(out),
+                    Self::from_inner(mean),
+                    Self::from_inner(var),
+                )
+            }
+        }
+    }
+
+    fn fused_batch_norm_add_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        match FusedBatchNormAddReluBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node(), residual.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                let (out, mean, var) = Flex::fused_batch_norm_add_relu_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    residual.into_primitive(),
+                    epsilon,
+                );
+                let saved = Saved {
+                    x: x_state,
+                    gamma: gamma_state,
+                    mean: mean.clone(),
+                    var: var.clone(),
+                    epsilon,
+                    relu_output: Some(out.clone()),
+                };
+                let out = prep.finish(saved, out);
+                (out, Self::from_inner(mean), Self::from_inner(var))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, mean, var) = Flex::fused_batch_norm_add_relu_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    residual.into_primitive(),
+                    epsilon,
+                );
+                (
+                    prep.finish(out),
+                    Self::from_inner(mean),
+                    Self::from_inner(var),
+                )
+            }
+        }
+    }
+}

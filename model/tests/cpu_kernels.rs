@@ -1,0 +1,376 @@
+//! The CPU fast paths against burn's own modules on the same device and weights.
+//!
+//! - The im2col + gemm convolution against `Conv2d`: outputs, input gradients, weight and bias
+//!   gradients, for every shape the trunk uses (3x3 stride 1 and 2, 1x1 stride 1 and 2, the
+//!   3-channel stem) and for batches smaller and larger than the thread pool.
+//! - The fused training-mode batch norm against `BatchNorm`: outputs, input, gamma and beta
+//!   gradients, and the running statistics it leaves behind.
+
+use retina_model::burn::module::{Module, Param};
+use retina_model::burn::nn::conv::{Conv2d, Conv2dConfig};
+use retina_model::burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use retina_model::burn::prelude::*;
+use retina_model::burn::tensor::activation::relu;
+use retina_model::conv::{conv2d, fast_path};
+use retina_model::norm;
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= tol * scale,
+        "{what}: max |diff| {worst} (scale {scale})"
+    );
+}
+
+struct Case {
+    n: usize,
+    cin: usize,
+    cout: usize,
+    hw: [usize; 2],
+    k: usize,
+    stride: usize,
+    pad: usize,
+    bias: bool,
+}
+
+fn layer(c: &Case, device: &Device) -> Conv2d {
+    Conv2dConfig::new([c.cin, c.cout], [c.k, c.k])
+        .with_stride([c.stride, c.stride])
+        .with_padding(PaddingConfig2d::Explicit(c.pad, c.pad, c.pad, c.pad))
+        .with_bias(c.bias)
+        .init(device)
+}
+
+/// Forward and backward through both paths on one autodiff Flex device with the same weights;
+/// the loss weights every output element differently so a misplaced gradient cannot cancel.
+fn check(c: Case) {
+    let device = Device::flex().autodiff();
+    let conv = layer(&c, &device);
+    let [h, w] = c.hw;
+    let x_vals = values(c.n * c.cin * h * w, 7);
+    let run = |fast: bool| {
+        let conv = conv.clone();
+        let x = Tensor::<1>::from_floats(x_vals.as_slice(), &device)
+            .reshape([c.n, c.cin, h, w])
+            .require_grad();
+        if fast {
+            assert!(
+                fast_path(&conv, &x).is_some(),
+                "the fast path must apply here"
+            );
+        }
+        let y = if fast {
+            conv2d(&conv, x.clone())
+        } else {
+            conv.forward(x.clone())
+        };
+        let dims = y.dims();
+        let probe = Tensor::<1>::from_floats(values(dims.iter().product(), 11).as_slice(), &device)
+            .reshape(dims);
+        let grads = (y.clone() * probe).sum().backward();
+        let dx = x.grad(&grads).unwrap();
+        let dw = conv.weight.val().grad(&grads).unwrap();
+        let db = conv
+            .bias
+            .as_ref()
+            .map(|b| host(b.val().grad(&grads).unwrap()));
+        (dims, host(y), host(dx), host(dw), db)
+    };
+    let (dims_f, y_f, dx_f, dw_f, db_f) = run(true);
+    let (dims_r, y_r, dx_r, dw_r, db_r) = run(false);
+    let label = format!(
+        "n {} {}->{} {}x{} k{} s{} p{}",
+        c.n, c.cin, c.cout, h, w, c.k, c.stride, c.pad
+    );
+    assert_eq!(dims_f, dims_r, "{label}: output shape");
+    assert_close(&format!("{label}: output"), &y_f, &y_r, 1e-5);
+    assert_close(&format!("{label}: input gradient"), &dx_f, &dx_r, 1e-5);
+    assert_close(&format!("{label}: weight gradient"), &dw_f, &dw_r, 1e-5);
+    match (db_f, db_r) {
+        (Some(a), Some(b)) => assert_close(&format!("{label}: bias gradient"), &a, &b, 1e-5),
+        (None, None) => {}
+        _ => panic!("{label}: bias gradient on one path only"),
+    }
+}
+
+#[test]
+fn stem_3x3_stride_2_with_bias() {
+    check(Case {
+        n: 3,
+        cin: 3,
+        cout: 8,
+        hw: [17, 16],
+        k: 3,
+        stride: 2,
+        pad: 1,
+        bias: true,
+    });
+}
+
+#[test]
+fn block_3x3_stride_1() {
+    check(Case {
+        n: 4,
+        cin: 8,
+        cout: 8,
+        hw: [12, 12],
+        k: 3,
+        stride: 1,
+        pad: 1,
+        bias: false,
+    });
+}
+
+#[test]
+fn block_3x3_stride_2_odd_size() {
+    check(Case {
+        n: 5,
+        cin: 6,
+        cout: 10,
+        hw: [13, 11],
+        k: 3,
+        stride: 2,
+        pad: 1,
+        bias: false,
+    });
+}
+
+#[test]
+fn shortcut_1x1_stride_2() {
+    check(Case {
+        n: 2,
+        cin: 8,
+        cout: 16,
+        hw: [9, 10],
+        k: 1,
+        stride: 2,
+        pad: 0,
+        bias: false,
+    });
+}
+
+#[test]
+fn pointwise_1x1_stride_1() {
+    check(Case {
+        n: 3,
+        cin: 5,
+        cout: 7,
+        hw: [6, 6],
+        k: 1,
+        stride: 1,
+        pad: 0,
+        bias: true,
+    });
+}
+
+#[test]
+fn batch_of_one_splits_the_product_instead() {
+    check(Case {
+        n: 1,
+        cin: 16,
+        cout: 32,
+        hw: [20, 20],
+        k: 3,
+        stride: 1,
+        pad: 1,
+        bias: false,
+    });
+}
+
+#[test]
+fn unpadded_5x5() {
+    check(Case {
+        n: 2,
+        cin: 4,
+        cout: 3,
+        hw: [9, 9],
+        k: 5,
+        stride: 1,
+        pad: 0,
+        bias: true,
+    });
+}
+
+#[test]
+fn inference_without_autodiff_matches() {
+    let device = Device::flex();
+    let c = Case {
+        n: 2,
+        cin: 4,
+        cout: 6,
+        hw: [10, 10],
+        k: 3,
+        stride: 2,
+        pad: 1,
+        bias: true,
+    };
+    let conv = layer(&c, &device);
+    let x = Tensor::<1>::from_floats(values(2 * 4 * 100, 3).as_slice(), &device)
+        .reshape([2, 4, 10, 10]);
+    assert!(fast_path(&conv, &x).is_some());
+    assert_close(
+        "no autodiff",
+        &host(conv2d(&conv, x.clone())),
+        &host(conv.forward(x)),
+        1e-5,
+    );
+}
+
+#[test]
+#[allow(deprecated)]
+fn other_backends_use_burns_convolution() {
+    // NdArray has no fast path: the same call must still give burn's answer there.
+    let device = Device::ndarray();
+    let c = Case {
+        n: 1,
+        cin: 2,
+        cout: 3,
+        hw: [5, 5],
+        k: 3,
+        stride: 1,
+        pad: 1,
+        bias: false,
+    };
+    let conv = layer(&c, &device).to_device(&device);
+    let x = Tensor::<1>::from_floats(values(50, 5).as_slice(), &device).reshape([1, 2, 5, 5]);
+    assert!(fast_path(&conv, &x).is_none());
+    assert_close(
+        "ndarray",
+        &host(conv2d(&conv, x.clone())),
+        &host(conv.forward(x)),
+        0.0,
+    );
+}
+
+/// Batch norm through both paths from the same layer state; returns everything they produce.
+/// Which fused form to check against burn's modules and operations.
+#[derive(Clone, Copy, Debug)]
+enum Form {
+    Plain,
+    Relu,
+    AddRelu,
+}
+
+fn batch_norm_case(
+    dims: [usize; 4],
+    shift: f32,
+    form: Form,
+    device: &Device,
+) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    let c = dims[1];
+    // A fresh layer per path: clones share their running statistics. Non-trivial gamma and beta,
+    // so a swapped or missing term shows.
+    let layer = || {
+        let mut bn: BatchNorm = BatchNormConfig::new(c).with_momentum(0.2).init(device);
+        let gamma = Tensor::<1>::from_floats(values(c, 21).as_slice(), device).add_scalar(1.0);
+        bn.gamma = Param::from_tensor(gamma);
+        bn.beta = Param::from_tensor(Tensor::<1>::from_floats(values(c, 22).as_slice(), device));
+        bn
+    };
+    let n: usize = dims.iter().product();
+    let run = |fast: bool| {
+        let bn = layer();
+        // An offset mean per channel (and overall `shift`) checks the centring.
+        let x = Tensor::<1>::from_floats(values(n, 9).as_slice(), device)
+            .reshape(dims)
+            .add_scalar(shift)
+            + Tensor::<1>::from_floats(values(c, 23).as_slice(), device)
+                .mul_scalar(3.0)
+                .reshape([1, c, 1, 1]);
+        let x = x.require_grad();
+        let residual = Tensor::<1>::from_floats(values(n, 17).as_slice(), device)
+            .reshape(dims)
+            .require_grad();
+        if fast {
+            assert!(norm::fast_path(&bn, &x), "the fast path must apply here");
+        }
+        let y = match (form, fast) {
+            (Form::Plain, true) => norm::batch_norm(&bn, x.clone()),
+            (Form::Plain, false) => bn.forward(x.clone()),
+            (Form::Relu, true) => norm::batch_norm_relu(&bn, x.clone()),
+            (Form::Relu, false) => relu(bn.forward(x.clone())),
+            (Form::AddRelu, true) => norm::batch_norm_add_relu(&bn, x.clone(), residual.clone()),
+            (Form::AddRelu, false) => relu(bn.forward(x.clone()) + residual.clone()),
+        };
+        let probe = Tensor::<1>::from_floats(values(n, 13).as_slice(), device).reshape(dims);
+        let grads = (y.clone() * probe).sum().backward();
+        vec![
+            host(y),
+            host(x.grad(&grads).unwrap()),
+            host(bn.gamma.val().grad(&grads).unwrap()),
+            host(bn.beta.val().grad(&grads).unwrap()),
+            host(bn.running_mean.value()),
+            host(bn.running_var.value()),
+            residual.grad(&grads).map(host).unwrap_or_default(),
+        ]
+    };
+    let names = [
+        "output",
+        "input gradient",
+        "gamma gradient",
+        "beta gradient",
+        "running mean",
+        "running variance",
+        "residual gradient",
+    ];
+    names
+        .iter()
+        .zip(run(true).into_iter().zip(run(false)))
+        .map(|(name, (a, b))| (format!("{form:?} {dims:?}: {name}"), a, b))
+        .collect()
+}
+
+#[test]
+fn fused_batch_norm_matches_burns_in_training() {
+    let device = Device::flex().autodiff();
+    for (dims, shift) in [
+        ([4, 8, 6, 6], 0.0),
+        ([3, 5, 7, 9], 40.0),
+        ([1, 4, 3, 3], -2.0),
+        ([16, 2, 1, 1], 1.0),
+    ] {
+        for form in [Form::Plain, Form::Relu, Form::AddRelu] {
+            for (what, fast, reference) in batch_norm_case(dims, shift, form, &device) {
+                assert_close(&what, &fast, &reference, 2e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_norm_outside_training_is_burns_own() {
+    let bn: BatchNorm = BatchNormConfig::new(3).init(&Device::flex());
+    let x = Tensor::<1>::from_floats(values(2 * 3 * 4 * 4, 4).as_slice(), &Device::flex())
+        .reshape([2, 3, 4, 4]);
+    assert!(
+        !norm::fast_path(&bn, &x),
+        "inference needs no batch statistics"
+    );
+    let on_autodiff = Tensor::<4>::zeros([2, 3, 4, 4], &Device::flex().autodiff());
+    assert!(norm::fast_path(
+        &bn.clone().to_device(&Device::flex().autodiff()),
+        &on_autodiff
+    ));
+}
