@@ -24,6 +24,25 @@ for r in $(seq 1 "$rounds"); do
   if [ -x "$peer_py" ] && [ -f "$peer_dir/bench.py" ]; then
     echo "round $r: pytorch + onnxruntime" >&2
     "$peer_py" "$peer_dir/bench.py" > "$out/peer.$r.json"
+    # Peak resident memory of a process doing the reference's own training step at 224 px, batch
+    # 16 (bench.py does not report it): the counterpart of retina-train bench's peak_rss_mib.
+    "$peer_py" - "$peer_dir" > "$out/peermem.$r.json" <<'PYMEM'
+import json, resource, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import model as M
+torch.set_num_threads(2)
+torch.manual_seed(0)
+net = M.RefNet().train()
+opt = M.make_optimizer(net)
+x = torch.randn(M.BATCH, 3, 224, 224)
+yd = torch.randint(0, M.NUM_CLASSES, (M.BATCH,))
+yf = torch.randint(0, 2, (M.BATCH,)).float()
+yv = torch.rand(M.BATCH)
+for _ in range(4):
+    M.train_step(net, opt, x, yd, yf, yv)
+print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+PYMEM
   fi
 done
 python3 - "$out" "$rounds" <<'PY'
@@ -35,6 +54,7 @@ def load(name):
     return vals
 med = lambda xs: statistics.median(xs) if xs else float("nan")
 t224, t128, inf, peer = load("train224"), load("train128"), load("infer"), load("peer")
+peermem = load("peermem")
 rows = [
     ("training step, batch 16, 224 px (img/s)", med([x["train_img_per_s"] for x in t224]),
      med([p["train"]["224"]["img_per_s"] for p in peer]), None, True),
@@ -46,7 +66,8 @@ rows = [
     ("inference batch 16, 224 px (img/s)", med([x["b16_img_per_s"] for x in inf]),
      med([p["torch_infer_224"]["b16_img_per_s"] for p in peer]),
      med([p["ort_infer_224"]["b16_img_per_s"] for p in peer]), True),
-    ("peak memory, training 224 px (MiB)", med([x["peak_rss_mib"] for x in t224]), float("nan"), None, False),
+    ("peak memory, training 224 px (MiB)", med([x["peak_rss_mib"] for x in t224]),
+     med([p["peak_rss_mib"] for p in peermem]), None, False),
 ]
 print(f"| work | Retina ({t224[0]['backend'] if t224 else '?'}) | PyTorch {peer[0]['torch'] if peer else '-'} | ONNX Runtime | Retina / PyTorch |")
 print("|---|---|---|---|---|")

@@ -575,11 +575,15 @@ impl Geometry {
 fn pad_channels_last(xi: &[f32], g: &Geometry, out: &mut [f32], parallel: bool) {
     let c = g.cin;
     let fill = |(r, row): (usize, &mut [f32])| {
-        row.fill(0.0);
         let Some(ih) = r.checked_sub(g.pad[0]).filter(|&ih| ih < g.h) else {
+            row.fill(0.0);
             return;
         };
-        let inside = &mut row[g.pad[1] * c..(g.pad[1] + g.w) * c];
+        // Only the padding columns need zeros: the image overwrites the rest.
+        let (left, rest) = row.split_at_mut(g.pad[1] * c);
+        let (inside, right) = rest.split_at_mut(g.w * c);
+        left.fill(0.0);
+        right.fill(0.0);
         for ci in 0..c {
             let src = &xi[(ci * g.h + ih) * g.w..(ci * g.h + ih + 1) * g.w];
             for (px, &v) in inside.chunks_exact_mut(c).zip(src) {

@@ -57,9 +57,111 @@ pub trait BatchNormBackend: burn::backend::Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// Applies burn's `BatchNorm` module, through the fused kernel when it is training on a Flex
-/// device.
+/// Inference-mode batch norm (running statistics) as one parallel pass, optionally with the
+/// residual add and ReLU: burn's generic form is five broadcast element-wise operations, each on
+/// one thread in burn-flex. Flex only and never differentiated: [`inference_fast_path`] keeps
+/// autodiff tensors (a frozen layer inside a training graph) on burn's own operations.
+#[backend_extension(Flex)]
+pub trait BatchNormInferenceBackend: burn::backend::Backend {
+    /// `relu?(scale[c]·x + shift[c] (+ residual))` with per-channel `scale` and `shift`.
+    fn channel_affine(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        relu: bool,
+    ) -> FloatTensor<Self>;
+
+    /// `relu(scale[c]·x + shift[c] + residual)`.
+    fn channel_affine_add_relu(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+impl BatchNormInferenceBackend for Flex {
+    fn channel_affine(
+        x: FlexTensor,
+        scale: FlexTensor,
+        shift: FlexTensor,
+        relu: bool,
+    ) -> FlexTensor {
+        apply_affine(x, scale, shift, None, relu)
+    }
+
+    fn channel_affine_add_relu(
+        x: FlexTensor,
+        scale: FlexTensor,
+        shift: FlexTensor,
+        residual: FlexTensor,
+    ) -> FlexTensor {
+        apply_affine(x, scale, shift, Some(residual), true)
+    }
+}
+
+fn apply_affine(
+    x: FlexTensor,
+    scale: FlexTensor,
+    shift: FlexTensor,
+    residual: Option<FlexTensor>,
+    relu: bool,
+) -> FlexTensor {
+    let shape = x.layout().shape().to_vec();
+    let ch = Channels::of(&shape);
+    let x = x.to_contiguous();
+    let residual = residual.map(|r| r.to_contiguous());
+    let out = affine(
+        slice(&x),
+        &ch,
+        &host(&scale),
+        &host(&shift),
+        residual.as_ref().map(slice),
+        relu,
+    );
+    flex(out, shape)
+}
+
+/// Whether the inference kernel applies: burn would use the running statistics (no autodiff, or
+/// a frozen layer), the tensors are plain Flex f32 ones.
+pub fn inference_fast_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
+    let device = x.device();
+    !device.is_autodiff()
+        && x.dtype() == DType::F32
+        && bn.gamma.val().dtype() == DType::F32
+        && matches!(device.as_dispatch(), DispatchDevice::Flex(_))
+}
+
+/// `relu?(bn(x) (+ residual))` from the running statistics, as burn's `forward_inference` computes
+/// it: `(x - mean) / sqrt(var + eps) · gamma + beta`.
+fn inference(bn: &BatchNorm, x: Tensor<4>, residual: Option<Tensor<4>>, relu: bool) -> Tensor<4> {
+    let device = x.device();
+    let mean = bn.running_mean.value().to_device(&device);
+    let var = bn.running_var.value().to_device(&device);
+    let scale = bn.gamma.val() / var.add_scalar(bn.epsilon).sqrt();
+    let shift = bn.beta.val() - mean * scale.clone();
+    let out = match residual {
+        Some(r) => Dispatch::channel_affine_add_relu(
+            x.into_dispatch(),
+            scale.into_dispatch(),
+            shift.into_dispatch(),
+            r.into_dispatch(),
+        ),
+        None => Dispatch::channel_affine(
+            x.into_dispatch(),
+            scale.into_dispatch(),
+            shift.into_dispatch(),
+            relu,
+        ),
+    };
+    Tensor::from_dispatch(out)
+}
+
+/// Applies burn's `BatchNorm` module, through the fused kernels on a Flex device.
 pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    if inference_fast_path(bn, &x) {
+        return inference(bn, x, None, false);
+    }
     if !fast_path(bn, &x) {
         return bn.forward(x);
     }
@@ -75,6 +177,9 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
 
 /// `relu(bn(x))`.
 pub fn batch_norm_relu(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    if inference_fast_path(bn, &x) {
+        return inference(bn, x, None, true);
+    }
     if !fast_path(bn, &x) {
         return relu(bn.forward(x));
     }
@@ -90,7 +195,11 @@ pub fn batch_norm_relu(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
 
 /// `relu(bn(x) + residual)`: the end of a residual block.
 pub fn batch_norm_add_relu(bn: &BatchNorm, x: Tensor<4>, residual: Tensor<4>) -> Tensor<4> {
-    if !fast_path(bn, &x) || residual.dims() != x.dims() || residual.dtype() != DType::F32 {
+    let same = residual.dims() == x.dims() && residual.dtype() == DType::F32;
+    if same && inference_fast_path(bn, &x) {
+        return inference(bn, x, Some(residual), true);
+    }
+    if !fast_path(bn, &x) || !same {
         return relu(bn.forward(x) + residual);
     }
     let out = Dispatch::fused_batch_norm_add_relu_train(

@@ -374,3 +374,41 @@ fn batch_norm_outside_training_is_burns_own() {
         &on_autodiff
     ));
 }
+
+#[test]
+fn inference_batch_norm_matches_burns_from_running_statistics() {
+    use retina_model::burn::module::RunningState;
+    let device = Device::flex();
+    let (dims, c) = ([3, 6, 5, 7], 6);
+    let mut bn: BatchNorm = BatchNormConfig::new(c).with_epsilon(1e-3).init(&device);
+    let t = |seed: u64| Tensor::<1>::from_floats(values(c, seed).as_slice(), &device);
+    bn.gamma = Param::from_tensor(t(31).add_scalar(1.0));
+    bn.beta = Param::from_tensor(t(32));
+    bn.running_mean = RunningState::new(t(33).mul_scalar(4.0));
+    bn.running_var = RunningState::new(t(34).abs().add_scalar(0.2));
+    let n: usize = dims.iter().product();
+    let x = Tensor::<1>::from_floats(values(n, 35).as_slice(), &device).reshape(dims);
+    let r = Tensor::<1>::from_floats(values(n, 36).as_slice(), &device).reshape(dims);
+    assert!(norm::inference_fast_path(&bn, &x));
+    assert!(!norm::fast_path(&bn, &x));
+    let cases = [
+        (
+            "plain",
+            norm::batch_norm(&bn, x.clone()),
+            bn.forward(x.clone()),
+        ),
+        (
+            "relu",
+            norm::batch_norm_relu(&bn, x.clone()),
+            relu(bn.forward(x.clone())),
+        ),
+        (
+            "add relu",
+            norm::batch_norm_add_relu(&bn, x.clone(), r.clone()),
+            relu(bn.forward(x.clone()) + r),
+        ),
+    ];
+    for (what, fast, reference) in cases {
+        assert_close(what, &host(fast), &host(reference), 1e-5);
+    }
+}
