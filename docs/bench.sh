@@ -69,7 +69,7 @@ rows = [
     ("peak memory, training 224 px (MiB)", med([x["peak_rss_mib"] for x in t224]),
      med([p["peak_rss_mib"] for p in peermem]), None, False),
 ]
-print(f"| work | Retina ({t224[0]['backend'] if t224 else '?'}) | PyTorch {peer[0]['torch'] if peer else '-'} | ONNX Runtime | Retina / PyTorch |")
+print(f"| work | Retina ({t224[0]['backend'] if t224 else '?'}) | PyTorch {peer[0]['torch'] if peer else '-'} | ONNX Runtime | Retina vs PyTorch (>1: Retina better) |")
 print("|---|---|---|---|---|")
 for name, ours, torch, ort, higher_better in rows:
     ratio = (ours / torch if higher_better else torch / ours) if torch == torch and torch else float("nan")

@@ -613,6 +613,36 @@ fn forward_shifted(
     let (padded, virt) = scratch.split_at_mut(g.padded_len());
     pad_channels_last(xi, g, padded, matches!(par, Parallelism::Rayon(_)));
     let (m, run, wp, k) = (g.virtual_pixels(), g.kw * g.cin, g.padded_w(), g.k());
+    let ohw = g.out_pixels();
+    if g.cout <= m {
+        // Few output channels, many pixels: `Y[c, p]` with the windows as the right operand,
+        // read in place (k-contiguous columns), and channels-last output. For the wide early
+        // layers gemm ran this 1.2-1.5x faster than the transposed product below, which packs
+        // the windows first (measured on this machine: 79-87 vs 57-70 GFLOP/s on one core).
+        for i in 0..g.kh {
+            let kernel_row = Mat::view(wperm, i * run, k as isize, 1, [g.cout, run]);
+            let windows = Mat::view(padded, i * wp * g.cin, 1, g.cin as isize, [run, m]);
+            matmul_into(
+                virt,
+                [1, g.cout as isize],
+                [g.cout, m, run],
+                kernel_row,
+                windows,
+                i > 0,
+                par,
+            );
+        }
+        for oh in 0..g.oh {
+            let rows = &virt[oh * wp * g.cout..(oh * wp + g.ow) * g.cout];
+            for co in 0..g.cout {
+                let out = &mut dst[co * ohw + oh * g.ow..co * ohw + (oh + 1) * g.ow];
+                for (o, px) in out.iter_mut().zip(rows.chunks_exact(g.cout)) {
+                    *o = px[co];
+                }
+            }
+        }
+        return;
+    }
     for i in 0..g.kh {
         let windows = Mat::view(padded, i * wp * g.cin, g.cin as isize, 1, [m, run]);
         let kernel_row = Mat::view(wperm, i * run, 1, k as isize, [run, g.cout]);
@@ -626,7 +656,6 @@ fn forward_shifted(
             par,
         );
     }
-    let ohw = g.out_pixels();
     for co in 0..g.cout {
         for oh in 0..g.oh {
             let from = co * m + oh * wp;
@@ -712,11 +741,36 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
     } else {
         permute_weight(weight, g, false)
     };
+    // As in `forward_shifted`: with few output channels, a channels-last product that reads the
+    // patch rows in place beats the transposed one.
+    let channels_last = !g.is_pointwise() && !g.is_subsample() && g.cout <= ohw;
+    let extra = if channels_last { g.cout * ohw } else { 0 };
     ranges.into_par_iter().zip(outs).for_each(|(range, out)| {
-        with_scratch(g.scratch_len(), |scratch| {
+        with_scratch(g.scratch_len() + extra, |scratch| {
+            let (scratch, cl) = scratch.split_at_mut(g.scratch_len());
             let (hwc, col) = scratch.split_at_mut(g.hwc_len());
             for (img, dst) in range.zip(out.chunks_mut(chunk)) {
                 let xi = &x[img * g.in_plane()..(img + 1) * g.in_plane()];
+                if channels_last {
+                    patches(xi, g, hwc, col, par);
+                    let patch_cols = Mat::view(col, 0, 1, k as isize, [k, ohw]);
+                    let w = Mat::view(&weight, 0, k as isize, 1, [g.cout, k]);
+                    matmul_into(
+                        cl,
+                        [1, g.cout as isize],
+                        [g.cout, ohw, k],
+                        w,
+                        patch_cols,
+                        false,
+                        par,
+                    );
+                    for (p, px) in cl.chunks_exact(g.cout).enumerate() {
+                        for (co, &v) in px.iter().enumerate() {
+                            dst[co * ohw + p] = v;
+                        }
+                    }
+                    continue;
+                }
                 let rhs = if g.is_pointwise() {
                     Mat::rows(xi, ohw)
                 } else if g.is_subsample() {

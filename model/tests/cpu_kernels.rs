@@ -158,6 +158,21 @@ fn block_3x3_stride_2_odd_size() {
 }
 
 #[test]
+fn deep_3x3_with_more_channels_than_pixels() {
+    // 40 output channels over 4x5 pixels: the product runs the other way round.
+    check(Case {
+        n: 3,
+        cin: 24,
+        cout: 40,
+        hw: [4, 5],
+        k: 3,
+        stride: 1,
+        pad: 1,
+        bias: false,
+    });
+}
+
+#[test]
 fn shortcut_1x1_stride_2() {
     check(Case {
         n: 2,
