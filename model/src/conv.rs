@@ -225,14 +225,7 @@ fn to_channels_last(x: &[f32], c: usize, p: usize, out: &mut [f32], parallel: bo
     // One band of `T` pixels (all channels) at a time: each band is written by one thread.
     let band = |(b, out): (usize, &mut [f32])| {
         let p0 = b * T;
-        for c0 in (0..c).step_by(T) {
-            for ci in c0..(c0 + T).min(c) {
-                let src = &x[ci * p + p0..ci * p + (p0 + T).min(p)];
-                for (px, &v) in out.chunks_exact_mut(c).zip(src) {
-                    px[ci] = v;
-                }
-            }
-        }
+        interleave(|ci| &x[ci * p + p0..ci * p + (p0 + T).min(p)], c, out);
     };
     if parallel {
         out[..p * c]
@@ -571,6 +564,27 @@ impl Geometry {
     }
 }
 
+/// Writes `c` channel rows (each `out.len() / c` pixels long) pixel-major into `out`: eight
+/// channels at a time, so every store is one contiguous run of eight values.
+fn interleave<'a>(row: impl Fn(usize) -> &'a [f32], c: usize, out: &mut [f32]) {
+    const G: usize = 8;
+    let full = c / G * G;
+    for c0 in (0..full).step_by(G) {
+        let rows: [&[f32]; G] = std::array::from_fn(|t| row(c0 + t));
+        for (x, px) in out.chunks_exact_mut(c).enumerate() {
+            let d: &mut [f32; G] = (&mut px[c0..c0 + G]).try_into().expect("eight channels");
+            for (d, r) in d.iter_mut().zip(&rows) {
+                *d = r[x];
+            }
+        }
+    }
+    for ci in full..c {
+        for (px, &v) in out.chunks_exact_mut(c).zip(row(ci)) {
+            px[ci] = v;
+        }
+    }
+}
+
 /// Zero-padded channels-last copy `[H_pad + 1, W_pad, C]` of one NCHW image.
 fn pad_channels_last(xi: &[f32], g: &Geometry, out: &mut [f32], parallel: bool) {
     let c = g.cin;
@@ -584,12 +598,7 @@ fn pad_channels_last(xi: &[f32], g: &Geometry, out: &mut [f32], parallel: bool) 
         let (inside, right) = rest.split_at_mut(g.w * c);
         left.fill(0.0);
         right.fill(0.0);
-        for ci in 0..c {
-            let src = &xi[(ci * g.h + ih) * g.w..(ci * g.h + ih + 1) * g.w];
-            for (px, &v) in inside.chunks_exact_mut(c).zip(src) {
-                px[ci] = v;
-            }
-        }
+        interleave(|ci| &xi[(ci * g.h + ih) * g.w..(ci * g.h + ih + 1) * g.w], c, inside);
     };
     let out = &mut out[..g.padded_len()];
     let row = g.padded_w() * c;
@@ -724,7 +733,7 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
     if g.is_shifted() {
         return forward_permuted(x, &permute_weight(weight, g, false), g);
     }
-    let mut out = vec![0.0f32; g.n * g.out_plane()];
+    let mut out = zeros(g.n * g.out_plane());
     let (parts, par) = plan(g.n);
     let (k, ohw) = (g.k(), g.out_pixels());
     let chunk = g.out_plane();
@@ -796,7 +805,7 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
 
 /// Stride-1 forward over the batch with a kernel already in `[C_out, kh, kw, C_in]` order.
 fn forward_permuted(x: &[f32], wperm: &[f32], g: &Geometry) -> Vec<f32> {
-    let mut out = vec![0.0f32; g.n * g.out_plane()];
+    let mut out = zeros(g.n * g.out_plane());
     let (parts, par) = plan(g.n);
     let ranges = split(g.n, parts);
     let mut outs: Vec<&mut [f32]> = Vec::with_capacity(ranges.len());
@@ -821,7 +830,7 @@ fn backward_x(weight: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
     if let Some(t) = g.input_gradient() {
         return forward_permuted(dy, &flip_weight(weight, g), &t);
     }
-    let mut dx = vec![0.0f32; g.n * g.in_plane()];
+    let mut dx = zeros(g.n * g.in_plane());
     let (parts, par) = plan(g.n);
     let (k, ohw) = (g.k(), g.out_pixels());
     let ranges = split(g.n, parts);
@@ -899,6 +908,14 @@ fn backward_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
     } else {
         permute_weight(&dw, g, true)
     }
+}
+
+/// A zeroed buffer, filled by every thread: a serial `vec![0.0; n]` of an activation-sized
+/// output left the other core idle (in the heap, calloc has to clear reused memory).
+pub(crate) fn zeros(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    (0..n).into_par_iter().map(|_| 0.0f32).collect_into_vec(&mut v);
+    v
 }
 
 /// Element-wise sum of per-thread partial results.

@@ -28,6 +28,7 @@ use burn::backend::{
 use burn::nn::BatchNorm;
 use burn::prelude::*;
 use burn::tensor::activation::relu;
+use crate::conv::zeros;
 use rayon::prelude::*;
 
 /// Batch normalisation with the batch's own statistics, optionally followed by a residual add
@@ -317,7 +318,7 @@ fn affine(
     residual: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+    let mut out = zeros(x.len());
     let p = ch.plane.max(1);
     out.par_chunks_mut(p)
         .zip(x.par_chunks(p))
@@ -478,7 +479,7 @@ fn backward(
             ]
         })
         .collect();
-    let mut dx = vec![0.0f32; x.len()];
+    let mut dx = zeros(x.len());
     let p = ch.plane.max(1);
     dx.par_chunks_mut(p)
         .zip(x.par_chunks(p).zip(dy.par_chunks(p)))
@@ -520,7 +521,7 @@ fn grads_of(
     let dy = match saved.relu_output {
         Some(y) => {
             let y = y.to_contiguous();
-            let mut masked = vec![0.0f32; slice(&dy).len()];
+            let mut masked = zeros(slice(&dy).len());
             masked
                 .par_chunks_mut(1 << 14)
                 .zip(
