@@ -598,7 +598,11 @@ fn pad_channels_last(xi: &[f32], g: &Geometry, out: &mut [f32], parallel: bool) 
         let (inside, right) = rest.split_at_mut(g.w * c);
         left.fill(0.0);
         right.fill(0.0);
-        interleave(|ci| &xi[(ci * g.h + ih) * g.w..(ci * g.h + ih + 1) * g.w], c, inside);
+        interleave(
+            |ci| &xi[(ci * g.h + ih) * g.w..(ci * g.h + ih + 1) * g.w],
+            c,
+            inside,
+        );
     };
     let out = &mut out[..g.padded_len()];
     let row = g.padded_w() * c;
@@ -914,7 +918,10 @@ fn backward_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
 /// output left the other core idle (in the heap, calloc has to clear reused memory).
 pub(crate) fn zeros(n: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(n);
-    (0..n).into_par_iter().map(|_| 0.0f32).collect_into_vec(&mut v);
+    (0..n)
+        .into_par_iter()
+        .map(|_| 0.0f32)
+        .collect_into_vec(&mut v);
     v
 }
 

@@ -13,6 +13,7 @@
 //! falls back to `BatchNorm::forward` wherever the fast path does not apply (inference, other
 //! devices, other dtypes), updating the running statistics exactly as burn does.
 
+use crate::conv::zeros;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -28,7 +29,6 @@ use burn::backend::{
 use burn::nn::BatchNorm;
 use burn::prelude::*;
 use burn::tensor::activation::relu;
-use crate::conv::zeros;
 use rayon::prelude::*;
 
 /// Batch normalisation with the batch's own statistics, optionally followed by a residual add
@@ -282,26 +282,61 @@ impl Channels {
     }
 }
 
+/// Number of independent partial sums: a single running f32 sum is a chain of dependent
+/// additions that neither vectorises nor pipelines; eight lanes do both.
+const LANES: usize = 8;
+
+/// `Σ f(v)` over a run, in eight interleaved f32 partial sums, returned in f64.
+#[inline]
+fn lanes_sum(run: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = run.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64
+}
+
+/// Two sums `Σ f(x, g).0` and `Σ f(x, g).1` over paired runs, as [`lanes_sum`].
+#[inline]
+fn lanes_sum2(xs: &[f32], gs: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f64, f64) {
+    let (mut a, mut b) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let (xc, gc) = (xs.chunks_exact(LANES), gs.chunks_exact(LANES));
+    let (mut ta, mut tb) = (0.0f32, 0.0f32);
+    for (&x, &g) in xc.remainder().iter().zip(gc.remainder()) {
+        let (p, q) = f(x, g);
+        ta += p;
+        tb += q;
+    }
+    for (x, g) in xc.zip(gc) {
+        for i in 0..LANES {
+            let (p, q) = f(x[i], g[i]);
+            a[i] += p;
+            b[i] += q;
+        }
+    }
+    let total = |l: [f32; LANES], t: f32| l.iter().map(|&v| v as f64).sum::<f64>() + t as f64;
+    (total(a, ta), total(b, tb))
+}
+
 /// Per-channel `(mean, biased variance)`, accumulated in f64 around a first estimate.
 fn statistics(x: &[f32], ch: &Channels) -> Vec<(f32, f32)> {
     (0..ch.c)
         .into_par_iter()
         .map(|c| {
-            let sum: f64 = ch
-                .runs(x, c)
-                .map(|r| r.iter().map(|&v| v as f64).sum::<f64>())
-                .sum();
+            let sum: f64 = ch.runs(x, c).map(|r| lanes_sum(r, |v| v)).sum();
             let mean = sum / ch.count();
             let m = mean as f32;
             let sq: f64 = ch
                 .runs(x, c)
                 .map(|r| {
-                    r.iter()
-                        .map(|&v| {
-                            let d = v - m;
-                            d * d
-                        })
-                        .sum::<f32>() as f64
+                    lanes_sum(r, |v| {
+                        let d = v - m;
+                        d * d
+                    })
                 })
                 .sum();
             (m, (sq / ch.count()) as f32)
@@ -455,12 +490,8 @@ fn backward(
             ch.runs(x, c)
                 .zip(ch.runs(dy, c))
                 .fold((0.0f64, 0.0f64), |(a, b), (xr, gr)| {
-                    let (mut sa, mut sb) = (0.0f32, 0.0f32);
-                    for (&x, &g) in xr.iter().zip(gr) {
-                        sa += g;
-                        sb += g * (x - m) * s;
-                    }
-                    (a + sa as f64, b + sb as f64)
+                    let (sa, sb) = lanes_sum2(xr, gr, |x, g| (g, g * (x - m) * s));
+                    (a + sa, b + sb)
                 })
         })
         .collect();
