@@ -333,6 +333,12 @@ fn train_briefly_then_predict_with_the_bundle() {
     for k in ["train_loss", "train_l2", "train_head_loss", "val"] {
         assert!(!epoch[k].is_null(), "{k} missing in {epoch}");
     }
+    // How long the step waited for data: measured, and within the epoch.
+    let wait = epoch["data_wait_s"].as_f64().expect("data_wait_s");
+    assert!(
+        wait >= 0.0 && wait <= epoch["seconds"].as_f64().unwrap(),
+        "{epoch}"
+    );
     let images = run_dir.join("synthetic/images");
     let out = run(
         "retina-infer",

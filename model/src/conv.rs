@@ -733,9 +733,41 @@ fn flip_weight(w: &[f32], g: &Geometry) -> Vec<f32> {
     out
 }
 
-fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
+/// What inference applies to a convolution's output before anyone else reads it: a per-channel
+/// shift (the folded batch norm), an optional residual of the output's shape, an optional ReLU.
+/// Applied per image right after its product, while the output is still in cache.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    shift: &'a [f32],
+    residual: Option<&'a [f32]>,
+    relu: bool,
+}
+
+impl Epilogue<'_> {
+    fn apply(&self, g: &Geometry, img: usize, dst: &mut [f32]) {
+        let ohw = g.out_pixels();
+        let residual = self
+            .residual
+            .map(|r| &r[img * g.out_plane()..(img + 1) * g.out_plane()]);
+        for (co, plane) in dst.chunks_exact_mut(ohw).enumerate() {
+            let b = self.shift[co];
+            match residual {
+                Some(r) => {
+                    let r = &r[co * ohw..(co + 1) * ohw];
+                    for (v, &r) in plane.iter_mut().zip(r) {
+                        *v = (*v + b + r).max(0.0);
+                    }
+                }
+                None if self.relu => plane.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
+                None => plane.iter_mut().for_each(|v| *v += b),
+            }
+        }
+    }
+}
+
+fn forward(x: &[f32], weight: &[f32], g: &Geometry, epilogue: Option<Epilogue>) -> Vec<f32> {
     if g.is_shifted() {
-        return forward_permuted(x, &permute_weight(weight, g, false), g);
+        return forward_permuted(x, &permute_weight(weight, g, false), g, epilogue);
     }
     let mut out = zeros(g.n * g.out_plane());
     let (parts, par) = plan(g.n);
@@ -782,6 +814,9 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
                             dst[co * ohw + p] = v;
                         }
                     }
+                    if let Some(e) = &epilogue {
+                        e.apply(g, img, dst);
+                    }
                     continue;
                 }
                 let rhs = if g.is_pointwise() {
@@ -801,6 +836,9 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
                     false,
                     par,
                 );
+                if let Some(e) = &epilogue {
+                    e.apply(g, img, dst);
+                }
             }
         })
     });
@@ -808,7 +846,12 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry) -> Vec<f32> {
 }
 
 /// Stride-1 forward over the batch with a kernel already in `[C_out, kh, kw, C_in]` order.
-fn forward_permuted(x: &[f32], wperm: &[f32], g: &Geometry) -> Vec<f32> {
+fn forward_permuted(
+    x: &[f32],
+    wperm: &[f32],
+    g: &Geometry,
+    epilogue: Option<Epilogue>,
+) -> Vec<f32> {
     let mut out = zeros(g.n * g.out_plane());
     let (parts, par) = plan(g.n);
     let ranges = split(g.n, parts);
@@ -824,6 +867,9 @@ fn forward_permuted(x: &[f32], wperm: &[f32], g: &Geometry) -> Vec<f32> {
             for (img, dst) in range.zip(out.chunks_mut(g.out_plane())) {
                 let xi = &x[img * g.in_plane()..(img + 1) * g.in_plane()];
                 forward_shifted(xi, wperm, g, scratch, dst, par);
+                if let Some(e) = &epilogue {
+                    e.apply(g, img, dst);
+                }
             }
         })
     });
@@ -832,7 +878,7 @@ fn forward_permuted(x: &[f32], wperm: &[f32], g: &Geometry) -> Vec<f32> {
 
 fn backward_x(weight: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
     if let Some(t) = g.input_gradient() {
-        return forward_permuted(dy, &flip_weight(weight, g), &t);
+        return forward_permuted(dy, &flip_weight(weight, g), &t, None);
     }
     let mut dx = zeros(g.n * g.in_plane());
     let (parts, par) = plan(g.n);
@@ -971,8 +1017,92 @@ impl ConvBackend for Flex {
         }
         let g = Geometry::new(x.layout().shape(), weight.layout().shape(), stride, padding);
         let (x, weight) = (contiguous_f32(&x), contiguous_f32(&weight));
-        let out = forward(slice(&x), slice(&weight), &g);
+        let out = forward(slice(&x), slice(&weight), &g, None);
         flex(out, [g.n, g.cout, g.oh, g.ow])
+    }
+}
+
+/// Inference only (Flex, never differentiated): the convolution with its batch norm folded in,
+/// `relu?(conv(x, weight) + shift[c] (+ residual))`, where the caller has already scaled
+/// `weight` by the batch norm's `gamma / sqrt(var + eps)`. See [`crate::norm::conv_bn`].
+#[backend_extension(Flex)]
+pub trait ConvInferenceBackend: burn::backend::Backend {
+    /// `relu?(conv(x, weight) + shift)`.
+    fn gemm_conv2d_shift(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        relu: bool,
+    ) -> FloatTensor<Self>;
+
+    /// `relu(conv(x, weight) + shift + residual)`.
+    fn gemm_conv2d_shift_add_relu(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self>;
+}
+
+fn conv_shift_flex(
+    x: FlexTensor,
+    weight: FlexTensor,
+    shift: FlexTensor,
+    residual: Option<FlexTensor>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    relu: bool,
+) -> FlexTensor {
+    let g = Geometry::new(x.layout().shape(), weight.layout().shape(), stride, padding);
+    let (x, weight) = (contiguous_f32(&x), contiguous_f32(&weight));
+    let shift = contiguous_f32(&shift);
+    let residual = residual.map(|r| contiguous_f32(&r));
+    let epilogue = Epilogue {
+        shift: slice(&shift),
+        residual: residual.as_ref().map(slice),
+        relu: relu || residual.is_some(),
+    };
+    assert_eq!(
+        epilogue.shift.len(),
+        g.cout,
+        "conv shift: one value per output channel"
+    );
+    if let Some(r) = epilogue.residual {
+        assert_eq!(
+            r.len(),
+            g.n * g.out_plane(),
+            "conv residual: the output's shape"
+        );
+    }
+    let out = forward(slice(&x), slice(&weight), &g, Some(epilogue));
+    flex(out, [g.n, g.cout, g.oh, g.ow])
+}
+
+impl ConvInferenceBackend for Flex {
+    fn gemm_conv2d_shift(
+        x: FlexTensor,
+        weight: FlexTensor,
+        shift: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        relu: bool,
+    ) -> FlexTensor {
+        conv_shift_flex(x, weight, shift, None, stride, padding, relu)
+    }
+
+    fn gemm_conv2d_shift_add_relu(
+        x: FlexTensor,
+        weight: FlexTensor,
+        shift: FlexTensor,
+        residual: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        conv_shift_flex(x, weight, shift, Some(residual), stride, padding, true)
     }
 }
 

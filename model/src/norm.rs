@@ -14,6 +14,7 @@
 //! devices, other dtypes), updating the running statistics exactly as burn does.
 
 use crate::conv::zeros;
+use crate::conv::{ConvInferenceBackend, conv2d};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -27,6 +28,7 @@ use burn::backend::{
     backend_extension,
 };
 use burn::nn::BatchNorm;
+use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use rayon::prelude::*;
@@ -156,6 +158,61 @@ fn inference(bn: &BatchNorm, x: Tensor<4>, residual: Option<Tensor<4>>, relu: bo
         ),
     };
     Tensor::from_dispatch(out)
+}
+
+/// `relu?(bn(conv(x)) (+ residual))`, the trunk's unit (a residual implies the ReLU).
+///
+/// In inference on Flex the batch norm is folded into the convolution: its weights scaled per
+/// output channel by `gamma / sqrt(var + eps)`, and the shift, residual and ReLU applied in the
+/// convolution's own per-image output pass. Everywhere else (training, other devices) it is
+/// [`conv2d`] followed by [`batch_norm`], [`batch_norm_relu`] or [`batch_norm_add_relu`].
+pub fn conv_bn(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    relu: bool,
+) -> Tensor<4> {
+    if let Some(padding) = crate::conv::fast_path(conv, &x)
+        && inference_fast_path(bn, &x)
+        && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
+    {
+        let device = x.device();
+        let mean = bn.running_mean.value().to_device(&device);
+        let var = bn.running_var.value().to_device(&device);
+        let scale = bn.gamma.val() / var.add_scalar(bn.epsilon).sqrt();
+        let mut shift = bn.beta.val() - mean * scale.clone();
+        if let Some(bias) = &conv.bias {
+            shift = shift + bias.val() * scale.clone();
+        }
+        let c = scale.dims()[0];
+        let weight = conv.weight.val() * scale.reshape([c, 1, 1, 1]);
+        let out = match residual {
+            Some(r) => Dispatch::gemm_conv2d_shift_add_relu(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                shift.into_dispatch(),
+                r.into_dispatch(),
+                conv.stride,
+                padding,
+            ),
+            None => Dispatch::gemm_conv2d_shift(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                shift.into_dispatch(),
+                conv.stride,
+                padding,
+                relu,
+            ),
+        };
+        return Tensor::from_dispatch(out);
+    }
+    let y = conv2d(conv, x);
+    match residual {
+        Some(r) => batch_norm_add_relu(bn, y, r),
+        None if relu => batch_norm_relu(bn, y),
+        None => batch_norm(bn, y),
+    }
 }
 
 /// Applies burn's `BatchNorm` module, through the fused kernels on a Flex device.

@@ -5,8 +5,7 @@
 //! and map one-to-one onto the PyTorch reference's names (see [`crate::torch`]).
 
 use crate::config::{StageConfig, TrunkConfig};
-use crate::conv::conv2d;
-use crate::norm::{batch_norm, batch_norm_add_relu, batch_norm_relu};
+use crate::norm::conv_bn;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::prelude::*;
@@ -39,7 +38,7 @@ pub struct Stem {
 impl Stem {
     /// `[N, 3, H, W]` to `[N, stem_width, H/s, W/s]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        batch_norm_relu(&self.bn, conv2d(&self.conv, x))
+        conv_bn(&self.conv, &self.bn, x, None, true)
     }
 }
 
@@ -85,11 +84,11 @@ impl BasicBlock {
     /// Applies the block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let shortcut = match &self.downsample {
-            Some(d) => batch_norm(&d.bn, conv2d(&d.conv, x.clone())),
+            Some(d) => conv_bn(&d.conv, &d.bn, x.clone(), None, false),
             None => x.clone(),
         };
-        let out = batch_norm_relu(&self.bn1, conv2d(&self.conv1, x));
-        batch_norm_add_relu(&self.bn2, conv2d(&self.conv2, out), shortcut)
+        let out = conv_bn(&self.conv1, &self.bn1, x, None, true);
+        conv_bn(&self.conv2, &self.bn2, out, Some(shortcut), true)
     }
 }
 

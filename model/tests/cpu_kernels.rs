@@ -427,3 +427,89 @@ fn inference_batch_norm_matches_burns_from_running_statistics() {
         assert_close(what, &host(fast), &host(reference), 1e-5);
     }
 }
+
+#[test]
+fn inference_conv_with_folded_batch_norm_matches_the_composition() {
+    use retina_model::burn::module::RunningState;
+    let device = Device::flex();
+    // Shifted windows (both orientations), strided 3x3 through patches, strided 1x1, with and
+    // without a conv bias.
+    let cases = [
+        Case {
+            n: 2,
+            cin: 5,
+            cout: 8,
+            hw: [9, 8],
+            k: 3,
+            stride: 1,
+            pad: 1,
+            bias: true,
+        },
+        Case {
+            n: 2,
+            cin: 6,
+            cout: 40,
+            hw: [4, 4],
+            k: 3,
+            stride: 1,
+            pad: 1,
+            bias: false,
+        },
+        Case {
+            n: 3,
+            cin: 3,
+            cout: 8,
+            hw: [11, 10],
+            k: 3,
+            stride: 2,
+            pad: 1,
+            bias: true,
+        },
+        Case {
+            n: 2,
+            cin: 4,
+            cout: 6,
+            hw: [8, 8],
+            k: 1,
+            stride: 2,
+            pad: 0,
+            bias: false,
+        },
+    ];
+    for c in cases {
+        let conv = layer(&c, &device);
+        let mut bn: BatchNorm = BatchNormConfig::new(c.cout).init(&device);
+        let t = |seed: u64| Tensor::<1>::from_floats(values(c.cout, seed).as_slice(), &device);
+        bn.gamma = Param::from_tensor(t(41).add_scalar(1.0));
+        bn.beta = Param::from_tensor(t(42));
+        bn.running_mean = RunningState::new(t(43));
+        bn.running_var = RunningState::new(t(44).abs().add_scalar(0.5));
+        let [h, w] = c.hw;
+        let x = Tensor::<1>::from_floats(values(c.n * c.cin * h * w, 45).as_slice(), &device)
+            .reshape([c.n, c.cin, h, w]);
+        let y = conv.forward(x.clone());
+        let r = Tensor::<1>::from_floats(values(y.dims().iter().product(), 46).as_slice(), &device)
+            .reshape(y.dims());
+        let forms = [
+            (
+                "shift",
+                norm::conv_bn(&conv, &bn, x.clone(), None, false),
+                bn.forward(y.clone()),
+            ),
+            (
+                "relu",
+                norm::conv_bn(&conv, &bn, x.clone(), None, true),
+                relu(bn.forward(y.clone())),
+            ),
+            (
+                "add relu",
+                norm::conv_bn(&conv, &bn, x.clone(), Some(r.clone()), true),
+                relu(bn.forward(y.clone()) + r),
+            ),
+        ];
+        for (what, fused, reference) in forms {
+            let label = format!("{what}: {}->{} k{} s{}", c.cin, c.cout, c.k, c.stride);
+            assert_close(&label, &host(fused), &host(reference), 1e-5);
+        }
+    }
+}

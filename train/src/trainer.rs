@@ -85,6 +85,10 @@ pub struct EpochLog {
     pub learning_rate: f64,
     /// Training images per second (step time only).
     pub train_img_per_s: f64,
+    /// Seconds the training loop waited for the data pipeline (decoding and augmenting runs on
+    /// other threads; near zero when loading keeps up with the step).
+    #[serde(default)]
+    pub data_wait_s: f64,
     /// Wall time of the epoch, seconds.
     pub seconds: f64,
 }
@@ -620,8 +624,15 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         let (mut sum_total, mut sum_l2, mut n_seen) = (0.0f64, 0.0f64, 0usize);
         let mut sum_heads = vec![0.0f64; head_names.len()];
         let mut step_time = 0.0f64;
+        let mut data_wait = 0.0f64;
         let mut lr = 0.0;
-        for (b, batch) in rx.into_iter().enumerate() {
+        let mut batches = rx.into_iter().enumerate();
+        loop {
+            let waiting = Instant::now();
+            let Some((b, batch)) = batches.next() else {
+                break;
+            };
+            data_wait += waiting.elapsed().as_secs_f64();
             let batch = batch
                 .with_context(|| format!("loading training batch {} of epoch {epoch}", b + 1))?;
             bad_images += batch.bad.len();
@@ -701,6 +712,7 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
             val: val_metrics.clone(),
             learning_rate: lr,
             train_img_per_s: n_seen as f64 / step_time.max(1e-9),
+            data_wait_s: data_wait,
             seconds: t_epoch.elapsed().as_secs_f64(),
         };
         let shown: Vec<String> = val_metrics
@@ -708,12 +720,13 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
             .map(|(k, v)| format!("{k} {v:.4}"))
             .collect();
         eprintln!(
-            "epoch {epoch}/{}: loss {:.4} (l2 {:.4}), {:.1} img/s, {:.0} s | val: {}",
+            "epoch {epoch}/{}: loss {:.4} (l2 {:.4}), {:.1} img/s, {:.0} s (data wait {:.1} s) | val: {}",
             cfg.epochs,
             log.train_loss,
             log.train_l2,
             log.train_img_per_s,
             log.seconds,
+            log.data_wait_s,
             shown.join(", ")
         );
         logs.push(log);
