@@ -613,6 +613,43 @@ fn pad_channels_last(xi: &[f32], g: &Geometry, out: &mut [f32], parallel: bool) 
     }
 }
 
+/// Channels-last output rows (`pitch` pixels apart, the first `W_out` of each real) to the NCHW
+/// planes of one image; across the pool (eight channels per task, every read a contiguous run)
+/// when `parallel`.
+fn from_channels_last(cl: &[f32], g: &Geometry, pitch: usize, dst: &mut [f32], parallel: bool) {
+    const G: usize = 8;
+    let ohw = g.out_pixels();
+    let group = |(gi, planes): (usize, &mut [f32])| {
+        let c0 = gi * G;
+        let nc = planes.len() / ohw;
+        for oh in 0..g.oh {
+            for w in 0..g.ow {
+                let at = (oh * pitch + w) * g.cout + c0;
+                let p = oh * g.ow + w;
+                for (j, &v) in cl[at..at + nc].iter().enumerate() {
+                    planes[j * ohw + p] = v;
+                }
+            }
+        }
+    };
+    let dst = &mut dst[..g.cout * ohw];
+    if parallel {
+        dst.par_chunks_mut(G * ohw).enumerate().for_each(group);
+        return;
+    }
+    // On one thread, row by row: one output row of every channel (a few KB) stays in L1, where
+    // the grouped walk above re-reads the whole buffer once per group (measured slower).
+    for oh in 0..g.oh {
+        let rows = &cl[oh * pitch * g.cout..(oh * pitch + g.ow) * g.cout];
+        for co in 0..g.cout {
+            let out = &mut dst[co * ohw + oh * g.ow..co * ohw + (oh + 1) * g.ow];
+            for (o, px) in out.iter_mut().zip(rows.chunks_exact(g.cout)) {
+                *o = px[co];
+            }
+        }
+    }
+}
+
 /// One image's output `[C_out, H_out, W_out]` by shifted windows; `wperm` is
 /// `[C_out, kh, kw, C_in]`.
 fn forward_shifted(
@@ -645,15 +682,7 @@ fn forward_shifted(
                 par,
             );
         }
-        for oh in 0..g.oh {
-            let rows = &virt[oh * wp * g.cout..(oh * wp + g.ow) * g.cout];
-            for co in 0..g.cout {
-                let out = &mut dst[co * ohw + oh * g.ow..co * ohw + (oh + 1) * g.ow];
-                for (o, px) in out.iter_mut().zip(rows.chunks_exact(g.cout)) {
-                    *o = px[co];
-                }
-            }
-        }
+        from_channels_last(virt, g, wp, dst, matches!(par, Parallelism::Rayon(_)));
         return;
     }
     for i in 0..g.kh {
@@ -744,12 +773,14 @@ struct Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
-    fn apply(&self, g: &Geometry, img: usize, dst: &mut [f32]) {
+    /// Applies to image `img`'s output planes, across the thread pool when `par` says the
+    /// products were (a batch of one).
+    fn apply(&self, g: &Geometry, img: usize, dst: &mut [f32], par: Parallelism) {
         let ohw = g.out_pixels();
         let residual = self
             .residual
             .map(|r| &r[img * g.out_plane()..(img + 1) * g.out_plane()]);
-        for (co, plane) in dst.chunks_exact_mut(ohw).enumerate() {
+        let plane_of = |(co, plane): (usize, &mut [f32])| {
             let b = self.shift[co];
             match residual {
                 Some(r) => {
@@ -761,6 +792,11 @@ impl Epilogue<'_> {
                 None if self.relu => plane.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
                 None => plane.iter_mut().for_each(|v| *v += b),
             }
+        };
+        if matches!(par, Parallelism::Rayon(_)) {
+            dst.par_chunks_exact_mut(ohw).enumerate().for_each(plane_of);
+        } else {
+            dst.chunks_exact_mut(ohw).enumerate().for_each(plane_of);
         }
     }
 }
@@ -809,13 +845,9 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry, epilogue: Option<Epilogue>) 
                         false,
                         par,
                     );
-                    for (p, px) in cl.chunks_exact(g.cout).enumerate() {
-                        for (co, &v) in px.iter().enumerate() {
-                            dst[co * ohw + p] = v;
-                        }
-                    }
+                    from_channels_last(cl, g, g.ow, dst, matches!(par, Parallelism::Rayon(_)));
                     if let Some(e) = &epilogue {
-                        e.apply(g, img, dst);
+                        e.apply(g, img, dst, par);
                     }
                     continue;
                 }
@@ -837,7 +869,7 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry, epilogue: Option<Epilogue>) 
                     par,
                 );
                 if let Some(e) = &epilogue {
-                    e.apply(g, img, dst);
+                    e.apply(g, img, dst, par);
                 }
             }
         })
@@ -868,7 +900,7 @@ fn forward_permuted(
                 let xi = &x[img * g.in_plane()..(img + 1) * g.in_plane()];
                 forward_shifted(xi, wperm, g, scratch, dst, par);
                 if let Some(e) = &epilogue {
-                    e.apply(g, img, dst);
+                    e.apply(g, img, dst, par);
                 }
             }
         })
