@@ -1,30 +1,37 @@
-//! 2-D convolution on the CPU through im2col and `gemm`, forward and backward.
+//! 2-D convolution on the CPU through `gemm`, forward and backward.
 //!
 //! Why this exists: burn-flex 0.22 runs `conv2d` by converting NCHW to channels-last and back on
 //! every call, and it has no backward of its own, so autodiff falls back to burn's generic
 //! formulas. The weight gradient there is a convolution whose *kernel* is the whole output
 //! gradient (a 3x3 output from a 112x112 kernel), which vectorises badly. Profiling a training
-//! step of the reference network put those paths at most of the step. Here every pass is one
-//! matrix product per image on the NCHW data as it is:
+//! step of the reference network put those paths at most of the step. Here every pass is a few
+//! matrix products per image:
 //!
-//! - forward: `Y[n] = W · col(X[n])`, with `W` as `[C_out, C_in·kh·kw]`;
-//! - input gradient: `dX[n] = col⁻¹(Wᵀ · dY[n])` (col2im scatters the columns back);
-//! - weight gradient: `dW = Σ_n dY[n] · col(X[n])ᵀ`.
+//! - stride 1 ("shifted windows", `Geometry::is_shifted`): in a zero-padded channels-last copy
+//!   of the image, kernel row `i` of every output pixel's receptive field is one run of
+//!   `kw·C_in` values, and consecutive pixels' runs start `C_in` apart, so the matrix of all of
+//!   them is a strided view. Forward and weight gradient are `kh` accumulating products over
+//!   such views, and the input gradient is the forward pass of the output gradient with the
+//!   flipped kernel (`Geometry::input_gradient`). No column matrix is written.
+//! - stride 2 3x3: a patch-major column matrix (one row of `kh·kw·C_in` values per output pixel,
+//!   copied as `kh` contiguous runs from the channels-last image); input gradient through a
+//!   channel-major column matrix scattered back by col2im.
+//! - 1x1 with stride: the subsampled image is the column matrix. 1x1 with stride 1: the image.
 //!
-//! The forward pass and the weight gradient read the column matrix patch-major (one row of
-//! `C_in·kh·kw` values per output pixel): for the wide, shallow early layers `gemm` ran those
-//! products 1.1-1.8x faster that way than from the channel-major matrix (measured on this
-//! project's 2-core machine); the input gradient is faster channel-major, so col2im stays so.
-//! A 1x1 convolution with stride 1 and no padding needs no im2col at all: `col(X[n])` is `X[n]`.
-//! Batches are split across rayon's threads (each with its own single-threaded product and its
-//! own partial weight gradient); a batch smaller than the thread count lets `gemm` split each
-//! product instead.
+//! The products are oriented so that `gemm` reads the large operand in place: with fewer output
+//! channels than pixels, `Y[c, p] = W · windows` into a channels-last buffer (then transposed to
+//! NCHW) ran at 79-87 GFLOP/s on one core of this project's machine, against 57-70 for the
+//! transposed product, which packs the windows first; with more channels than pixels (the deep
+//! layers) the other way round. Batches are split across rayon's threads, each image one
+//! single-threaded product (with its own partial weight gradient); a batch smaller than the
+//! thread count lets `gemm` split each product instead.
 //!
 //! The operation is a burn backend extension ([`ConvBackend`]) implemented for the Flex CPU
-//! backend and for `Autodiff<Flex>` with its own backward. [`conv2d`] is the entry point: it takes
-//! burn's `Conv2d` module and uses the fast path on a Flex device for f32 data, and burn's own
-//! convolution everywhere else (wgpu, other dtypes, dilation or groups), so one model runs on any
-//! device with the same weights.
+//! backend and for `Autodiff<Flex>` with its own backward, plus a Flex-only inference variant
+//! ([`ConvInferenceBackend`]) that applies a folded batch norm's shift, a residual and a ReLU in
+//! its output pass. [`conv2d`] is the entry point: it takes burn's `Conv2d` module and uses the
+//! fast path on a Flex device for f32 data, and burn's own convolution everywhere else (wgpu,
+//! other dtypes, dilation or groups), so one model runs on any device with the same weights.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

@@ -1,17 +1,21 @@
-//! Training-mode batch normalisation on the CPU in one pass per statistic.
+//! Batch normalisation on the CPU: one pass per statistic in training, folded into the
+//! convolution in inference.
 //!
 //! Why this exists: burn 0.22's generic `batch_norm_train` (which burn-flex inherits) swaps the
 //! batch and channel axes and copies the tensor to reduce over it, twice forward and twice
-//! backward, plus about ten broadcast element-wise passes. After the convolution fast path
-//! ([`crate::conv`]) those transposing copies were the largest item in a profile of the
-//! reference network's training step. Here the per-channel sums are read straight from NCHW
-//! (each channel is `N` contiguous runs of `H·W` values) and the output and input gradient are
-//! each one fused pass, `y = a·x + b` and `dx = a·dy + b·x + c` per channel.
+//! backward, plus about ten broadcast element-wise passes, each on one thread in burn-flex. After
+//! the convolution fast path ([`crate::conv`]) those transposing copies were the largest item in
+//! a profile of the reference network's training step. Here the per-channel sums are read
+//! straight from NCHW (each channel is `N` contiguous runs of `H·W` values) and the output and
+//! input gradient are each one fused parallel pass, `y = a·x + b` and `dx = a·dy + b·x + c` per
+//! channel, with the ReLU and the residual add that follow in the trunk fused in.
 //!
-//! Like [`crate::conv`], this is a burn backend extension ([`BatchNormBackend`]) for Flex and
-//! `Autodiff<Flex>` with its own backward; [`batch_norm`] takes burn's `BatchNorm` module and
-//! falls back to `BatchNorm::forward` wherever the fast path does not apply (inference, other
-//! devices, other dtypes), updating the running statistics exactly as burn does.
+//! Like [`crate::conv`], these are burn backend extensions ([`BatchNormBackend`] for Flex and
+//! `Autodiff<Flex>` with its own backward; [`BatchNormInferenceBackend`] for Flex alone). The
+//! entry points take burn's `BatchNorm` module: [`conv_bn`] (the trunk's unit), [`batch_norm`],
+//! [`batch_norm_relu`] and [`batch_norm_add_relu`]. They fall back to `BatchNorm::forward` and
+//! burn's operations wherever the fast paths do not apply (other devices, other dtypes, a frozen
+//! layer in a training graph), and update the running statistics exactly as burn does.
 
 use crate::conv::zeros;
 use crate::conv::{ConvInferenceBackend, conv2d};

@@ -3,7 +3,7 @@
 //! Training, evaluation and data tooling for the Retina network: a procedural fundus generator
 //! with known ground truth ([`synth`]), readers for the public data sets' label files
 //! ([`dataset`]), the multi-head objective ([`loss`]), the data pipeline ([`data`]), the
-//! training loop ([`trainer`]), screening metrics ([`metrics`]) and the benchmark ([`bench`]).
+//! training loop ([`trainer`]), screening metrics ([`metrics`]) and the benchmark ([`bench`](mod@bench)).
 
 pub mod bench;
 pub mod cli;
