@@ -158,6 +158,31 @@ fn block_3x3_stride_2_odd_size() {
 }
 
 #[test]
+fn batch_of_one_cuts_deep_and_strided_products_across_threads() {
+    // One image: each product is cut into per-thread blocks, along the channels here.
+    check(Case {
+        n: 1,
+        cin: 64,
+        cout: 96,
+        hw: [6, 6],
+        k: 3,
+        stride: 1,
+        pad: 1,
+        bias: false,
+    });
+    check(Case {
+        n: 1,
+        cin: 32,
+        cout: 64,
+        hw: [24, 20],
+        k: 3,
+        stride: 2,
+        pad: 1,
+        bias: false,
+    });
+}
+
+#[test]
 fn deep_3x3_with_more_channels_than_pixels() {
     // 40 output channels over 4x5 pixels: the product runs the other way round.
     check(Case {
