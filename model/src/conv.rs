@@ -249,19 +249,21 @@ fn to_channels_last(x: &[f32], c: usize, p: usize, out: &mut [f32], parallel: bo
 fn permute_weight(w: &[f32], g: &Geometry, back: bool) -> Vec<f32> {
     let (ci, kk) = (g.cin, g.kh * g.kw);
     let mut out = vec![0.0f32; w.len()];
-    for o in 0..g.cout {
-        for c in 0..ci {
-            for t in 0..kk {
-                let nchw = (o * ci + c) * kk + t;
-                let nhwc = (o * kk + t) * ci + c;
-                if back {
-                    out[nchw] = w[nhwc];
-                } else {
-                    out[nhwc] = w[nchw];
+    // One output channel per task: with a batch of one this ran on one core before each product.
+    out.par_chunks_mut(ci * kk)
+        .zip(w.par_chunks(ci * kk))
+        .for_each(|(out, w)| {
+            for c in 0..ci {
+                for t in 0..kk {
+                    let (nchw, nhwc) = (c * kk + t, t * ci + c);
+                    if back {
+                        out[nchw] = w[nhwc];
+                    } else {
+                        out[nhwc] = w[nchw];
+                    }
                 }
             }
-        }
-    }
+        });
     out
 }
 
