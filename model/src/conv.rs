@@ -47,6 +47,7 @@ use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Convolution (no bias, no dilation, one group) with a hand-written CPU kernel.
 ///
@@ -287,30 +288,28 @@ fn im2col_patches(xhwc: &[f32], g: &Geometry, col: &mut [f32], parallel: bool) {
 fn patch_row(xhwc: &[f32], g: &Geometry, oh: usize, col: &mut [f32]) {
     let (k, c) = (g.k(), g.cin);
     let run = g.kw * c;
-    {
-        let top = (oh * g.stride[0]) as isize - g.pad[0] as isize;
-        for ow in 0..g.ow {
-            let left = (ow * g.stride[1]) as isize - g.pad[1] as isize;
-            let dst = &mut col[ow * k..(ow + 1) * k];
-            let cols_inside = left >= 0 && left as usize + g.kw <= g.w;
-            for (i, d) in dst.chunks_exact_mut(run).enumerate() {
-                let r = top + i as isize;
-                if r < 0 || r as usize >= g.h {
-                    d.fill(0.0);
-                    continue;
-                }
-                let row = &xhwc[r as usize * g.w * c..(r as usize + 1) * g.w * c];
-                if cols_inside {
-                    let s = left as usize * c;
-                    d.copy_from_slice(&row[s..s + run]);
-                } else {
-                    for (j, d) in d.chunks_exact_mut(c).enumerate() {
-                        let q = left + j as isize;
-                        if q < 0 || q as usize >= g.w {
-                            d.fill(0.0);
-                        } else {
-                            d.copy_from_slice(&row[q as usize * c..(q as usize + 1) * c]);
-                        }
+    let top = (oh * g.stride[0]) as isize - g.pad[0] as isize;
+    for ow in 0..g.ow {
+        let left = (ow * g.stride[1]) as isize - g.pad[1] as isize;
+        let dst = &mut col[ow * k..(ow + 1) * k];
+        let cols_inside = left >= 0 && left as usize + g.kw <= g.w;
+        for (i, d) in dst.chunks_exact_mut(run).enumerate() {
+            let r = top + i as isize;
+            if r < 0 || r as usize >= g.h {
+                d.fill(0.0);
+                continue;
+            }
+            let row = &xhwc[r as usize * g.w * c..(r as usize + 1) * g.w * c];
+            if cols_inside {
+                let s = left as usize * c;
+                d.copy_from_slice(&row[s..s + run]);
+            } else {
+                for (j, d) in d.chunks_exact_mut(c).enumerate() {
+                    let q = left + j as isize;
+                    if q < 0 || q as usize >= g.w {
+                        d.fill(0.0);
+                    } else {
+                        d.copy_from_slice(&row[q as usize * c..(q as usize + 1) * c]);
                     }
                 }
             }
@@ -403,6 +402,18 @@ impl Mat {
             cs: cols as isize,
         }
     }
+
+    /// The same view starting `off` values later.
+    ///
+    /// # Safety
+    /// The shifted view must stay inside the slice it was built from.
+    unsafe fn shifted(self, off: isize) -> Mat {
+        Mat {
+            // SAFETY: forwarded to the caller.
+            ptr: unsafe { self.ptr.offset(off) },
+            ..self
+        }
+    }
 }
 
 /// `dst[m, n] = (accumulate ? dst : 0) + lhs[m, k] · rhs[k, n]`, `dst` row-major.
@@ -414,21 +425,7 @@ fn matmul(
     accumulate: bool,
     par: Parallelism,
 ) {
-    assert!(dst.len() >= m * n, "matmul: destination too small");
-    // SAFETY: `dst` holds `m·n` elements (checked above) and is exclusively borrowed; every
-    // `Mat` is built by this module from a slice whose extent covers the strides it is used with
-    // (the callers index the same slices with the same geometry).
-    unsafe {
-        gemm_split(
-            Dst(dst.as_mut_ptr()),
-            [n as isize, 1],
-            [m, n, k],
-            lhs,
-            rhs,
-            accumulate,
-            par,
-        )
-    }
+    matmul_into(dst, [n as isize, 1], [m, n, k], lhs, rhs, accumulate, par);
 }
 
 /// The destination pointer of a product, shared by the threads that write disjoint blocks of it.
@@ -443,20 +440,6 @@ impl Dst {
     unsafe fn at(self, off: isize) -> *mut f32 {
         // SAFETY: forwarded to the caller.
         unsafe { self.0.offset(off) }
-    }
-}
-
-impl Mat {
-    /// The same view starting `off` values later.
-    ///
-    /// # Safety
-    /// The shifted view must stay inside the slice it was built from.
-    unsafe fn shifted(self, off: isize) -> Mat {
-        Mat {
-            // SAFETY: forwarded to the caller.
-            ptr: unsafe { self.ptr.offset(off) },
-            ..self
-        }
     }
 }
 
@@ -555,8 +538,9 @@ fn matmul_into(
     }
     let last = (m - 1) * rs as usize + (n - 1) * cs as usize;
     assert!(last < dst.len(), "matmul: destination too small");
-    // SAFETY: every element of `dst` the product writes lies inside it (checked above), and the
-    // operands are `Mat`s built from live slices (see `matmul`).
+    // SAFETY: every element of `dst` the product writes lies inside it (checked above) and it is
+    // exclusively borrowed; every `Mat` is built by this module from a slice whose extent covers
+    // the strides it is used with (the callers index the same slices with the same geometry).
     unsafe {
         gemm_split(
             Dst(dst.as_mut_ptr()),
@@ -602,11 +586,60 @@ fn plan(n: usize) -> (usize, Parallelism) {
 }
 
 /// Splits `0..n` into `parts` nearly equal contiguous ranges.
-fn split(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
     (0..parts)
         .map(|p| (p * n / parts)..((p + 1) * n / parts))
         .filter(|r| !r.is_empty())
         .collect()
+}
+
+/// Runs `f(images, out, par)` over a batch of `n` images as [`plan`] says, where `out` is the
+/// part of `buf` (`per_image` values an image) that those images write.
+fn over_batch(
+    buf: &mut [f32],
+    n: usize,
+    per_image: usize,
+    f: impl Fn(Range<usize>, &mut [f32], Parallelism) + Sync,
+) {
+    let (parts, par) = plan(n);
+    let ranges = split(n, parts);
+    let mut outs = Vec::with_capacity(ranges.len());
+    let mut rest = buf;
+    for r in &ranges {
+        let (head, tail) = rest.split_at_mut(r.len() * per_image);
+        outs.push(head);
+        rest = tail;
+    }
+    ranges
+        .into_par_iter()
+        .zip(outs)
+        .for_each(|(images, out)| f(images, out, par));
+}
+
+/// `Σ` over a batch of `n` images of what `f(images, acc, par)` adds into a zeroed `len`-value
+/// accumulator: one accumulator per thread, summed at the end.
+fn sum_over_batch(
+    n: usize,
+    len: usize,
+    f: impl Fn(Range<usize>, &mut [f32], Parallelism) + Sync,
+) -> Vec<f32> {
+    let (parts, par) = plan(n);
+    let partials: Vec<Vec<f32>> = split(n, parts)
+        .into_par_iter()
+        .map(|images| {
+            let mut acc = vec![0.0f32; len];
+            f(images, &mut acc, par);
+            acc
+        })
+        .collect();
+    let mut partials = partials.into_iter();
+    let mut total = partials.next().unwrap_or_else(|| vec![0.0; len]);
+    for p in partials {
+        for (a, b) in total.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    total
 }
 
 /// Stride-1 convolutions skip the column matrix altogether ("shifted windows"): in a padded
@@ -900,17 +933,8 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry, epilogue: Option<Epilogue>) 
         return forward_permuted(x, &permute_weight(weight, g, false), g, epilogue);
     }
     let mut out = zeros(g.n * g.out_plane());
-    let (parts, par) = plan(g.n);
     let (k, ohw) = (g.k(), g.out_pixels());
     let chunk = g.out_plane();
-    let ranges = split(g.n, parts);
-    let mut outs: Vec<&mut [f32]> = Vec::with_capacity(ranges.len());
-    let mut rest = out.as_mut_slice();
-    for r in &ranges {
-        let (head, tail) = rest.split_at_mut(r.len() * chunk);
-        outs.push(head);
-        rest = tail;
-    }
     let weight = if g.is_pointwise() || g.is_subsample() {
         weight.to_vec()
     } else {
@@ -920,7 +944,7 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry, epilogue: Option<Epilogue>) 
     // patch rows in place beats the transposed one.
     let channels_last = !g.is_pointwise() && !g.is_subsample() && g.cout <= ohw;
     let extra = if channels_last { g.cout * ohw } else { 0 };
-    ranges.into_par_iter().zip(outs).for_each(|(range, out)| {
+    over_batch(&mut out, g.n, chunk, |range, out, par| {
         with_scratch(g.scratch_len() + extra, |scratch| {
             let (scratch, cl) = scratch.split_at_mut(g.scratch_len());
             let (hwc, col) = scratch.split_at_mut(g.hwc_len());
@@ -979,16 +1003,7 @@ fn forward_permuted(
     epilogue: Option<Epilogue>,
 ) -> Vec<f32> {
     let mut out = zeros(g.n * g.out_plane());
-    let (parts, par) = plan(g.n);
-    let ranges = split(g.n, parts);
-    let mut outs: Vec<&mut [f32]> = Vec::with_capacity(ranges.len());
-    let mut rest = out.as_mut_slice();
-    for r in &ranges {
-        let (head, tail) = rest.split_at_mut(r.len() * g.out_plane());
-        outs.push(head);
-        rest = tail;
-    }
-    ranges.into_par_iter().zip(outs).for_each(|(range, out)| {
+    over_batch(&mut out, g.n, g.out_plane(), |range, out, par| {
         with_scratch(g.shifted_scratch_len(), |scratch| {
             for (img, dst) in range.zip(out.chunks_mut(g.out_plane())) {
                 let xi = &x[img * g.in_plane()..(img + 1) * g.in_plane()];
@@ -1007,17 +1022,8 @@ fn backward_x(weight: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
         return forward_permuted(dy, &flip_weight(weight, g), &t, None);
     }
     let mut dx = zeros(g.n * g.in_plane());
-    let (parts, par) = plan(g.n);
     let (k, ohw) = (g.k(), g.out_pixels());
-    let ranges = split(g.n, parts);
-    let mut dxs: Vec<&mut [f32]> = Vec::with_capacity(ranges.len());
-    let mut rest = dx.as_mut_slice();
-    for r in &ranges {
-        let (head, tail) = rest.split_at_mut(r.len() * g.in_plane());
-        dxs.push(head);
-        rest = tail;
-    }
-    ranges.into_par_iter().zip(dxs).for_each(|(range, dx)| {
+    over_batch(&mut dx, g.n, g.in_plane(), |range, dx, par| {
         with_scratch(if g.is_pointwise() { 0 } else { k * ohw }, |col| {
             for (img, dxi) in range.zip(dx.chunks_mut(g.in_plane())) {
                 let dyi = Mat::rows(&dy[img * g.out_plane()..(img + 1) * g.out_plane()], ohw);
@@ -1035,50 +1041,38 @@ fn backward_x(weight: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
 }
 
 fn backward_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
-    let (parts, par) = plan(g.n);
     let (k, ohw) = (g.k(), g.out_pixels());
     if g.is_shifted() {
-        let partials: Vec<Vec<f32>> = split(g.n, parts)
-            .into_par_iter()
-            .map(|range| {
-                let mut dw = vec![0.0f32; g.cout * k];
-                with_scratch(g.shifted_scratch_len(), |scratch| {
-                    for (nth, img) in range.enumerate() {
-                        let xi = &x[img * g.in_plane()..(img + 1) * g.in_plane()];
-                        let dyi = &dy[img * g.out_plane()..(img + 1) * g.out_plane()];
-                        weight_grad_shifted(xi, dyi, g, scratch, &mut dw, nth > 0, par);
-                    }
-                });
-                dw
-            })
-            .collect();
-        return permute_weight(&sum(partials, g.cout * k), g, true);
-    }
-    let partials: Vec<Vec<f32>> = split(g.n, parts)
-        .into_par_iter()
-        .map(|range| {
-            let mut dw = vec![0.0f32; g.cout * k];
-            with_scratch(g.scratch_len(), |scratch| {
-                let (hwc, col) = scratch.split_at_mut(g.hwc_len());
+        let dw = sum_over_batch(g.n, g.cout * k, |range, dw, par| {
+            with_scratch(g.shifted_scratch_len(), |scratch| {
                 for (nth, img) in range.enumerate() {
                     let xi = &x[img * g.in_plane()..(img + 1) * g.in_plane()];
-                    let colt = if g.is_pointwise() {
-                        Mat::transposed(xi, ohw)
-                    } else if g.is_subsample() {
-                        subsample(xi, g, col);
-                        Mat::transposed(col, ohw)
-                    } else {
-                        patches(xi, g, hwc, col, par);
-                        Mat::rows(col, k)
-                    };
-                    let dyi = Mat::rows(&dy[img * g.out_plane()..(img + 1) * g.out_plane()], ohw);
-                    matmul(&mut dw, [g.cout, k, ohw], dyi, colt, nth > 0, par);
+                    let dyi = &dy[img * g.out_plane()..(img + 1) * g.out_plane()];
+                    weight_grad_shifted(xi, dyi, g, scratch, dw, nth > 0, par);
                 }
-            });
-            dw
+            })
+        });
+        return permute_weight(&dw, g, true);
+    }
+    let dw = sum_over_batch(g.n, g.cout * k, |range, dw, par| {
+        with_scratch(g.scratch_len(), |scratch| {
+            let (hwc, col) = scratch.split_at_mut(g.hwc_len());
+            for (nth, img) in range.enumerate() {
+                let xi = &x[img * g.in_plane()..(img + 1) * g.in_plane()];
+                let colt = if g.is_pointwise() {
+                    Mat::transposed(xi, ohw)
+                } else if g.is_subsample() {
+                    subsample(xi, g, col);
+                    Mat::transposed(col, ohw)
+                } else {
+                    patches(xi, g, hwc, col, par);
+                    Mat::rows(col, k)
+                };
+                let dyi = Mat::rows(&dy[img * g.out_plane()..(img + 1) * g.out_plane()], ohw);
+                matmul(dw, [g.cout, k, ohw], dyi, colt, nth > 0, par);
+            }
         })
-        .collect();
-    let dw = sum(partials, g.cout * k);
+    });
     if g.is_pointwise() || g.is_subsample() {
         dw
     } else {
@@ -1097,28 +1091,14 @@ pub(crate) fn zeros(n: usize) -> Vec<f32> {
     v
 }
 
-/// Element-wise sum of per-thread partial results.
-fn sum(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
-    let mut parts = partials.into_iter();
-    let mut total = parts.next().unwrap_or_else(|| vec![0.0; len]);
-    for p in parts {
-        for (a, b) in total.iter_mut().zip(p) {
-            *a += b;
-        }
-    }
-    total
-}
-
-fn contiguous_f32(t: &FlexTensor) -> FlexTensor {
-    t.to_contiguous()
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
+/// The values of a contiguous f32 Flex tensor (the kernels' callers make it so).
+pub(crate) fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
-        .expect("gemm_conv2d: contiguous f32 tensor")
+        .expect("CPU kernel: a contiguous f32 tensor")
 }
 
-fn flex(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+/// A Flex tensor owning `values`.
+pub(crate) fn flex(values: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
@@ -1142,7 +1122,7 @@ impl ConvBackend for Flex {
             return Flex::conv2d(x, weight, None, options(stride, padding));
         }
         let g = Geometry::new(x.layout().shape(), weight.layout().shape(), stride, padding);
-        let (x, weight) = (contiguous_f32(&x), contiguous_f32(&weight));
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
         let out = forward(slice(&x), slice(&weight), &g, None);
         flex(out, [g.n, g.cout, g.oh, g.ow])
     }
@@ -1184,9 +1164,9 @@ fn conv_shift_flex(
     relu: bool,
 ) -> FlexTensor {
     let g = Geometry::new(x.layout().shape(), weight.layout().shape(), stride, padding);
-    let (x, weight) = (contiguous_f32(&x), contiguous_f32(&weight));
-    let shift = contiguous_f32(&shift);
-    let residual = residual.map(|r| contiguous_f32(&r));
+    let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+    let shift = shift.to_contiguous();
+    let residual = residual.map(|r| r.to_contiguous());
     let epilogue = Epilogue {
         shift: slice(&shift),
         residual: residual.as_ref().map(slice),
@@ -1236,7 +1216,7 @@ fn flex_backward_x(x: &FlexTensor, weight: FlexTensor, dy: FlexTensor, g: &Geome
     if !is_f32(&[x, &weight, &dy]) {
         return Flex::conv2d_x_backward(x.clone(), weight, dy, options(g.stride, g.pad));
     }
-    let (weight, dy) = (contiguous_f32(&weight), contiguous_f32(&dy));
+    let (weight, dy) = (weight.to_contiguous(), dy.to_contiguous());
     flex(
         backward_x(slice(&weight), slice(&dy), g),
         [g.n, g.cin, g.h, g.w],
@@ -1252,7 +1232,7 @@ fn flex_backward_weight(
     if !is_f32(&[&x, weight, &dy]) {
         return Flex::conv2d_weight_backward(x, weight.clone(), dy, options(g.stride, g.pad));
     }
-    let (x, dy) = (contiguous_f32(&x), contiguous_f32(&dy));
+    let (x, dy) = (x.to_contiguous(), dy.to_contiguous());
     flex(
         backward_weight(slice(&x), slice(&dy), g),
         [g.cout, g.cin, g.kh, g.kw],

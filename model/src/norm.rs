@@ -17,19 +17,17 @@
 //! burn's operations wherever the fast paths do not apply (other devices, other dtypes, a frozen
 //! layer in a training graph), and update the running statistics exactly as burn does.
 
-use crate::conv::zeros;
-use crate::conv::{ConvInferenceBackend, conv2d};
+use crate::conv::{ConvInferenceBackend, conv2d, flex, slice, zeros};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::{ActivationOps, FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
-    AutodiffBackend, DType, Dispatch, DispatchDevice, DispatchTensor, Flex, TensorData,
-    backend_extension,
+    AutodiffBackend, DType, Dispatch, DispatchDevice, DispatchTensor, Flex, backend_extension,
 };
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
@@ -139,14 +137,19 @@ pub fn inference_fast_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
         && matches!(device.as_dispatch(), DispatchDevice::Flex(_))
 }
 
-/// `relu?(bn(x) (+ residual))` from the running statistics, as burn's `forward_inference` computes
-/// it: `(x - mean) / sqrt(var + eps) · gamma + beta`.
-fn inference(bn: &BatchNorm, x: Tensor<4>, residual: Option<Tensor<4>>, relu: bool) -> Tensor<4> {
-    let device = x.device();
-    let mean = bn.running_mean.value().to_device(&device);
-    let var = bn.running_var.value().to_device(&device);
+/// Inference batch norm as `scale · x + shift` per channel, from the running statistics:
+/// burn's `forward_inference` computes `(x - mean) / sqrt(var + eps) · gamma + beta`.
+fn running_scale_shift(bn: &BatchNorm, device: &Device) -> (Tensor<1>, Tensor<1>) {
+    let mean = bn.running_mean.value().to_device(device);
+    let var = bn.running_var.value().to_device(device);
     let scale = bn.gamma.val() / var.add_scalar(bn.epsilon).sqrt();
     let shift = bn.beta.val() - mean * scale.clone();
+    (scale, shift)
+}
+
+/// `relu?(bn(x) (+ residual))` from the running statistics.
+fn inference(bn: &BatchNorm, x: Tensor<4>, residual: Option<Tensor<4>>, relu: bool) -> Tensor<4> {
+    let (scale, shift) = running_scale_shift(bn, &x.device());
     let out = match residual {
         Some(r) => Dispatch::channel_affine_add_relu(
             x.into_dispatch(),
@@ -181,11 +184,7 @@ pub fn conv_bn(
         && inference_fast_path(bn, &x)
         && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
     {
-        let device = x.device();
-        let mean = bn.running_mean.value().to_device(&device);
-        let var = bn.running_var.value().to_device(&device);
-        let scale = bn.gamma.val() / var.add_scalar(bn.epsilon).sqrt();
-        let mut shift = bn.beta.val() - mean * scale.clone();
+        let (scale, mut shift) = running_scale_shift(bn, &x.device());
         if let Some(bias) = &conv.bias {
             shift = shift + bias.val() * scale.clone();
         }
@@ -444,17 +443,8 @@ fn affine(
     out
 }
 
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("fused batch norm: contiguous f32 tensor")
-}
-
 fn host(t: &FlexTensor) -> Vec<f32> {
     slice(&t.to_contiguous()).to_vec()
-}
-
-fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
 }
 
 fn inv_std(var: f32, epsilon: f64) -> f32 {
@@ -647,37 +637,17 @@ fn grads_of(
     )
 }
 
+/// The backward pass of both fused operations: parents `x, gamma, beta` and, with a residual,
+/// `residual` (whose gradient is the one through the ReLU).
 #[derive(Debug)]
 struct FusedBatchNormBackward;
 
-impl Backward<Flex, 3> for FusedBatchNormBackward {
+impl<const N: usize> Backward<Flex, N> for FusedBatchNormBackward {
     type State = Saved;
 
     fn backward(
         self,
-        ops: Ops<Self::State, 3>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let dy = grads.consume::<Flex>(&ops.node);
-        let (dx, dgamma, dbeta, _) = grads_of(ops.state, dy, checkpointer);
-        for (node, grad) in ops.parents.into_iter().zip([dx, dgamma, dbeta]) {
-            if let Some(node) = node {
-                grads.register::<Flex>(node.id, grad);
-            }
-        }
-    }
-}
-
-#[derive(Debug)]
-struct FusedBatchNormAddReluBackward;
-
-impl Backward<Flex, 4> for FusedBatchNormAddReluBackward {
-    type State = Saved;
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 4>,
+        ops: Ops<Self::State, N>,
         grads: &mut Gradients,
         checkpointer: &mut Checkpointer,
     ) {
@@ -691,6 +661,45 @@ impl Backward<Flex, 4> for FusedBatchNormAddReluBackward {
     }
 }
 
+type AdTensor<C> = FloatTensor<Autodiff<Flex, C>>;
+
+/// Records one fused batch norm in the autodiff graph: `parents` are the guards of `x`, `gamma`,
+/// `beta` (and the residual), `run` computes it on Flex; the batch statistics come back
+/// untracked.
+fn record<C: CheckpointStrategy, const N: usize>(
+    parents: [NodeGuard; N],
+    x: &AdTensor<C>,
+    gamma: &AdTensor<C>,
+    epsilon: f64,
+    relu: bool,
+    run: impl FnOnce() -> (FlexTensor, FlexTensor, FlexTensor),
+) -> (AdTensor<C>, AdTensor<C>, AdTensor<C>) {
+    let untracked = <Autodiff<Flex, C> as AutodiffBackend>::from_inner;
+    match FusedBatchNormBackward
+        .prepare::<C>(parents)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let (x, gamma) = (prep.checkpoint(x), prep.checkpoint(gamma));
+            let (out, mean, var) = run();
+            let saved = Saved {
+                x,
+                gamma,
+                mean: mean.clone(),
+                var: var.clone(),
+                epsilon,
+                relu_output: relu.then(|| out.clone()),
+            };
+            (prep.finish(saved, out), untracked(mean), untracked(var))
+        }
+        OpsKind::UnTracked(prep) => {
+            let (out, mean, var) = run();
+            (prep.finish(out), untracked(mean), untracked(var))
+        }
+    }
+}
+
 impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
     fn fused_batch_norm_train(
         x: FloatTensor<Self>,
@@ -699,46 +708,15 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
         epsilon: f64,
         relu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        match FusedBatchNormBackward
-            .prepare::<C>([x.node(), gamma.node(), beta.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
-                let (out, mean, var) = Flex::fused_batch_norm_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                    relu,
-                );
-                let saved = Saved {
-                    x: x_state,
-                    gamma: gamma_state,
-                    mean: mean.clone(),
-                    var: var.clone(),
-                    epsilon,
-                    relu_output: relu.then(|| out.clone()),
-                };
-                let out = prep.finish(saved, out);
-                (out, Self::from_inner(mean), Self::from_inner(var))
-            }
-            OpsKind::UnTracked(prep) => {
-                let (out, mean, var) = Flex::fused_batch_norm_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                    relu,
-                );
-                (
-                    prep.finish(out),
-                    Self::from_inner(mean),
-                    Self::from_inner(var),
-                )
-            }
-        }
+        let parents = [x.node(), gamma.node(), beta.node()];
+        let (xp, gp, bp) = (
+            x.primitive().clone(),
+            gamma.primitive().clone(),
+            beta.into_primitive(),
+        );
+        record::<C, 3>(parents, &x, &gamma, epsilon, relu, || {
+            Flex::fused_batch_norm_train(xp, gp, bp, epsilon, relu)
+        })
     }
 
     fn fused_batch_norm_add_relu_train(
@@ -748,45 +726,15 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
         residual: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        match FusedBatchNormAddReluBackward
-            .prepare::<C>([x.node(), gamma.node(), beta.node(), residual.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
-                let (out, mean, var) = Flex::fused_batch_norm_add_relu_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    residual.into_primitive(),
-                    epsilon,
-                );
-                let saved = Saved {
-                    x: x_state,
-                    gamma: gamma_state,
-                    mean: mean.clone(),
-                    var: var.clone(),
-                    epsilon,
-                    relu_output: Some(out.clone()),
-                };
-                let out = prep.finish(saved, out);
-                (out, Self::from_inner(mean), Self::from_inner(var))
-            }
-            OpsKind::UnTracked(prep) => {
-                let (out, mean, var) = Flex::fused_batch_norm_add_relu_train(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    residual.into_primitive(),
-                    epsilon,
-                );
-                (
-                    prep.finish(out),
-                    Self::from_inner(mean),
-                    Self::from_inner(var),
-                )
-            }
-        }
+        let parents = [x.node(), gamma.node(), beta.node(), residual.node()];
+        let (xp, gp, bp, rp) = (
+            x.primitive().clone(),
+            gamma.primitive().clone(),
+            beta.into_primitive(),
+            residual.into_primitive(),
+        );
+        record::<C, 4>(parents, &x, &gamma, epsilon, true, || {
+            Flex::fused_batch_norm_add_relu_train(xp, gp, bp, rp, epsilon)
+        })
     }
 }
