@@ -49,6 +49,8 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 use std::ops::Range;
 
+pub mod channels_last;
+
 /// Convolution (no bias, no dilation, one group) with a hand-written CPU kernel.
 ///
 /// `stride` and `padding` are `[height, width]`; padding is symmetric (zeros).
@@ -635,9 +637,11 @@ fn sum_over_batch(
     let mut partials = partials.into_iter();
     let mut total = partials.next().unwrap_or_else(|| vec![0.0; len]);
     for p in partials {
-        for (a, b) in total.iter_mut().zip(p) {
-            *a += b;
-        }
+        // Across the pool: for the deep layers this is a few MB that the main thread summed alone.
+        total
+            .par_chunks_mut(1 << 14)
+            .zip(p.par_chunks(1 << 14))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
     }
     total
 }
@@ -875,17 +879,20 @@ fn weight_grad_shifted(
 /// `[C_out, C_in, kh, kw]` to the flipped, transposed kernel `[C_in, kh, kw, C_out]` that
 /// correlates the output gradient back to the input gradient.
 fn flip_weight(w: &[f32], g: &Geometry) -> Vec<f32> {
+    let kk = g.kh * g.kw;
     let mut out = vec![0.0f32; w.len()];
-    for co in 0..g.cout {
-        for ci in 0..g.cin {
-            for i in 0..g.kh {
-                for j in 0..g.kw {
-                    let src = ((co * g.cin + ci) * g.kh + (g.kh - 1 - i)) * g.kw + (g.kw - 1 - j);
-                    out[((ci * g.kh + i) * g.kw + j) * g.cout + co] = w[src];
+    // One input channel per task (it ran on one thread before every input gradient). Reading a
+    // kernel backwards flips both of its axes: tap `i·kw + j` is `kk - 1 - (i·kw + j)` flipped.
+    out.par_chunks_mut(kk * g.cout)
+        .enumerate()
+        .for_each(|(ci, out)| {
+            for co in 0..g.cout {
+                let taps = &w[(co * g.cin + ci) * kk..(co * g.cin + ci + 1) * kk];
+                for (t, &v) in taps.iter().rev().enumerate() {
+                    out[t * g.cout + co] = v;
                 }
             }
-        }
-    }
+        });
     out
 }
 

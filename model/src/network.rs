@@ -2,7 +2,7 @@
 
 use crate::config::{ConfigError, HeadKind, HeadSpec, RetinaConfig};
 use crate::head::Head;
-use crate::trunk::{Trunk, global_avg_pool};
+use crate::trunk::Trunk;
 use burn::prelude::*;
 
 /// The Retina network.
@@ -69,12 +69,7 @@ impl RetinaNet {
             .map(|s| s.attach.stage_index(n))
             .max()
             .unwrap_or(n);
-        let embeddings: Vec<Tensor<2>> = self
-            .trunk
-            .forward_stages(images, last)
-            .into_iter()
-            .map(global_avg_pool)
-            .collect();
+        let embeddings: Vec<Tensor<2>> = self.trunk.forward_pooled(images, last);
         let heads = self
             .heads
             .iter()

@@ -17,7 +17,7 @@
 //! burn's operations wherever the fast paths do not apply (other devices, other dtypes, a frozen
 //! layer in a training graph), and update the running statistics exactly as burn does.
 
-use crate::conv::{ConvInferenceBackend, conv2d, flex, slice, zeros};
+use crate::conv::{ConvInferenceBackend, channels_last, conv2d, flex, slice, zeros};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -167,6 +167,57 @@ fn inference(bn: &BatchNorm, x: Tensor<4>, residual: Option<Tensor<4>>, relu: bo
     Tensor::from_dispatch(out)
 }
 
+/// The inference batch norm after `conv` as a per-output-channel `scale` (`gamma / sqrt(var +
+/// eps)`, to multiply the convolution's weights by) and `shift` (with the convolution's bias).
+fn folded_scale_shift(conv: &Conv2d, bn: &BatchNorm, device: &Device) -> (Tensor<1>, Tensor<1>) {
+    let (scale, mut shift) = running_scale_shift(bn, device);
+    if let Some(bias) = &conv.bias {
+        shift = shift + bias.val() * scale.clone();
+    }
+    (scale, shift)
+}
+
+/// The convolution with the inference batch norm folded in: scaled weights and the shift.
+fn folded(conv: &Conv2d, bn: &BatchNorm, device: &Device) -> (Tensor<4>, Tensor<1>) {
+    let (scale, shift) = folded_scale_shift(conv, bn, device);
+    let c = scale.dims()[0];
+    (conv.weight.val() * scale.reshape([c, 1, 1, 1]), shift)
+}
+
+/// [`conv_bn`] in inference on channels-last tensors (`[N, H, W, C]` in and out), for a trunk
+/// that keeps its activations so (see [`crate::conv::channels_last`]). `None` where that path
+/// does not apply (autodiff, other devices or dtypes, padding it cannot express): the caller
+/// stays on [`conv_bn`] then.
+pub fn conv_bn_channels_last(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    relu: bool,
+) -> Option<Tensor<4>> {
+    let padding = channels_last_padding(conv, bn, &x)?;
+    let (scale, shift) = folded_scale_shift(conv, bn, &x.device());
+    Some(channels_last::conv2d_shift(
+        x,
+        conv.weight.val(),
+        scale,
+        shift,
+        residual,
+        conv.stride,
+        padding,
+        relu,
+    ))
+}
+
+/// The padding [`conv_bn_channels_last`] runs `conv` with on `x`, if it can.
+pub fn channels_last_padding(conv: &Conv2d, bn: &BatchNorm, x: &Tensor<4>) -> Option<[usize; 2]> {
+    let padding = crate::conv::fast_path(conv, x)?;
+    (channels_last::applies(x)
+        && inference_fast_path(bn, x)
+        && conv.weight.val().dtype() == DType::F32)
+        .then_some(padding)
+}
+
 /// `relu?(bn(conv(x)) (+ residual))`, the trunk's unit (a residual implies the ReLU).
 ///
 /// In inference on Flex the batch norm is folded into the convolution: its weights scaled per
@@ -184,12 +235,7 @@ pub fn conv_bn(
         && inference_fast_path(bn, &x)
         && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
     {
-        let (scale, mut shift) = running_scale_shift(bn, &x.device());
-        if let Some(bias) = &conv.bias {
-            shift = shift + bias.val() * scale.clone();
-        }
-        let c = scale.dims()[0];
-        let weight = conv.weight.val() * scale.reshape([c, 1, 1, 1]);
+        let (weight, shift) = folded(conv, bn, &x.device());
         let out = match residual {
             Some(r) => Dispatch::gemm_conv2d_shift_add_relu(
                 x.into_dispatch(),

@@ -5,7 +5,8 @@
 //! and map one-to-one onto the PyTorch reference's names (see [`crate::torch`]).
 
 use crate::config::{StageConfig, TrunkConfig};
-use crate::norm::conv_bn;
+use crate::conv::channels_last::to_channels_last;
+use crate::norm::{channels_last_padding, conv_bn, conv_bn_channels_last};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::prelude::*;
@@ -35,10 +36,17 @@ pub struct Stem {
     pub bn: BatchNorm,
 }
 
+/// The trunk's unit, `relu?(bn(conv(x)) (+ residual))`: [`conv_bn`], or its channels-last form.
+type Unit<'a> = &'a dyn Fn(&Conv2d, &BatchNorm, Tensor<4>, Option<Tensor<4>>, bool) -> Tensor<4>;
+
 impl Stem {
     /// `[N, 3, H, W]` to `[N, stem_width, H/s, W/s]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        conv_bn(&self.conv, &self.bn, x, None, true)
+        self.apply(x, &conv_bn)
+    }
+
+    fn apply(&self, x: Tensor<4>, unit: Unit) -> Tensor<4> {
+        unit(&self.conv, &self.bn, x, None, true)
     }
 }
 
@@ -83,12 +91,22 @@ impl BasicBlock {
 
     /// Applies the block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.apply(x, &conv_bn)
+    }
+
+    fn apply(&self, x: Tensor<4>, unit: Unit) -> Tensor<4> {
         let shortcut = match &self.downsample {
-            Some(d) => conv_bn(&d.conv, &d.bn, x.clone(), None, false),
+            Some(d) => unit(&d.conv, &d.bn, x.clone(), None, false),
             None => x.clone(),
         };
-        let out = conv_bn(&self.conv1, &self.bn1, x, None, true);
-        conv_bn(&self.conv2, &self.bn2, out, Some(shortcut), true)
+        let out = unit(&self.conv1, &self.bn1, x, None, true);
+        unit(&self.conv2, &self.bn2, out, Some(shortcut), true)
+    }
+
+    fn units(&self) -> impl Iterator<Item = (&Conv2d, &BatchNorm)> {
+        [(&self.conv1, &self.bn1), (&self.conv2, &self.bn2)]
+            .into_iter()
+            .chain(self.downsample.as_ref().map(|d| (&d.conv, &d.bn)))
     }
 }
 
@@ -116,7 +134,11 @@ impl Stage {
 
     /// Applies every block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.blocks.iter().fold(x, |x, b| b.forward(x))
+        self.apply(x, &conv_bn)
+    }
+
+    fn apply(&self, x: Tensor<4>, unit: Unit) -> Tensor<4> {
+        self.blocks.iter().fold(x, |x, b| b.apply(x, unit))
     }
 }
 
@@ -170,6 +192,49 @@ impl Trunk {
             out.push(x.clone());
         }
         out
+    }
+
+    /// The globally average-pooled output of every stage up to `last`, `[N, C_k]`: what the
+    /// heads read.
+    ///
+    /// In inference on the CPU the activations stay channels-last from the stem to the pooling
+    /// (see [`crate::conv::channels_last`]); everywhere else this is [`Self::forward_stages`]
+    /// then [`global_avg_pool`].
+    pub fn forward_pooled(&self, x: Tensor<4>, last: usize) -> Vec<Tensor<2>> {
+        if !self.runs_channels_last(&x) {
+            return self
+                .forward_stages(x, last)
+                .into_iter()
+                .map(global_avg_pool)
+                .collect();
+        }
+        let unit = |conv: &Conv2d, bn: &BatchNorm, x, residual, relu| {
+            conv_bn_channels_last(conv, bn, x, residual, relu)
+                .expect("every unit was checked for the channels-last path")
+        };
+        let mut x = self.stem.apply(to_channels_last(x), &unit);
+        self.stages
+            .iter()
+            .take(last)
+            .map(|stage| {
+                x = stage.apply(x.clone(), &unit);
+                let [n, h, w, c] = x.dims();
+                x.clone().reshape([n, h * w, c]).mean_dim(1).reshape([n, c])
+            })
+            .collect()
+    }
+
+    /// Whether [`Self::forward_pooled`] keeps `x`'s activations channels-last: inference on the
+    /// CPU, with every layer in a form the channels-last kernels take.
+    pub fn runs_channels_last(&self, x: &Tensor<4>) -> bool {
+        std::iter::once((&self.stem.conv, &self.stem.bn))
+            .chain(
+                self.stages
+                    .iter()
+                    .flat_map(|s| &s.blocks)
+                    .flat_map(|b| b.units()),
+            )
+            .all(|(conv, bn)| channels_last_padding(conv, bn, x).is_some())
     }
 }
 

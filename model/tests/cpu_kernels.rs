@@ -11,6 +11,7 @@ use retina_model::burn::nn::conv::{Conv2d, Conv2dConfig};
 use retina_model::burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use retina_model::burn::prelude::*;
 use retina_model::burn::tensor::activation::relu;
+use retina_model::conv::channels_last::{to_channels_first, to_channels_last};
 use retina_model::conv::{conv2d, fast_path};
 use retina_model::norm;
 
@@ -500,6 +501,49 @@ fn inference_conv_with_folded_batch_norm_matches_the_composition() {
             pad: 0,
             bias: false,
         },
+        // A batch of one (products and output passes split across threads), in both
+        // orientations; more channels than pixels through patches and through subsampling; 1x1
+        // stride 1.
+        Case {
+            n: 1,
+            cin: 8,
+            cout: 16,
+            hw: [12, 13],
+            k: 3,
+            stride: 1,
+            pad: 1,
+            bias: false,
+        },
+        Case {
+            n: 1,
+            cin: 8,
+            cout: 64,
+            hw: [5, 5],
+            k: 3,
+            stride: 2,
+            pad: 1,
+            bias: true,
+        },
+        Case {
+            n: 1,
+            cin: 4,
+            cout: 40,
+            hw: [6, 6],
+            k: 1,
+            stride: 2,
+            pad: 0,
+            bias: false,
+        },
+        Case {
+            n: 2,
+            cin: 6,
+            cout: 5,
+            hw: [6, 7],
+            k: 1,
+            stride: 1,
+            pad: 0,
+            bias: true,
+        },
     ];
     for c in cases {
         let conv = layer(&c, &device);
@@ -515,11 +559,34 @@ fn inference_conv_with_folded_batch_norm_matches_the_composition() {
         let y = conv.forward(x.clone());
         let r = Tensor::<1>::from_floats(values(y.dims().iter().product(), 46).as_slice(), &device)
             .reshape(y.dims());
+        // The same unit on channels-last tensors, brought back to NCHW to compare.
+        let channels_last = |residual: Option<Tensor<4>>, relu: bool| {
+            let x = to_channels_last(x.clone());
+            let out =
+                norm::conv_bn_channels_last(&conv, &bn, x, residual.map(to_channels_last), relu)
+                    .expect("the channels-last path applies on Flex");
+            to_channels_first(out)
+        };
         let forms = [
             (
                 "shift",
                 norm::conv_bn(&conv, &bn, x.clone(), None, false),
                 bn.forward(y.clone()),
+            ),
+            (
+                "channels-last shift",
+                channels_last(None, false),
+                bn.forward(y.clone()),
+            ),
+            (
+                "channels-last relu",
+                channels_last(None, true),
+                relu(bn.forward(y.clone())),
+            ),
+            (
+                "channels-last add relu",
+                channels_last(Some(r.clone()), true),
+                relu(bn.forward(y.clone()) + r.clone()),
             ),
             (
                 "relu",
@@ -535,6 +602,61 @@ fn inference_conv_with_folded_batch_norm_matches_the_composition() {
         for (what, fused, reference) in forms {
             let label = format!("{what}: {}->{} k{} s{}", c.cin, c.cout, c.k, c.stride);
             assert_close(&label, &host(fused), &host(reference), 1e-5);
+        }
+    }
+}
+
+#[test]
+fn channels_last_trunk_matches_the_nchw_trunk() {
+    use retina_model::RetinaConfig;
+    use retina_model::trunk::global_avg_pool;
+    let device = Device::flex();
+    device.seed(3);
+    let mut config = RetinaConfig::preset("reference").unwrap();
+    config.preprocess.image_size = 40;
+    let net = config.init(&device).unwrap();
+    // Away from the initial running statistics, so the folded batch norms matter.
+    let net = {
+        use retina_model::burn::module::RunningState;
+        let mut net = net;
+        for block in net
+            .trunk
+            .stages
+            .iter_mut()
+            .flat_map(|s| s.blocks.iter_mut())
+        {
+            let c = block.bn2.gamma.dims()[0];
+            let t = |seed: u64| Tensor::<1>::from_floats(values(c, seed).as_slice(), &device);
+            block.bn2.running_mean = RunningState::new(t(51).mul_scalar(0.3));
+            block.bn2.running_var = RunningState::new(t(52).abs().add_scalar(0.5));
+            block.bn2.beta = Param::from_tensor(t(53));
+        }
+        net
+    };
+    let stages = net.trunk.stages.len();
+    let ad = Tensor::<4>::zeros([1, 3, 40, 40], &device.clone().autodiff());
+    assert!(!net.trunk.runs_channels_last(&ad), "training keeps NCHW");
+    for n in [1, 3] {
+        let x =
+            Tensor::<1>::from_floats(values(n * 3 * 40 * 40, 50 + n as u64).as_slice(), &device)
+                .reshape([n, 3, 40, 40]);
+        assert!(net.trunk.runs_channels_last(&x));
+        let fast = net.trunk.forward_pooled(x.clone(), stages);
+        let nchw: Vec<_> = net
+            .trunk
+            .forward_stages(x, stages)
+            .into_iter()
+            .map(global_avg_pool)
+            .collect();
+        assert_eq!(fast.len(), nchw.len());
+        for (k, (a, b)) in fast.into_iter().zip(nchw).enumerate() {
+            assert_eq!(a.dims(), b.dims(), "stage {}", k + 1);
+            assert_close(
+                &format!("batch {n}, stage {}", k + 1),
+                &host(a),
+                &host(b),
+                1e-4,
+            );
         }
     }
 }

@@ -22,6 +22,9 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Backend.
     pub backend: BackendChoice,
+    /// Also time the phases of a step, waiting for the device after each (which costs an
+    /// asynchronous backend some overlap, so it is off for the headline figure).
+    pub phases: bool,
 }
 
 /// The result, also printed as JSON with `--json`.
@@ -53,6 +56,20 @@ pub struct BenchResult {
     pub first_loss: f32,
     /// Loss of the last step.
     pub last_loss: f32,
+    /// Median seconds of each phase, with `phases`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<StepPhases>,
+}
+
+/// Where a training step's time goes (medians over the timed steps).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepPhases {
+    /// Forward pass and losses.
+    pub forward_s: f64,
+    /// Backward pass, gradients gathered per parameter.
+    pub backward_s: f64,
+    /// Optimizer update.
+    pub optimizer_s: f64,
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -129,20 +146,46 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
         HeadTargets::from_options(&vessel, &ad),
     ];
     let mut times = Vec::new();
+    let mut phases: [Vec<f64>; 3] = Default::default();
     let mut losses = Vec::new();
     for i in 0..opts.steps + 2 {
         let t0 = Instant::now();
+        let mut marks = [0.0; 3];
+        let mut mark = |k: usize| {
+            if opts.phases {
+                // Without the wait an asynchronous backend would only have queued the work.
+                let _ = device.sync();
+                marks[k] = t0.elapsed().as_secs_f64();
+            }
+        };
         let out = model.forward(x.clone());
         let l = loss.forward(&model, &out, &targets);
+        mark(0);
         let grads = GradientsParams::from_grads(l.total.backward(), &model);
+        mark(1);
         model = optim.step(1e-3, model, grads);
+        mark(2);
         // Reading the loss waits for the step to finish on asynchronous backends.
         let v: f32 = l.total.into_scalar::<f32>();
         if i >= 2 {
             times.push(t0.elapsed().as_secs_f64());
+            for (k, p) in phases.iter_mut().enumerate() {
+                p.push(marks[k] - if k == 0 { 0.0 } else { marks[k - 1] });
+            }
         }
         losses.push(v);
     }
+    let median = |v: &[f64]| {
+        let mut sorted = v.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted[sorted.len() / 2]
+    };
+    let [fwd, bwd, opt] = &phases;
+    let phases = opts.phases.then(|| StepPhases {
+        forward_s: median(fwd),
+        backward_s: median(bwd),
+        optimizer_s: median(opt),
+    });
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
@@ -160,6 +203,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
         peak_rss_mib: peak_rss_mib(),
         first_loss: losses[0],
         last_loss: *losses.last().expect("at least one step"),
+        phases,
     })
 }
 

@@ -189,6 +189,10 @@ struct BenchArgs {
     /// Side of the generated photographs for --pipeline.
     #[arg(long, default_value_t = 1024)]
     source_size: u32,
+    /// Also report the median forward, backward and optimizer time of a step (waits for the
+    /// device between them).
+    #[arg(long)]
+    phases: bool,
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
@@ -299,6 +303,7 @@ fn run(cli: Cli) -> Result<()> {
                 batch_size: a.batch_size,
                 steps: a.steps.max(1),
                 backend: a.backend,
+                phases: a.phases,
             })?;
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -317,6 +322,12 @@ fn run(cli: Cli) -> Result<()> {
                     r.first_loss,
                     r.last_loss
                 );
+                if let Some(p) = &r.phases {
+                    println!(
+                        "  median phases: forward + losses {:.3} s, backward {:.3} s, optimizer {:.3} s",
+                        p.forward_s, p.backward_s, p.optimizer_s
+                    );
+                }
             }
             Ok(())
         }

@@ -1,0 +1,410 @@
+//! Inference convolutions on channels-last activations (`[N, H, W, C]`).
+//!
+//! Why this exists: every kernel in [`super`] works channels-last inside (the padded copy that
+//! shifted windows read, the patch rows of a strided 3x3, the channels-last product), so on NCHW
+//! tensors each layer pays a transposing copy in (`interleave`) and one out
+//! (`from_channels_last`): 14% of a profile of the reference network's inference pass at
+//! 224 px. When the activations stay channels-last from the stem to the pooling, the input copy
+//! is a row `memcpy` (only the shifted windows' zero border needs it at all), and the output
+//! pass that applies the folded batch norm's shift, the residual and the ReLU also drops the
+//! padded width's extra columns, so no layer transposes anything.
+//!
+//! Only inference uses it (Flex, never differentiated): the trunk switches to it as a whole in
+//! [`crate::trunk::Trunk::forward_pooled`] and converts the input once.
+
+use super::{
+    Geometry, Mat, flex, im2col_patches, matmul_into, over_batch, slice, with_scratch, zeros,
+};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{DType, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::prelude::*;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Convolution with a folded batch norm on channels-last tensors, for inference on Flex.
+///
+/// `x: [N, H, W, C_in]`; `weight: [C_out, C_in, kh, kw]`, multiplied by `scale: [C_out]` (the
+/// batch norm's `gamma / sqrt(var + eps)`) as the kernel reorders it; `shift: [C_out]`; the
+/// output and `residual` are `[N, H_out, W_out, C_out]`.
+#[backend_extension(Flex)]
+pub trait ChannelsLastBackend: burn::backend::Backend {
+    /// `relu?(conv(x, weight) + shift)`.
+    fn conv2d_nhwc_shift(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        relu: bool,
+    ) -> FloatTensor<Self>;
+
+    /// `relu(conv(x, weight) + shift + residual)`.
+    fn conv2d_nhwc_shift_add_relu(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self>;
+}
+
+impl ChannelsLastBackend for Flex {
+    fn conv2d_nhwc_shift(
+        x: FlexTensor,
+        weight: FlexTensor,
+        scale: FlexTensor,
+        shift: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        relu: bool,
+    ) -> FlexTensor {
+        run(x, weight, scale, shift, None, stride, padding, relu)
+    }
+
+    fn conv2d_nhwc_shift_add_relu(
+        x: FlexTensor,
+        weight: FlexTensor,
+        scale: FlexTensor,
+        shift: FlexTensor,
+        residual: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        run(
+            x,
+            weight,
+            scale,
+            shift,
+            Some(residual),
+            stride,
+            padding,
+            true,
+        )
+    }
+}
+
+/// Whether a tensor can take the channels-last kernels: plain (not autodiff) f32 on Flex.
+pub fn applies(x: &Tensor<4>) -> bool {
+    let device = x.device();
+    !device.is_autodiff()
+        && x.dtype() == DType::F32
+        && matches!(device.as_dispatch(), DispatchDevice::Flex(_))
+}
+
+/// `[N, C, H, W]` to `[N, H, W, C]` and back (views; the kernels copy what they read).
+pub fn to_channels_last(x: Tensor<4>) -> Tensor<4> {
+    x.permute([0, 2, 3, 1])
+}
+
+/// `[N, H, W, C]` to `[N, C, H, W]`.
+pub fn to_channels_first(x: Tensor<4>) -> Tensor<4> {
+    x.permute([0, 3, 1, 2])
+}
+
+/// `relu?(conv(x, weight) + shift (+ residual))` on channels-last tensors (see
+/// [`ChannelsLastBackend`]).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_shift(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    scale: Tensor<1>,
+    shift: Tensor<1>,
+    residual: Option<Tensor<4>>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    relu: bool,
+) -> Tensor<4> {
+    let out = match residual {
+        Some(r) => Dispatch::conv2d_nhwc_shift_add_relu(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            scale.into_dispatch(),
+            shift.into_dispatch(),
+            r.into_dispatch(),
+            stride,
+            padding,
+        ),
+        None => Dispatch::conv2d_nhwc_shift(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            scale.into_dispatch(),
+            shift.into_dispatch(),
+            stride,
+            padding,
+            relu,
+        ),
+    };
+    Tensor::from_dispatch(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    x: FlexTensor,
+    weight: FlexTensor,
+    scale: FlexTensor,
+    shift: FlexTensor,
+    residual: Option<FlexTensor>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    relu: bool,
+) -> FlexTensor {
+    let &[n, h, w, c] = x.layout().shape().as_slice() else {
+        panic!(
+            "conv2d_nhwc: input {:?} is not [N, H, W, C]",
+            x.layout().shape()
+        );
+    };
+    let g = Geometry::new(&[n, c, h, w], weight.layout().shape(), stride, padding);
+    let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+    let (scale, shift) = (scale.to_contiguous(), shift.to_contiguous());
+    let residual = residual.map(|r| r.to_contiguous());
+    let tail = Tail {
+        shift: slice(&shift),
+        residual: residual.as_ref().map(slice),
+        relu: relu || residual.is_some(),
+    };
+    assert!(
+        tail.shift.len() == g.cout && scale.layout().shape().num_elements() == g.cout,
+        "conv2d_nhwc: one scale and one shift per output channel"
+    );
+    if let Some(r) = tail.residual {
+        assert_eq!(
+            r.len(),
+            g.n * g.out_plane(),
+            "conv2d_nhwc: residual of the output's shape"
+        );
+    }
+    let out = forward(slice(&x), slice(&weight), slice(&scale), &g, &tail);
+    flex(out, [g.n, g.oh, g.ow, g.cout])
+}
+
+/// What follows the product: the folded batch norm's shift, the residual, the ReLU.
+struct Tail<'a> {
+    shift: &'a [f32],
+    residual: Option<&'a [f32]>,
+    relu: bool,
+}
+
+impl Tail<'_> {
+    /// One output pixel's channels from the product's values `src` (or those already in `dst`).
+    #[inline(always)]
+    fn pixel(&self, src: Option<&[f32]>, res: Option<&[f32]>, dst: &mut [f32]) {
+        let relu = self.relu;
+        let f = |s: f32, b: f32, r: f32| {
+            let v = s + b + r;
+            if relu { v.max(0.0) } else { v }
+        };
+        match (src, res) {
+            (Some(src), Some(res)) => {
+                for (((d, &s), &b), &r) in dst.iter_mut().zip(src).zip(self.shift).zip(res) {
+                    *d = f(s, b, r);
+                }
+            }
+            (Some(src), None) => {
+                for ((d, &s), &b) in dst.iter_mut().zip(src).zip(self.shift) {
+                    *d = f(s, b, 0.0);
+                }
+            }
+            (None, Some(res)) => {
+                for ((d, &b), &r) in dst.iter_mut().zip(self.shift).zip(res) {
+                    *d = f(*d, b, r);
+                }
+            }
+            (None, None) => {
+                for (d, &b) in dst.iter_mut().zip(self.shift) {
+                    *d = f(*d, b, 0.0);
+                }
+            }
+        }
+    }
+
+    /// Writes image `img`'s output rows from the product `src`, whose rows are `pitch` pixels
+    /// apart (the first `W_out` of each real), or in place when the product sits in `dst`.
+    fn rows(
+        &self,
+        g: &Geometry,
+        img: usize,
+        src: Option<(&[f32], usize)>,
+        dst: &mut [f32],
+        par: Parallelism,
+    ) {
+        let (row, c) = (g.ow * g.cout, g.cout);
+        let residual = self
+            .residual
+            .map(|r| &r[img * g.out_plane()..(img + 1) * g.out_plane()]);
+        let one_row = |(oh, out): (usize, &mut [f32])| {
+            let res = residual.map(|r| &r[oh * row..(oh + 1) * row]);
+            for (ow, px) in out.chunks_exact_mut(c).enumerate() {
+                let r = res.map(|r| &r[ow * c..(ow + 1) * c]);
+                let s = src.map(|(src, pitch)| {
+                    let at = (oh * pitch + ow) * c;
+                    &src[at..at + c]
+                });
+                self.pixel(s, r, px);
+            }
+        };
+        if matches!(par, Parallelism::Rayon(_)) {
+            dst.par_chunks_mut(row).enumerate().for_each(one_row);
+        } else {
+            dst.chunks_mut(row).enumerate().for_each(one_row);
+        }
+    }
+}
+
+/// Zero-padded copy `[H_pad + 1, W_pad, C]` of one channels-last image: one `memcpy` a row.
+fn pad_rows(xi: &[f32], g: &Geometry, out: &mut [f32], parallel: bool) {
+    let c = g.cin;
+    let fill = |(r, row): (usize, &mut [f32])| {
+        let Some(ih) = r.checked_sub(g.pad[0]).filter(|&ih| ih < g.h) else {
+            row.fill(0.0);
+            return;
+        };
+        let (left, rest) = row.split_at_mut(g.pad[1] * c);
+        let (inside, right) = rest.split_at_mut(g.w * c);
+        left.fill(0.0);
+        right.fill(0.0);
+        inside.copy_from_slice(&xi[ih * g.w * c..(ih + 1) * g.w * c]);
+    };
+    let out = &mut out[..g.padded_len()];
+    let row = g.padded_w() * c;
+    if parallel {
+        out.par_chunks_mut(row).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(row).enumerate().for_each(fill);
+    }
+}
+
+/// The pixels a strided 1x1 convolution reads, `[H_out·W_out, C]`.
+fn subsample_rows(xi: &[f32], g: &Geometry, col: &mut [f32]) {
+    let [sh, sw] = g.stride;
+    let c = g.cin;
+    for (p, px) in col.chunks_exact_mut(c).enumerate() {
+        let (oh, ow) = (p / g.ow, p % g.ow);
+        let at = (oh * sh * g.w + ow * sw) * c;
+        px.copy_from_slice(&xi[at..at + c]);
+    }
+}
+
+/// `dst[p, co] = Σ_q cols[p, q] · w[co, q]` into a channels-last `dst` (`[pixels, C_out]`,
+/// row-major), where `cols` is `pixels x q` with strides `[rs, cs]` and `w` is `[C_out, q]`.
+/// Oriented as in [`super::forward_shifted`]: with fewer output channels than pixels, `gemm`
+/// reads `cols` in place as the right operand.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    dst: &mut [f32],
+    cols: Mat,
+    w: &[f32],
+    w_offset: usize,
+    w_stride: usize,
+    [pixels, cout, q]: [usize; 3],
+    accumulate: bool,
+    par: Parallelism,
+) {
+    if cout <= pixels {
+        let wm = Mat::view(w, w_offset, w_stride as isize, 1, [cout, q]);
+        let cols_t = Mat {
+            ptr: cols.ptr,
+            rs: cols.cs,
+            cs: cols.rs,
+        };
+        matmul_into(
+            dst,
+            [1, cout as isize],
+            [cout, pixels, q],
+            wm,
+            cols_t,
+            accumulate,
+            par,
+        );
+    } else {
+        let wt = Mat::view(w, w_offset, 1, w_stride as isize, [q, cout]);
+        matmul_into(
+            dst,
+            [cout as isize, 1],
+            [pixels, cout, q],
+            cols,
+            wt,
+            accumulate,
+            par,
+        );
+    }
+}
+
+/// `weight · scale[c_out]` in `[C_out, kh, kw, C_in]` order (a kernel row is one run of the
+/// channels-last image): the batch norm's fold and the reorder in one parallel pass, instead of
+/// a broadcast multiply on one thread and then the permutation.
+fn fold_weight(w: &[f32], scale: &[f32], g: &Geometry) -> Vec<f32> {
+    let (ci, kk) = (g.cin, g.kh * g.kw);
+    let mut out = vec![0.0f32; w.len()];
+    out.par_chunks_mut(ci * kk)
+        .zip(w.par_chunks(ci * kk))
+        .zip(scale.par_iter())
+        .for_each(|((out, w), &s)| {
+            for c in 0..ci {
+                for t in 0..kk {
+                    out[t * ci + c] = s * w[c * kk + t];
+                }
+            }
+        });
+    out
+}
+
+fn forward(x: &[f32], weight: &[f32], scale: &[f32], g: &Geometry, tail: &Tail) -> Vec<f32> {
+    let wperm = fold_weight(weight, scale, g);
+    let (k, ohw) = (g.k(), g.out_pixels());
+    let scratch = if g.is_shifted() {
+        g.shifted_scratch_len()
+    } else if g.is_pointwise() {
+        0
+    } else if g.is_subsample() {
+        ohw * g.cin
+    } else {
+        ohw * k
+    };
+    let mut out = zeros(g.n * g.out_plane());
+    over_batch(&mut out, g.n, g.out_plane(), |range, out, par| {
+        with_scratch(scratch, |scratch| {
+            let parallel = matches!(par, Parallelism::Rayon(_));
+            for (img, dst) in range.zip(out.chunks_mut(g.out_plane())) {
+                let xi = &x[img * g.in_plane()..(img + 1) * g.in_plane()];
+                if g.is_shifted() {
+                    let (padded, virt) = scratch.split_at_mut(g.padded_len());
+                    pad_rows(xi, g, padded, parallel);
+                    let (m, run, wp) = (g.virtual_pixels(), g.kw * g.cin, g.padded_w());
+                    for i in 0..g.kh {
+                        let windows =
+                            Mat::view(padded, i * wp * g.cin, g.cin as isize, 1, [m, run]);
+                        product(
+                            virt,
+                            windows,
+                            &wperm,
+                            i * run,
+                            k,
+                            [m, g.cout, run],
+                            i > 0,
+                            par,
+                        );
+                    }
+                    tail.rows(g, img, Some((virt, wp)), dst, par);
+                    continue;
+                }
+                let cols = if g.is_pointwise() {
+                    Mat::rows(xi, g.cin)
+                } else if g.is_subsample() {
+                    subsample_rows(xi, g, scratch);
+                    Mat::rows(scratch, g.cin)
+                } else {
+                    im2col_patches(xi, g, scratch, parallel);
+                    Mat::rows(scratch, k)
+                };
+                product(dst, cols, &wperm, 0, k, [ohw, g.cout, k], false, par);
+                tail.rows(g, img, None, dst, par);
+            }
+        })
+    });
+    out
+}
