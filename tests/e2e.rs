@@ -418,8 +418,16 @@ fn training_bench_reports_the_phases_of_a_step() {
     assert!(plain[0].get("phases").is_none(), "{}", plain[0]);
     let with = json_lines(&run("retina-train", &[&args[..], &["--phases"]].concat()));
     let r = &with[0];
-    let phase = |k: &str| r["phases"][k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
-    let (f, b, o) = (phase("forward_s"), phase("backward_s"), phase("optimizer_s"));
+    let phase = |k: &str| {
+        r["phases"][k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k}: {r}"))
+    };
+    let (f, b, o) = (
+        phase("forward_s"),
+        phase("backward_s"),
+        phase("optimizer_s"),
+    );
     assert!(f > 0.0 && b > 0.0 && o > 0.0, "{r}");
     // Each is a median of parts of a step, so none exceeds the slowest step.
     let slowest = r["max_step_s"].as_f64().unwrap();

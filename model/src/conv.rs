@@ -949,7 +949,7 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry, epilogue: Option<Epilogue>) 
     };
     // As in `forward_shifted`: with few output channels, a channels-last product that reads the
     // patch rows in place beats the transposed one.
-    let channels_last = !g.is_pointwise() && !g.is_subsample() && g.cout <= ohw;
+    let channels_last = !g.is_pointwise() && !g.is_subsample() && g.cout <= ohw && g.k() >= 64;
     let extra = if channels_last { g.cout * ohw } else { 0 };
     over_batch(&mut out, g.n, chunk, |range, out, par| {
         with_scratch(g.scratch_len() + extra, |scratch| {

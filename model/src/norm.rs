@@ -41,15 +41,16 @@ use rayon::prelude::*;
 /// (parallel) normalisation pass also keeps the second core busy.
 #[backend_extension(Flex, Autodiff)]
 pub trait BatchNormBackend: burn::backend::Backend {
-    /// `x: [N, C, ...]`, `gamma`, `beta: [C]`. Returns the output (after ReLU when `relu`), and
-    /// the batch mean and biased variance per channel (not differentiated: they feed the running
-    /// statistics).
+    /// `x: [N, C, ...]` (or `[N, H, W, C]` when `channels_last`), `gamma`, `beta: [C]`. Returns
+    /// the output (after ReLU when `relu`), and the batch mean and biased variance per channel
+    /// (not differentiated: they feed the running statistics).
     fn fused_batch_norm_train(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
         relu: bool,
+        channels_last: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
     /// `relu(batch_norm(x) + residual)`, with `residual` shaped like `x`; returns as above.
@@ -59,6 +60,7 @@ pub trait BatchNormBackend: burn::backend::Backend {
         beta: FloatTensor<Self>,
         residual: FloatTensor<Self>,
         epsilon: f64,
+        channels_last: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -113,7 +115,7 @@ fn apply_affine(
     relu: bool,
 ) -> FlexTensor {
     let shape = x.layout().shape().to_vec();
-    let ch = Channels::of(&shape);
+    let ch = Channels::of(&shape, false);
     let x = x.to_contiguous();
     let residual = residual.map(|r| r.to_contiguous());
     let out = affine(
@@ -278,6 +280,7 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
         bn.beta.val().into_dispatch(),
         bn.epsilon,
         false,
+        false,
     );
     update_running(bn, out)
 }
@@ -296,6 +299,7 @@ pub fn batch_norm_relu(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
         bn.beta.val().into_dispatch(),
         bn.epsilon,
         true,
+        false,
     );
     update_running(bn, out)
 }
@@ -315,7 +319,37 @@ pub fn batch_norm_add_relu(bn: &BatchNorm, x: Tensor<4>, residual: Tensor<4>) ->
         bn.beta.val().into_dispatch(),
         residual.into_dispatch(),
         bn.epsilon,
+        false,
     );
+    update_running(bn, out)
+}
+
+/// `relu?(bn(x) (+ residual))` in training on a channels-last `x` (`[N, H, W, C]`), for a trunk
+/// that keeps its activations so (see [`crate::conv::channels_last`]). The caller checks
+/// [`fast_path`] and that `residual` is an f32 tensor shaped like `x`.
+pub fn batch_norm_channels_last(
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    relu: bool,
+) -> Tensor<4> {
+    let (gamma, beta) = (
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+    );
+    let out = match residual {
+        Some(r) => Dispatch::fused_batch_norm_add_relu_train(
+            x.into_dispatch(),
+            gamma,
+            beta,
+            r.into_dispatch(),
+            bn.epsilon,
+            true,
+        ),
+        None => {
+            Dispatch::fused_batch_norm_train(x.into_dispatch(), gamma, beta, bn.epsilon, relu, true)
+        }
+    };
     update_running(bn, out)
 }
 
@@ -368,8 +402,18 @@ struct Channels {
 }
 
 impl Channels {
-    fn of(shape: &[usize]) -> Self {
+    /// For `[N, C, ...]`, or `[N, ..., C]` when `channels_last` (then `n` counts pixels and
+    /// `plane` is 1).
+    fn of(shape: &[usize], channels_last: bool) -> Self {
         assert!(shape.len() >= 2, "batch norm: rank {} < 2", shape.len());
+        if channels_last {
+            let c = shape[shape.len() - 1];
+            return Channels {
+                n: shape[..shape.len() - 1].iter().product(),
+                c,
+                plane: 1,
+            };
+        }
         Channels {
             n: shape[0],
             c: shape[1],
@@ -505,11 +549,16 @@ fn forward_flex(
     residual: Option<FlexTensor>,
     epsilon: f64,
     relu: bool,
+    channels_last: bool,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     let all_f32 = [Some(&x), Some(&gamma), Some(&beta), residual.as_ref()]
         .into_iter()
         .flatten()
         .all(|t| t.dtype() == DType::F32);
+    assert!(
+        all_f32 || !channels_last,
+        "channels-last batch norm: f32 only (the caller checks)"
+    );
     if !all_f32 {
         // burn's own operations, in the same order.
         let r = Flex::batch_norm_train(x, gamma, beta, epsilon);
@@ -523,23 +572,25 @@ fn forward_flex(
         return (out, r.mean, r.variance);
     }
     let shape = x.layout().shape().to_vec();
-    let ch = Channels::of(&shape);
+    let ch = Channels::of(&shape, channels_last);
     let x = x.to_contiguous();
-    let stats = statistics(slice(&x), &ch);
+    let stats = if channels_last {
+        statistics_nhwc(slice(&x), ch.c)
+    } else {
+        statistics(slice(&x), &ch)
+    };
     let (gamma, beta) = (host(&gamma), host(&beta));
     let scale: Vec<f32> = (0..ch.c)
         .map(|c| gamma[c] * inv_std(stats[c].1, epsilon))
         .collect();
     let shift: Vec<f32> = (0..ch.c).map(|c| beta[c] - stats[c].0 * scale[c]).collect();
     let residual = residual.map(|r| r.to_contiguous());
-    let out = affine(
-        slice(&x),
-        &ch,
-        &scale,
-        &shift,
-        residual.as_ref().map(slice),
-        relu,
-    );
+    let residual = residual.as_ref().map(slice);
+    let out = if channels_last {
+        affine_nhwc(slice(&x), &scale, &shift, residual, relu)
+    } else {
+        affine(slice(&x), &ch, &scale, &shift, residual, relu)
+    };
     (
         flex(out, shape),
         flex(stats.iter().map(|s| s.0).collect(), vec![ch.c]),
@@ -554,8 +605,9 @@ impl BatchNormBackend for Flex {
         beta: FlexTensor,
         epsilon: f64,
         relu: bool,
+        channels_last: bool,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        forward_flex(x, gamma, beta, None, epsilon, relu)
+        forward_flex(x, gamma, beta, None, epsilon, relu, channels_last)
     }
 
     fn fused_batch_norm_add_relu_train(
@@ -564,9 +616,180 @@ impl BatchNormBackend for Flex {
         beta: FlexTensor,
         residual: FlexTensor,
         epsilon: f64,
+        channels_last: bool,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        forward_flex(x, gamma, beta, Some(residual), epsilon, true)
+        forward_flex(x, gamma, beta, Some(residual), epsilon, true, channels_last)
     }
+}
+
+/// `dx = γ·s·(dy - mean(dy) - x̂·mean(dy·x̂)) = a·dy + b·x + c` per channel: `[a, b, c]` from
+/// the per-channel sums `(Σ dy, Σ dy·x̂)` over `count` values.
+fn coefficients(
+    sums: &[(f64, f64)],
+    count: f64,
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    epsilon: f64,
+) -> Vec<[f32; 3]> {
+    (0..sums.len())
+        .map(|c| {
+            let s = inv_std(var[c], epsilon) as f64;
+            let a = gamma[c] as f64 * s;
+            let mdy = sums[c].0 / count;
+            let mdyx = sums[c].1 / count;
+            [
+                a as f32,
+                (-a * s * mdyx) as f32,
+                (a * (s * mdyx * mean[c] as f64 - mdy)) as f32,
+            ]
+        })
+        .collect()
+}
+
+/// Pixels per task in the channels-last passes: each task sums its block in f32 per channel and
+/// hands the block's sums over in f64.
+const PIXELS: usize = 256;
+
+/// Per-channel sums over the blocks of a channels-last tensor: `f(block, acc)` adds one block's
+/// values into `acc` (`lanes` values per channel, laid out `[lanes][C]`).
+fn channel_sums(
+    len: usize,
+    c: usize,
+    lanes: usize,
+    f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f64> {
+    let blocks = len.div_ceil(PIXELS * c);
+    (0..blocks)
+        .into_par_iter()
+        .map(|b| {
+            let mut acc = vec![0.0f32; lanes * c];
+            f(b * PIXELS * c..((b + 1) * PIXELS * c).min(len), &mut acc);
+            acc
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        // Summed in block order, so a run gives the same sums whichever threads ran the blocks.
+        .fold(vec![0.0f64; lanes * c], |mut total, block| {
+            total
+                .iter_mut()
+                .zip(block)
+                .for_each(|(t, b)| *t += b as f64);
+            total
+        })
+}
+
+/// Per-channel `(mean, biased variance)` of a channels-last tensor (`c` channels innermost): the
+/// same two passes as [`statistics`], vectorised across the channels of each pixel.
+fn statistics_nhwc(x: &[f32], c: usize) -> Vec<(f32, f32)> {
+    let count = (x.len() / c.max(1)).max(1) as f64;
+    let sums = channel_sums(x.len(), c, 1, |r, acc| {
+        for px in x[r].chunks_exact(c) {
+            acc.iter_mut().zip(px).for_each(|(a, &v)| *a += v);
+        }
+    });
+    let mean: Vec<f32> = sums.iter().map(|s| (s / count) as f32).collect();
+    let sq = channel_sums(x.len(), c, 1, |r, acc| {
+        for px in x[r].chunks_exact(c) {
+            for ((a, &v), &m) in acc.iter_mut().zip(px).zip(&mean) {
+                let d = v - m;
+                *a += d * d;
+            }
+        }
+    });
+    mean.iter()
+        .zip(sq)
+        .map(|(&m, q)| (m, (q / count) as f32))
+        .collect()
+}
+
+/// [`affine`] for a channels-last tensor.
+fn affine_nhwc(
+    x: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    let c = scale.len();
+    let mut out = zeros(x.len());
+    let block = PIXELS * c;
+    out.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .enumerate()
+        .for_each(|(b, (o, x))| {
+            let r = residual.map(|r| &r[b * block..b * block + x.len()]);
+            for (p, (o, x)) in o.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
+                let px = o.iter_mut().zip(x).zip(scale.iter().zip(shift));
+                match r {
+                    Some(r) => {
+                        for (((o, &x), (&a, &b)), &r) in px.zip(&r[p * c..(p + 1) * c]) {
+                            *o = (a * x + b + r).max(0.0);
+                        }
+                    }
+                    None if relu => {
+                        for ((o, &x), (&a, &b)) in px {
+                            *o = (a * x + b).max(0.0);
+                        }
+                    }
+                    None => {
+                        for ((o, &x), (&a, &b)) in px {
+                            *o = a * x + b;
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// [`backward`] for a channels-last tensor.
+fn backward_nhwc(
+    x: &[f32],
+    dy: &[f32],
+    ch: &Channels,
+    gamma: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    epsilon: f64,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = ch.c;
+    let centre: Vec<(f32, f32)> = mean
+        .iter()
+        .zip(var)
+        .map(|(&m, &v)| (m, inv_std(v, epsilon)))
+        .collect();
+    // `[Σ dy | Σ dy·x̂]` per channel.
+    let both = channel_sums(x.len(), c, 2, |r, acc| {
+        let (sg, sgx) = acc.split_at_mut(c);
+        for (px, g) in x[r.clone()].chunks_exact(c).zip(dy[r].chunks_exact(c)) {
+            let lanes = sg.iter_mut().zip(sgx.iter_mut()).zip(&centre);
+            for (((sg, sgx), &(m, s)), (&x, &g)) in lanes.zip(px.iter().zip(g)) {
+                *sg += g;
+                *sgx += g * (x - m) * s;
+            }
+        }
+    });
+    let sums: Vec<(f64, f64)> = (0..c).map(|k| (both[k], both[c + k])).collect();
+    let coef = coefficients(&sums, ch.count(), gamma, mean, var, epsilon);
+    let mut dx = zeros(x.len());
+    let block = PIXELS * c;
+    dx.par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
+        .for_each(|(o, (x, g))| {
+            for ((o, x), g) in o
+                .chunks_exact_mut(c)
+                .zip(x.chunks_exact(c))
+                .zip(g.chunks_exact(c))
+            {
+                for (((o, &x), &g), &[a, b, cc]) in o.iter_mut().zip(x).zip(g).zip(&coef) {
+                    *o = a * g + b * x + cc;
+                }
+            }
+        });
+    let dgamma = sums.iter().map(|s| s.1 as f32).collect();
+    let dbeta = sums.iter().map(|s| s.0 as f32).collect();
+    (dx, dgamma, dbeta)
 }
 
 /// `(dx, dgamma, dbeta)` of training-mode batch norm.
@@ -592,21 +815,7 @@ fn backward(
                 })
         })
         .collect();
-    let count = ch.count();
-    // dx = γ·s·(dy - mean(dy) - x̂·mean(dy·x̂)) = a·dy + b·x + c per channel.
-    let coef: Vec<[f32; 3]> = (0..ch.c)
-        .map(|c| {
-            let s = inv_std(var[c], epsilon) as f64;
-            let a = gamma[c] as f64 * s;
-            let mdy = sums[c].0 / count;
-            let mdyx = sums[c].1 / count;
-            [
-                a as f32,
-                (-a * s * mdyx) as f32,
-                (a * (s * mdyx * mean[c] as f64 - mdy)) as f32,
-            ]
-        })
-        .collect();
+    let coef = coefficients(&sums, ch.count(), gamma, mean, var, epsilon);
     let mut dx = zeros(x.len());
     let p = ch.plane.max(1);
     dx.par_chunks_mut(p)
@@ -633,6 +842,8 @@ struct Saved {
     epsilon: f64,
     /// The output, when a ReLU followed: its zeros mask the incoming gradient.
     relu_output: Option<FlexTensor>,
+    /// `[N, H, W, C]` rather than `[N, C, H, W]`.
+    channels_last: bool,
 }
 
 /// `(dx, dgamma, dbeta, dresidual)`: the gradient through the ReLU is the residual's.
@@ -644,7 +855,7 @@ fn grads_of(
     let x: FlexTensor = checkpointer.retrieve_node_output(saved.x);
     let gamma: FlexTensor = checkpointer.retrieve_node_output(saved.gamma);
     let shape = x.layout().shape().to_vec();
-    let ch = Channels::of(&shape);
+    let ch = Channels::of(&shape, saved.channels_last);
     let (x, dy) = (x.to_contiguous(), dy.to_contiguous());
     let dy = match saved.relu_output {
         Some(y) => {
@@ -665,6 +876,11 @@ fn grads_of(
             flex(masked, shape.clone())
         }
         None => dy,
+    };
+    let backward = if saved.channels_last {
+        backward_nhwc
+    } else {
+        backward
     };
     let (dx, dgamma, dbeta) = backward(
         slice(&x),
@@ -718,6 +934,7 @@ fn record<C: CheckpointStrategy, const N: usize>(
     gamma: &AdTensor<C>,
     epsilon: f64,
     relu: bool,
+    channels_last: bool,
     run: impl FnOnce() -> (FlexTensor, FlexTensor, FlexTensor),
 ) -> (AdTensor<C>, AdTensor<C>, AdTensor<C>) {
     let untracked = <Autodiff<Flex, C> as AutodiffBackend>::from_inner;
@@ -736,6 +953,7 @@ fn record<C: CheckpointStrategy, const N: usize>(
                 var: var.clone(),
                 epsilon,
                 relu_output: relu.then(|| out.clone()),
+                channels_last,
             };
             (prep.finish(saved, out), untracked(mean), untracked(var))
         }
@@ -753,6 +971,7 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
         beta: FloatTensor<Self>,
         epsilon: f64,
         relu: bool,
+        channels_last: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let parents = [x.node(), gamma.node(), beta.node()];
         let (xp, gp, bp) = (
@@ -760,8 +979,8 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
             gamma.primitive().clone(),
             beta.into_primitive(),
         );
-        record::<C, 3>(parents, &x, &gamma, epsilon, relu, || {
-            Flex::fused_batch_norm_train(xp, gp, bp, epsilon, relu)
+        record::<C, 3>(parents, &x, &gamma, epsilon, relu, channels_last, || {
+            Flex::fused_batch_norm_train(xp, gp, bp, epsilon, relu, channels_last)
         })
     }
 
@@ -771,6 +990,7 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
         beta: FloatTensor<Self>,
         residual: FloatTensor<Self>,
         epsilon: f64,
+        channels_last: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let parents = [x.node(), gamma.node(), beta.node(), residual.node()];
         let (xp, gp, bp, rp) = (
@@ -779,8 +999,8 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
             beta.into_primitive(),
             residual.into_primitive(),
         );
-        record::<C, 4>(parents, &x, &gamma, epsilon, true, || {
-            Flex::fused_batch_norm_add_relu_train(xp, gp, bp, rp, epsilon)
+        record::<C, 4>(parents, &x, &gamma, epsilon, true, channels_last, || {
+            Flex::fused_batch_norm_add_relu_train(xp, gp, bp, rp, epsilon, channels_last)
         })
     }
 }

@@ -5,8 +5,10 @@
 //! and map one-to-one onto the PyTorch reference's names (see [`crate::torch`]).
 
 use crate::config::{StageConfig, TrunkConfig};
-use crate::conv::channels_last::to_channels_last;
-use crate::norm::{channels_last_padding, conv_bn, conv_bn_channels_last};
+use crate::conv::channels_last;
+use crate::norm::{
+    batch_norm_channels_last, channels_last_padding, conv_bn, conv_bn_channels_last,
+};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::prelude::*;
@@ -201,40 +203,68 @@ impl Trunk {
     /// (see [`crate::conv::channels_last`]); everywhere else this is [`Self::forward_stages`]
     /// then [`global_avg_pool`].
     pub fn forward_pooled(&self, x: Tensor<4>, last: usize) -> Vec<Tensor<2>> {
-        if !self.runs_channels_last(&x) {
+        let infer = |conv: &Conv2d, bn: &BatchNorm, x, residual, relu| {
+            conv_bn_channels_last(conv, bn, x, residual, relu)
+                .expect("every unit was checked for the channels-last path")
+        };
+        let train = |conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, residual, relu| {
+            let padding = crate::conv::fast_path(conv, &x)
+                .expect("every unit was checked for the channels-last path");
+            let y = channels_last::conv2d(conv, x, padding);
+            batch_norm_channels_last(bn, y, residual, relu)
+        };
+        let unit: Unit = if self.runs_channels_last(&x) {
+            &infer
+        } else if self.trains_channels_last(&x) {
+            &train
+        } else {
             return self
                 .forward_stages(x, last)
                 .into_iter()
                 .map(global_avg_pool)
                 .collect();
-        }
-        let unit = |conv: &Conv2d, bn: &BatchNorm, x, residual, relu| {
-            conv_bn_channels_last(conv, bn, x, residual, relu)
-                .expect("every unit was checked for the channels-last path")
         };
-        let mut x = self.stem.apply(to_channels_last(x), &unit);
+        let mut x = self.stem.apply(channels_last::to_channels_last(x), unit);
         self.stages
             .iter()
             .take(last)
             .map(|stage| {
-                x = stage.apply(x.clone(), &unit);
+                x = stage.apply(x.clone(), unit);
                 let [n, h, w, c] = x.dims();
                 x.clone().reshape([n, h * w, c]).mean_dim(1).reshape([n, c])
             })
             .collect()
     }
 
-    /// Whether [`Self::forward_pooled`] keeps `x`'s activations channels-last: inference on the
-    /// CPU, with every layer in a form the channels-last kernels take.
+    fn units(&self) -> impl Iterator<Item = (&Conv2d, &BatchNorm)> {
+        std::iter::once((&self.stem.conv, &self.stem.bn)).chain(
+            self.stages
+                .iter()
+                .flat_map(|s| &s.blocks)
+                .flat_map(|b| b.units()),
+        )
+    }
+
+    /// Whether [`Self::forward_pooled`] keeps `x`'s activations channels-last in inference: on
+    /// the CPU, with every layer in a form the channels-last kernels take.
     pub fn runs_channels_last(&self, x: &Tensor<4>) -> bool {
-        std::iter::once((&self.stem.conv, &self.stem.bn))
-            .chain(
-                self.stages
-                    .iter()
-                    .flat_map(|s| &s.blocks)
-                    .flat_map(|b| b.units()),
-            )
+        self.units()
             .all(|(conv, bn)| channels_last_padding(conv, bn, x).is_some())
+    }
+
+    /// Whether [`Self::forward_pooled`] keeps `x`'s activations channels-last in training: on
+    /// the CPU (autodiff over Flex), f32, every batch norm training, every convolution in a form
+    /// the kernels take.
+    pub fn trains_channels_last(&self, x: &Tensor<4>) -> bool {
+        self.units().all(|(conv, bn)| {
+            crate::conv::fast_path(conv, x).is_some()
+                && conv.weight.val().dtype() == burn::tensor::DType::F32
+                && conv
+                    .bias
+                    .as_ref()
+                    .is_none_or(|b| b.val().dtype() == burn::tensor::DType::F32)
+                && crate::norm::fast_path(bn, x)
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use retina_model::burn::nn::conv::{Conv2d, Conv2dConfig};
 use retina_model::burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use retina_model::burn::prelude::*;
 use retina_model::burn::tensor::activation::relu;
-use retina_model::conv::channels_last::{to_channels_first, to_channels_last};
+use retina_model::conv::channels_last::{self, to_channels_first, to_channels_last};
 use retina_model::conv::{conv2d, fast_path};
 use retina_model::norm;
 
@@ -71,21 +71,29 @@ fn check(c: Case) {
     let conv = layer(&c, &device);
     let [h, w] = c.hw;
     let x_vals = values(c.n * c.cin * h * w, 7);
-    let run = |fast: bool| {
+    // 0: the NCHW fast path, 1: burn's `Conv2d`, 2: the channels-last training path.
+    let run = |path: u8| {
         let conv = conv.clone();
         let x = Tensor::<1>::from_floats(x_vals.as_slice(), &device)
             .reshape([c.n, c.cin, h, w])
             .require_grad();
-        if fast {
+        if path != 1 {
             assert!(
                 fast_path(&conv, &x).is_some(),
                 "the fast path must apply here"
             );
         }
-        let y = if fast {
-            conv2d(&conv, x.clone())
-        } else {
-            conv.forward(x.clone())
+        let y = match path {
+            0 => conv2d(&conv, x.clone()),
+            1 => conv.forward(x.clone()),
+            _ => {
+                let padding = fast_path(&conv, &x).unwrap();
+                to_channels_first(channels_last::conv2d(
+                    &conv,
+                    to_channels_last(x.clone()),
+                    padding,
+                ))
+            }
         };
         let dims = y.dims();
         let probe = Tensor::<1>::from_floats(values(dims.iter().product(), 11).as_slice(), &device)
@@ -99,20 +107,30 @@ fn check(c: Case) {
             .map(|b| host(b.val().grad(&grads).unwrap()));
         (dims, host(y), host(dx), host(dw), db)
     };
-    let (dims_f, y_f, dx_f, dw_f, db_f) = run(true);
-    let (dims_r, y_r, dx_r, dw_r, db_r) = run(false);
-    let label = format!(
-        "n {} {}->{} {}x{} k{} s{} p{}",
-        c.n, c.cin, c.cout, h, w, c.k, c.stride, c.pad
-    );
-    assert_eq!(dims_f, dims_r, "{label}: output shape");
-    assert_close(&format!("{label}: output"), &y_f, &y_r, 1e-5);
-    assert_close(&format!("{label}: input gradient"), &dx_f, &dx_r, 1e-5);
-    assert_close(&format!("{label}: weight gradient"), &dw_f, &dw_r, 1e-5);
-    match (db_f, db_r) {
-        (Some(a), Some(b)) => assert_close(&format!("{label}: bias gradient"), &a, &b, 1e-5),
-        (None, None) => {}
-        _ => panic!("{label}: bias gradient on one path only"),
+    let (dims_r, y_r, dx_r, dw_r, db_r) = run(1);
+    for path in [0, 2] {
+        let (dims_f, y_f, dx_f, dw_f, db_f) = run(path);
+        let label = format!(
+            "{} n {} {}->{} {}x{} k{} s{} p{}",
+            if path == 0 { "NCHW" } else { "channels-last" },
+            c.n,
+            c.cin,
+            c.cout,
+            h,
+            w,
+            c.k,
+            c.stride,
+            c.pad
+        );
+        assert_eq!(dims_f, dims_r, "{label}: output shape");
+        assert_close(&format!("{label}: output"), &y_f, &y_r, 1e-5);
+        assert_close(&format!("{label}: input gradient"), &dx_f, &dx_r, 1e-5);
+        assert_close(&format!("{label}: weight gradient"), &dw_f, &dw_r, 1e-5);
+        match (&db_f, &db_r) {
+            (Some(a), Some(b)) => assert_close(&format!("{label}: bias gradient"), a, b, 1e-5),
+            (None, None) => {}
+            _ => panic!("{label}: bias gradient on one path only"),
+        }
     }
 }
 
@@ -331,7 +349,9 @@ fn batch_norm_case(
         bn
     };
     let n: usize = dims.iter().product();
-    let run = |fast: bool| {
+    // 0: the NCHW fast path, 1: burn's `BatchNorm`, 2: the channels-last training path.
+    let run = |path: u8| {
+        let fast = path != 1;
         let bn = layer();
         // An offset mean per channel (and overall `shift`) checks the centring.
         let x = Tensor::<1>::from_floats(values(n, 9).as_slice(), device)
@@ -347,7 +367,18 @@ fn batch_norm_case(
         if fast {
             assert!(norm::fast_path(&bn, &x), "the fast path must apply here");
         }
+        let cl = |residual: Option<Tensor<4>>, relu: bool| {
+            to_channels_first(norm::batch_norm_channels_last(
+                &bn,
+                to_channels_last(x.clone()),
+                residual.map(to_channels_last),
+                relu,
+            ))
+        };
         let y = match (form, fast) {
+            (Form::Plain, true) if path == 2 => cl(None, false),
+            (Form::Relu, true) if path == 2 => cl(None, true),
+            (Form::AddRelu, true) if path == 2 => cl(Some(residual.clone()), true),
             (Form::Plain, true) => norm::batch_norm(&bn, x.clone()),
             (Form::Plain, false) => bn.forward(x.clone()),
             (Form::Relu, true) => norm::batch_norm_relu(&bn, x.clone()),
@@ -376,10 +407,16 @@ fn batch_norm_case(
         "running variance",
         "residual gradient",
     ];
-    names
-        .iter()
-        .zip(run(true).into_iter().zip(run(false)))
-        .map(|(name, (a, b))| (format!("{form:?} {dims:?}: {name}"), a, b))
+    let reference = run(1);
+    [0, 2]
+        .into_iter()
+        .flat_map(|path| {
+            let layout = if path == 0 { "NCHW" } else { "channels-last" };
+            names
+                .iter()
+                .zip(run(path).into_iter().zip(reference.clone()))
+                .map(move |(name, (a, b))| (format!("{layout} {form:?} {dims:?}: {name}"), a, b))
+        })
         .collect()
 }
 

@@ -437,9 +437,10 @@ fn training_step_through_the_fast_paths_matches_burns_own_operations() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = RetinaConfig::preset("reference").unwrap();
     config.preprocess.image_size = 48;
-    let init = config
-        .init(&BackendChoice::Flex.select().unwrap().device)
-        .unwrap();
+    // Fixed weights, so a run is reproducible.
+    let device = BackendChoice::Flex.select().unwrap().device;
+    device.seed(0);
+    let init = config.init(&device).unwrap();
     let path = dir.path().join("bundle");
     ModelBundle::new(init, BundleMetadata::new(config))
         .save(&path)
@@ -481,12 +482,17 @@ fn training_step_through_the_fast_paths_matches_burns_own_operations() {
         "gradients for {}",
         with_grad(&fast)
     );
+    // Both sides sum thousands of f32 products whose total largely cancels (the output gradient
+    // of a batch norm has zero mean per channel), in different orders: over random weights the
+    // largest difference measured 0.5-1.1e-3 of the tensor's largest value. A wrong index or a
+    // missing term shows up as differences of the order of the values themselves.
     for ((name, _, a), (_, _, b)) in fast.iter().zip(&reference) {
         let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
         let d = max_abs_diff(a, b);
         assert!(
-            d <= 1e-3 * scale,
-            "{name}: gradient or statistic differs by {d} (scale {scale})"
+            d <= 5e-3 * scale,
+            "{name} ({} values): gradient or statistic differs by {d} (scale {scale})",
+            a.len()
         );
     }
 }

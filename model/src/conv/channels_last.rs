@@ -13,11 +13,18 @@
 //! [`crate::trunk::Trunk::forward_pooled`] and converts the input once.
 
 use super::{
-    Geometry, Mat, flex, im2col_patches, matmul_into, over_batch, slice, with_scratch, zeros,
+    Geometry, Mat, flex, flip_weight, im2col_patches, matmul_into, over_batch, permute_weight,
+    slice, sum_over_batch, with_scratch, zeros,
 };
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{DType, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -178,7 +185,8 @@ fn run(
             "conv2d_nhwc: residual of the output's shape"
         );
     }
-    let out = forward(slice(&x), slice(&weight), slice(&scale), &g, &tail);
+    let wperm = fold_weight(slice(&weight), slice(&scale), &g);
+    let out = forward(slice(&x), &wperm, &g, Some(&tail));
     flex(out, [g.n, g.oh, g.ow, g.cout])
 }
 
@@ -252,6 +260,19 @@ impl Tail<'_> {
         } else {
             dst.chunks_mut(row).enumerate().for_each(one_row);
         }
+    }
+}
+
+/// The first `W_out` pixels of each product row (`pitch` pixels apart) into `dst`.
+fn compact(src: &[f32], pitch: usize, g: &Geometry, dst: &mut [f32], par: Parallelism) {
+    let row = g.ow * g.cout;
+    let one_row = |(oh, out): (usize, &mut [f32])| {
+        out.copy_from_slice(&src[oh * pitch * g.cout..oh * pitch * g.cout + row]);
+    };
+    if matches!(par, Parallelism::Rayon(_)) {
+        dst.par_chunks_mut(row).enumerate().for_each(one_row);
+    } else {
+        dst.chunks_mut(row).enumerate().for_each(one_row);
     }
 }
 
@@ -353,8 +374,9 @@ fn fold_weight(w: &[f32], scale: &[f32], g: &Geometry) -> Vec<f32> {
     out
 }
 
-fn forward(x: &[f32], weight: &[f32], scale: &[f32], g: &Geometry, tail: &Tail) -> Vec<f32> {
-    let wperm = fold_weight(weight, scale, g);
+/// The convolution of channels-last `x` with a kernel in `[C_out, kh, kw, C_in]` order, then
+/// `tail` when there is one.
+fn forward(x: &[f32], wperm: &[f32], g: &Geometry, tail: Option<&Tail>) -> Vec<f32> {
     let (k, ohw) = (g.k(), g.out_pixels());
     let scratch = if g.is_shifted() {
         g.shifted_scratch_len()
@@ -381,7 +403,7 @@ fn forward(x: &[f32], weight: &[f32], scale: &[f32], g: &Geometry, tail: &Tail) 
                         product(
                             virt,
                             windows,
-                            &wperm,
+                            wperm,
                             i * run,
                             k,
                             [m, g.cout, run],
@@ -389,7 +411,10 @@ fn forward(x: &[f32], weight: &[f32], scale: &[f32], g: &Geometry, tail: &Tail) 
                             par,
                         );
                     }
-                    tail.rows(g, img, Some((virt, wp)), dst, par);
+                    match tail {
+                        Some(tail) => tail.rows(g, img, Some((virt, wp)), dst, par),
+                        None => compact(virt, wp, g, dst, par),
+                    }
                     continue;
                 }
                 let cols = if g.is_pointwise() {
@@ -401,10 +426,251 @@ fn forward(x: &[f32], weight: &[f32], scale: &[f32], g: &Geometry, tail: &Tail) 
                     im2col_patches(xi, g, scratch, parallel);
                     Mat::rows(scratch, k)
                 };
-                product(dst, cols, &wperm, 0, k, [ohw, g.cout, k], false, par);
-                tail.rows(g, img, None, dst, par);
+                product(dst, cols, wperm, 0, k, [ohw, g.cout, k], false, par);
+                if let Some(tail) = tail {
+                    tail.rows(g, img, None, dst, par);
+                }
             }
         })
     });
     out
+}
+
+/// Convolution (no bias) on channels-last tensors, with its backward pass: the trunk's training
+/// path on Flex, where the activations stay channels-last through convolutions and batch norms.
+#[backend_extension(Flex, Autodiff)]
+pub trait ChannelsLastConvBackend: burn::backend::Backend {
+    /// `x: [N, H, W, C_in]`, `weight: [C_out, C_in, kh, kw]` to `[N, H_out, W_out, C_out]`.
+    fn conv2d_nhwc(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self>;
+}
+
+/// `conv(x)` (plus its bias) on a channels-last `x`, differentiable; `padding` as
+/// [`super::fast_path`] returns it.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>, padding: [usize; 2]) -> Tensor<4> {
+    let out = Tensor::from_dispatch(Dispatch::conv2d_nhwc(
+        x.into_dispatch(),
+        conv.weight.val().into_dispatch(),
+        conv.stride,
+        padding,
+    ));
+    match &conv.bias {
+        Some(bias) => {
+            let c = bias.dims()[0];
+            out + bias.val().reshape([1, 1, 1, c])
+        }
+        None => out,
+    }
+}
+
+fn geometry(x: &FlexTensor, weight: &FlexTensor, stride: [usize; 2], pad: [usize; 2]) -> Geometry {
+    let &[n, h, w, c] = x.layout().shape().as_slice() else {
+        panic!(
+            "conv2d_nhwc: input {:?} is not [N, H, W, C]",
+            x.layout().shape()
+        );
+    };
+    Geometry::new(&[n, c, h, w], weight.layout().shape(), stride, pad)
+}
+
+impl ChannelsLastConvBackend for Flex {
+    fn conv2d_nhwc(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        let g = geometry(&x, &weight, stride, padding);
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let wperm = permute_weight(slice(&weight), &g, false);
+        flex(
+            forward(slice(&x), &wperm, &g, None),
+            [g.n, g.oh, g.ow, g.cout],
+        )
+    }
+}
+
+/// Adds the patch rows `[H_out·W_out, kh·kw·C_in]` of one image back onto its channels-last
+/// input gradient (the adjoint of [`im2col_patches`]): every kernel tap is a run of `C_in`.
+fn col2im_rows(col: &[f32], g: &Geometry, dx: &mut [f32]) {
+    let (k, c) = (g.k(), g.cin);
+    for oh in 0..g.oh {
+        for i in 0..g.kh {
+            let Some(ih) = g.input_row(oh, i) else {
+                continue;
+            };
+            for j in 0..g.kw {
+                let (lo, hi) = g.valid_cols(j);
+                for ow in lo..hi {
+                    let iw = ow * g.stride[1] + j - g.pad[1];
+                    let at = (oh * g.ow + ow) * k + (i * g.kw + j) * c;
+                    let dst = &mut dx[(ih * g.w + iw) * c..(ih * g.w + iw + 1) * c];
+                    for (d, s) in dst.iter_mut().zip(&col[at..at + c]) {
+                        *d += s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The input gradient, channels-last. Stride 1: the forward pass of the output gradient with
+/// the flipped kernel. Otherwise the patch rows `dY · W` added back by [`col2im_rows`].
+fn backward_x(weight: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
+    if let Some(t) = g.input_gradient() {
+        return forward(dy, &flip_weight(weight, g), &t, None);
+    }
+    let wperm = permute_weight(weight, g, false);
+    let (k, ohw) = (g.k(), g.out_pixels());
+    let mut dx = zeros(g.n * g.in_plane());
+    over_batch(&mut dx, g.n, g.in_plane(), |range, dx, par| {
+        with_scratch(if g.is_pointwise() { 0 } else { ohw * k }, |col| {
+            for (img, dxi) in range.zip(dx.chunks_mut(g.in_plane())) {
+                let dyi = Mat::rows(&dy[img * g.out_plane()..(img + 1) * g.out_plane()], g.cout);
+                let w = Mat::rows(&wperm, k);
+                if g.is_pointwise() {
+                    matmul_into(dxi, [k as isize, 1], [ohw, k, g.cout], dyi, w, false, par);
+                } else {
+                    matmul_into(col, [k as isize, 1], [ohw, k, g.cout], dyi, w, false, par);
+                    col2im_rows(col, g, dxi);
+                }
+            }
+        })
+    });
+    dx
+}
+
+/// The weight gradient `[C_out, C_in, kh, kw]`: per image `dY^T · columns` (for stride 1, one
+/// product per kernel row over the shifted windows), summed over the batch.
+fn backward_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
+    let (k, ohw) = (g.k(), g.out_pixels());
+    let scratch = if g.is_shifted() {
+        g.shifted_scratch_len()
+    } else if g.is_pointwise() {
+        0
+    } else if g.is_subsample() {
+        ohw * g.cin
+    } else {
+        ohw * k
+    };
+    let dw = sum_over_batch(g.n, g.cout * k, |range, dw, par| {
+        with_scratch(scratch, |scratch| {
+            let parallel = matches!(par, Parallelism::Rayon(_));
+            for (nth, img) in range.enumerate() {
+                let xi = &x[img * g.in_plane()..(img + 1) * g.in_plane()];
+                let dyi = &dy[img * g.out_plane()..(img + 1) * g.out_plane()];
+                if g.is_shifted() {
+                    let (padded, dyv) = scratch.split_at_mut(g.padded_len());
+                    pad_rows(xi, g, padded, parallel);
+                    let (m, run, wp) = (g.virtual_pixels(), g.kw * g.cin, g.padded_w());
+                    // The output gradient on the padded width, zero in the extra columns.
+                    let row = g.ow * g.cout;
+                    for oh in 0..g.oh {
+                        let dst = &mut dyv[oh * wp * g.cout..(oh + 1) * wp * g.cout];
+                        dst[..row].copy_from_slice(&dyi[oh * row..(oh + 1) * row]);
+                        dst[row..].fill(0.0);
+                    }
+                    let grad = Mat::view(dyv, 0, 1, g.cout as isize, [g.cout, m]);
+                    for i in 0..g.kh {
+                        let windows =
+                            Mat::view(padded, i * wp * g.cin, g.cin as isize, 1, [m, run]);
+                        matmul_into(
+                            &mut dw[i * run..],
+                            [k as isize, 1],
+                            [g.cout, run, m],
+                            grad,
+                            windows,
+                            nth > 0,
+                            par,
+                        );
+                    }
+                    continue;
+                }
+                let cols = if g.is_pointwise() {
+                    Mat::rows(xi, g.cin)
+                } else if g.is_subsample() {
+                    subsample_rows(xi, g, scratch);
+                    Mat::rows(scratch, g.cin)
+                } else {
+                    im2col_patches(xi, g, scratch, parallel);
+                    Mat::rows(scratch, k)
+                };
+                let grad = Mat::view(dyi, 0, 1, g.cout as isize, [g.cout, ohw]);
+                matmul_into(
+                    dw,
+                    [k as isize, 1],
+                    [g.cout, k, ohw],
+                    grad,
+                    cols,
+                    nth > 0,
+                    par,
+                );
+            }
+        })
+    });
+    permute_weight(&dw, g, true)
+}
+
+#[derive(Debug)]
+struct Conv2dNhwcBackward;
+
+impl Backward<Flex, 2> for Conv2dNhwcBackward {
+    type State = (NodeId, NodeId, [usize; 2], [usize; 2]);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_weight] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (x_state, weight_state, stride, padding) = ops.state;
+        let x: FlexTensor = checkpointer.retrieve_node_output(x_state);
+        let weight: FlexTensor = checkpointer.retrieve_node_output(weight_state);
+        let g = geometry(&x, &weight, stride, padding);
+        let (weight, dy) = (weight.to_contiguous(), dy.to_contiguous());
+        if let Some(node) = node_x {
+            let dx = backward_x(slice(&weight), slice(&dy), &g);
+            grads.register::<Flex>(node.id, flex(dx, [g.n, g.h, g.w, g.cin]));
+        }
+        if let Some(node) = node_weight {
+            let x = x.to_contiguous();
+            let dw = backward_weight(slice(&x), slice(&dy), &g);
+            grads.register::<Flex>(node.id, flex(dw, [g.cout, g.cin, g.kh, g.kw]));
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> ChannelsLastConvBackend for Autodiff<Flex, C> {
+    fn conv2d_nhwc(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        match Conv2dNhwcBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let weight_state = prep.checkpoint(&weight);
+                let out =
+                    Flex::conv2d_nhwc(x.into_primitive(), weight.into_primitive(), stride, padding);
+                prep.finish((x_state, weight_state, stride, padding), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::conv2d_nhwc(
+                x.into_primitive(),
+                weight.into_primitive(),
+                stride,
+                padding,
+            )),
+        }
+    }
 }
