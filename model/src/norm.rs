@@ -743,10 +743,13 @@ fn affine_nhwc(
     out
 }
 
-/// [`backward`] for a channels-last tensor.
+/// [`backward`] for a channels-last tensor. With `relu_output`, `dy` is the gradient above the
+/// ReLU and is masked where the output was zero as it is read (no masked copy is written).
+#[allow(clippy::too_many_arguments)]
 fn backward_nhwc(
     x: &[f32],
     dy: &[f32],
+    relu_output: Option<&[f32]>,
     ch: &Channels,
     gamma: &[f32],
     mean: &[f32],
@@ -762,11 +765,25 @@ fn backward_nhwc(
     // `[Σ dy | Σ dy·x̂]` per channel.
     let both = channel_sums(x.len(), c, 2, |r, acc| {
         let (sg, sgx) = acc.split_at_mut(c);
-        for (px, g) in x[r.clone()].chunks_exact(c).zip(dy[r].chunks_exact(c)) {
+        let xs = x[r.clone()].chunks_exact(c);
+        for (p, (px, g)) in xs.zip(dy[r.clone()].chunks_exact(c)).enumerate() {
             let lanes = sg.iter_mut().zip(sgx.iter_mut()).zip(&centre);
-            for (((sg, sgx), &(m, s)), (&x, &g)) in lanes.zip(px.iter().zip(g)) {
-                *sg += g;
-                *sgx += g * (x - m) * s;
+            match relu_output {
+                Some(y) => {
+                    let y = &y[r.start + p * c..r.start + (p + 1) * c];
+                    for ((((sg, sgx), &(m, s)), (&x, &g)), &y) in lanes.zip(px.iter().zip(g)).zip(y)
+                    {
+                        let g = if y > 0.0 { g } else { 0.0 };
+                        *sg += g;
+                        *sgx += g * (x - m) * s;
+                    }
+                }
+                None => {
+                    for (((sg, sgx), &(m, s)), (&x, &g)) in lanes.zip(px.iter().zip(g)) {
+                        *sg += g;
+                        *sgx += g * (x - m) * s;
+                    }
+                }
             }
         }
     });
@@ -776,14 +793,24 @@ fn backward_nhwc(
     let block = PIXELS * c;
     dx.par_chunks_mut(block)
         .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
-        .for_each(|(o, (x, g))| {
-            for ((o, x), g) in o
-                .chunks_exact_mut(c)
-                .zip(x.chunks_exact(c))
-                .zip(g.chunks_exact(c))
-            {
-                for (((o, &x), &g), &[a, b, cc]) in o.iter_mut().zip(x).zip(g).zip(&coef) {
-                    *o = a * g + b * x + cc;
+        .enumerate()
+        .for_each(|(blk, (o, (x, g)))| {
+            let y = relu_output.map(|y| &y[blk * block..blk * block + x.len()]);
+            let rows = o.chunks_exact_mut(c).zip(x.chunks_exact(c));
+            for (p, ((o, x), g)) in rows.zip(g.chunks_exact(c)).enumerate() {
+                let px = o.iter_mut().zip(x).zip(g).zip(&coef);
+                match y {
+                    Some(y) => {
+                        for ((((o, &x), &g), &[a, b, cc]), &y) in px.zip(&y[p * c..(p + 1) * c]) {
+                            let g = if y > 0.0 { g } else { 0.0 };
+                            *o = a * g + b * x + cc;
+                        }
+                    }
+                    None => {
+                        for (((o, &x), &g), &[a, b, cc]) in px {
+                            *o = a * g + b * x + cc;
+                        }
+                    }
                 }
             }
         });
@@ -851,12 +878,34 @@ fn grads_of(
     saved: Saved,
     dy: FlexTensor,
     checkpointer: &mut Checkpointer,
-) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
+    residual_grad: bool,
+) -> (FlexTensor, FlexTensor, FlexTensor, Option<FlexTensor>) {
     let x: FlexTensor = checkpointer.retrieve_node_output(saved.x);
     let gamma: FlexTensor = checkpointer.retrieve_node_output(saved.gamma);
     let shape = x.layout().shape().to_vec();
     let ch = Channels::of(&shape, saved.channels_last);
     let (x, dy) = (x.to_contiguous(), dy.to_contiguous());
+    let (gamma, mean, var) = (host(&gamma), host(&saved.mean), host(&saved.var));
+    if saved.channels_last && !residual_grad {
+        // The ReLU's mask is applied as the gradient is read: no masked copy.
+        let y = saved.relu_output.map(|y| y.to_contiguous());
+        let (dx, dgamma, dbeta) = backward_nhwc(
+            slice(&x),
+            slice(&dy),
+            y.as_ref().map(slice),
+            &ch,
+            &gamma,
+            &mean,
+            &var,
+            saved.epsilon,
+        );
+        return (
+            flex(dx, shape),
+            flex(dgamma, vec![ch.c]),
+            flex(dbeta, vec![ch.c]),
+            None,
+        );
+    }
     let dy = match saved.relu_output {
         Some(y) => {
             let y = y.to_contiguous();
@@ -877,25 +926,25 @@ fn grads_of(
         }
         None => dy,
     };
-    let backward = if saved.channels_last {
-        backward_nhwc
+    let (dx, dgamma, dbeta) = if saved.channels_last {
+        let (x, dy) = (slice(&x), slice(&dy));
+        backward_nhwc(x, dy, None, &ch, &gamma, &mean, &var, saved.epsilon)
     } else {
-        backward
+        backward(
+            slice(&x),
+            slice(&dy),
+            &ch,
+            &gamma,
+            &mean,
+            &var,
+            saved.epsilon,
+        )
     };
-    let (dx, dgamma, dbeta) = backward(
-        slice(&x),
-        slice(&dy),
-        &ch,
-        &host(&gamma),
-        &host(&saved.mean),
-        &host(&saved.var),
-        saved.epsilon,
-    );
     (
         flex(dx, shape),
         flex(dgamma, vec![ch.c]),
         flex(dbeta, vec![ch.c]),
-        dy,
+        residual_grad.then_some(dy),
     )
 }
 
@@ -914,9 +963,12 @@ impl<const N: usize> Backward<Flex, N> for FusedBatchNormBackward {
         checkpointer: &mut Checkpointer,
     ) {
         let dy = grads.consume::<Flex>(&ops.node);
-        let (dx, dgamma, dbeta, dres) = grads_of(ops.state, dy, checkpointer);
-        for (node, grad) in ops.parents.into_iter().zip([dx, dgamma, dbeta, dres]) {
-            if let Some(node) = node {
+        // Only the add-ReLU form has a fourth parent, the residual.
+        let residual_grad = ops.parents.get(3).is_some_and(|p| p.is_some());
+        let (dx, dgamma, dbeta, dres) = grads_of(ops.state, dy, checkpointer, residual_grad);
+        let grads_in_order = [Some(dx), Some(dgamma), Some(dbeta), dres];
+        for (node, grad) in ops.parents.into_iter().zip(grads_in_order) {
+            if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<Flex>(node.id, grad);
             }
         }
