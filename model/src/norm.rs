@@ -679,27 +679,29 @@ fn channel_sums(
         })
 }
 
-/// Per-channel `(mean, biased variance)` of a channels-last tensor (`c` channels innermost): the
-/// same two passes as [`statistics`], vectorised across the channels of each pixel.
+/// Per-channel `(mean, biased variance)` of a channels-last tensor (`c` channels innermost), in
+/// one pass, vectorised across the channels of each pixel: sums of `x - k` and `(x - k)²` around
+/// the first pixel's values `k` (a sample of each channel, so the two sums do not cancel the way
+/// plain sums of squares would for a channel far from zero).
 fn statistics_nhwc(x: &[f32], c: usize) -> Vec<(f32, f32)> {
     let count = (x.len() / c.max(1)).max(1) as f64;
-    let sums = channel_sums(x.len(), c, 1, |r, acc| {
+    let pivot: Vec<f32> = x[..c.min(x.len())].to_vec();
+    let sums = channel_sums(x.len(), c, 2, |r, acc| {
+        let (s1, s2) = acc.split_at_mut(c);
         for px in x[r].chunks_exact(c) {
-            acc.iter_mut().zip(px).for_each(|(a, &v)| *a += v);
-        }
-    });
-    let mean: Vec<f32> = sums.iter().map(|s| (s / count) as f32).collect();
-    let sq = channel_sums(x.len(), c, 1, |r, acc| {
-        for px in x[r].chunks_exact(c) {
-            for ((a, &v), &m) in acc.iter_mut().zip(px).zip(&mean) {
-                let d = v - m;
-                *a += d * d;
+            for (((s1, s2), &v), &k) in s1.iter_mut().zip(s2.iter_mut()).zip(px).zip(&pivot) {
+                let d = v - k;
+                *s1 += d;
+                *s2 += d * d;
             }
         }
     });
-    mean.iter()
-        .zip(sq)
-        .map(|(&m, q)| (m, (q / count) as f32))
+    (0..c)
+        .map(|k| {
+            let (m1, m2) = (sums[k] / count, sums[c + k] / count);
+            let mean = pivot.get(k).copied().unwrap_or(0.0) as f64 + m1;
+            (mean as f32, (m2 - m1 * m1).max(0.0) as f32)
+        })
         .collect()
 }
 
