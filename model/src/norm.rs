@@ -6,9 +6,12 @@
 //! backward, plus about ten broadcast element-wise passes, each on one thread in burn-flex. After
 //! the convolution fast path ([`crate::conv`]) those transposing copies were the largest item in
 //! a profile of the reference network's training step. Here the per-channel sums are read
-//! straight from NCHW (each channel is `N` contiguous runs of `H·W` values) and the output and
-//! input gradient are each one fused parallel pass, `y = a·x + b` and `dx = a·dy + b·x + c` per
-//! channel, with the ReLU and the residual add that follow in the trunk fused in.
+//! straight from NCHW (each channel is `N` contiguous runs of `H·W` values) or from
+//! channels-last data (each pixel a run of all channels, summed in blocks of pixels, in one pass
+//! around a sample of each channel), and the output and input gradient are each one fused
+//! parallel pass, `y = a·x + b` and `dx = a·dy + b·x + c` per channel, with the ReLU and the
+//! residual add that follow in the trunk fused in (in channels-last, the ReLU's mask is applied
+//! as the gradient is read).
 //!
 //! Like [`crate::conv`], these are burn backend extensions ([`BatchNormBackend`] for Flex and
 //! `Autodiff<Flex>` with its own backward; [`BatchNormInferenceBackend`] for Flex alone). The
