@@ -948,7 +948,9 @@ fn forward(x: &[f32], weight: &[f32], g: &Geometry, epilogue: Option<Epilogue>) 
         permute_weight(weight, g, false)
     };
     // As in `forward_shifted`: with few output channels, a channels-last product that reads the
-    // patch rows in place beats the transposed one.
+    // patch rows in place beats the transposed one; not for a reduction as short as the 3-channel
+    // stem's (k = 27), where writing NCHW directly saves the transposition (its forward measured
+    // 18-20 -> 15-16 ms at 224 px, batch 16, with `examples/conv_layers.rs`).
     let channels_last = !g.is_pointwise() && !g.is_subsample() && g.cout <= ohw && g.k() >= 64;
     let extra = if channels_last { g.cout * ohw } else { 0 };
     over_batch(&mut out, g.n, chunk, |range, out, par| {
@@ -1246,11 +1248,28 @@ fn flex_backward_weight(
     )
 }
 
+/// `(dx, dweight)` of an NCHW convolution, each only when `want` asks for it.
+fn gradients(
+    x: FlexTensor,
+    weight: FlexTensor,
+    dy: FlexTensor,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    [want_x, want_weight]: [bool; 2],
+) -> (Option<FlexTensor>, Option<FlexTensor>) {
+    let g = Geometry::new(x.layout().shape(), weight.layout().shape(), stride, padding);
+    let dx = want_x.then(|| flex_backward_x(&x, weight.clone(), dy.clone(), &g));
+    let dw = want_weight.then(|| flex_backward_weight(x, &weight, dy, &g));
+    (dx, dw)
+}
+
+/// The backward pass of both convolution layouts: NCHW ([`ConvBackend`]) and channels-last
+/// ([`channels_last::ChannelsLastConvBackend`]); the state says which.
 #[derive(Debug)]
 struct GemmConv2dBackward;
 
 impl Backward<Flex, 2> for GemmConv2dBackward {
-    type State = (NodeId, NodeId, [usize; 2], [usize; 2]);
+    type State = (NodeId, NodeId, [usize; 2], [usize; 2], bool);
 
     fn backward(
         self,
@@ -1260,18 +1279,55 @@ impl Backward<Flex, 2> for GemmConv2dBackward {
     ) {
         let [node_x, node_weight] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
-        let (x_state, weight_state, stride, padding) = ops.state;
+        let (x_state, weight_state, stride, padding, channels_last) = ops.state;
         let x: FlexTensor = checkpointer.retrieve_node_output(x_state);
         let weight: FlexTensor = checkpointer.retrieve_node_output(weight_state);
-        let g = Geometry::new(x.layout().shape(), weight.layout().shape(), stride, padding);
-        if let Some(node) = node_x {
-            let dx = flex_backward_x(&x, weight.clone(), dy.clone(), &g);
-            grads.register::<Flex>(node.id, dx);
+        let gradients = if channels_last {
+            channels_last::gradients
+        } else {
+            gradients
+        };
+        let want = [node_x.is_some(), node_weight.is_some()];
+        let (dx, dw) = gradients(x, weight, dy, stride, padding, want);
+        for (node, grad) in [(node_x, dx), (node_weight, dw)] {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<Flex>(node.id, grad);
+            }
         }
-        if let Some(node) = node_weight {
-            let dw = flex_backward_weight(x, &weight, dy, &g);
-            grads.register::<Flex>(node.id, dw);
+    }
+}
+
+/// A convolution on `Autodiff<Flex>`: `run` (the NCHW or the channels-last kernel) on the inner
+/// tensors, recorded with [`GemmConv2dBackward`] when either input is tracked.
+fn record<C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<Flex, C>>,
+    weight: FloatTensor<Autodiff<Flex, C>>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    channels_last: bool,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    let run = if channels_last {
+        <Flex as channels_last::ChannelsLastConvBackend>::conv2d_nhwc
+    } else {
+        <Flex as ConvBackend>::gemm_conv2d
+    };
+    match GemmConv2dBackward
+        .prepare::<C>([x.node(), weight.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let x_state = prep.checkpoint(&x);
+            let weight_state = prep.checkpoint(&weight);
+            let out = run(x.into_primitive(), weight.into_primitive(), stride, padding);
+            prep.finish((x_state, weight_state, stride, padding, channels_last), out)
         }
+        OpsKind::UnTracked(prep) => prep.finish(run(
+            x.into_primitive(),
+            weight.into_primitive(),
+            stride,
+            padding,
+        )),
     }
 }
 
@@ -1282,25 +1338,7 @@ impl<C: CheckpointStrategy> ConvBackend for Autodiff<Flex, C> {
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FloatTensor<Self> {
-        match GemmConv2dBackward
-            .prepare::<C>([x.node(), weight.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let weight_state = prep.checkpoint(&weight);
-                let out =
-                    Flex::gemm_conv2d(x.into_primitive(), weight.into_primitive(), stride, padding);
-                prep.finish((x_state, weight_state, stride, padding), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::gemm_conv2d(
-                x.into_primitive(),
-                weight.into_primitive(),
-                stride,
-                padding,
-            )),
-        }
+        record::<C>(x, weight, stride, padding, false)
     }
 }
 

@@ -277,15 +277,7 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     if !fast_path(bn, &x) {
         return bn.forward(x);
     }
-    let out = Dispatch::fused_batch_norm_train(
-        x.into_dispatch(),
-        bn.gamma.val().into_dispatch(),
-        bn.beta.val().into_dispatch(),
-        bn.epsilon,
-        false,
-        false,
-    );
-    update_running(bn, out)
+    train(bn, x, None, false, false)
 }
 
 /// `relu(bn(x))`.
@@ -296,15 +288,7 @@ pub fn batch_norm_relu(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     if !fast_path(bn, &x) {
         return relu(bn.forward(x));
     }
-    let out = Dispatch::fused_batch_norm_train(
-        x.into_dispatch(),
-        bn.gamma.val().into_dispatch(),
-        bn.beta.val().into_dispatch(),
-        bn.epsilon,
-        true,
-        false,
-    );
-    update_running(bn, out)
+    train(bn, x, None, true, false)
 }
 
 /// `relu(bn(x) + residual)`: the end of a residual block.
@@ -316,15 +300,7 @@ pub fn batch_norm_add_relu(bn: &BatchNorm, x: Tensor<4>, residual: Tensor<4>) ->
     if !fast_path(bn, &x) || !same {
         return relu(bn.forward(x) + residual);
     }
-    let out = Dispatch::fused_batch_norm_add_relu_train(
-        x.into_dispatch(),
-        bn.gamma.val().into_dispatch(),
-        bn.beta.val().into_dispatch(),
-        residual.into_dispatch(),
-        bn.epsilon,
-        false,
-    );
-    update_running(bn, out)
+    train(bn, x, Some(residual), true, false)
 }
 
 /// `relu?(bn(x) (+ residual))` in training on a channels-last `x` (`[N, H, W, C]`), for a trunk
@@ -335,6 +311,17 @@ pub fn batch_norm_channels_last(
     x: Tensor<4>,
     residual: Option<Tensor<4>>,
     relu: bool,
+) -> Tensor<4> {
+    train(bn, x, residual, relu, true)
+}
+
+/// The fused training kernels (a residual implies the ReLU), then the running statistics.
+fn train(
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    relu: bool,
+    channels_last: bool,
 ) -> Tensor<4> {
     let (gamma, beta) = (
         bn.gamma.val().into_dispatch(),
@@ -347,11 +334,16 @@ pub fn batch_norm_channels_last(
             beta,
             r.into_dispatch(),
             bn.epsilon,
-            true,
+            channels_last,
         ),
-        None => {
-            Dispatch::fused_batch_norm_train(x.into_dispatch(), gamma, beta, bn.epsilon, relu, true)
-        }
+        None => Dispatch::fused_batch_norm_train(
+            x.into_dispatch(),
+            gamma,
+            beta,
+            bn.epsilon,
+            relu,
+            channels_last,
+        ),
     };
     update_running(bn, out)
 }

@@ -24,11 +24,8 @@ use super::{
     Geometry, Mat, flex, flip_weight, im2col_patches, matmul_into, over_batch, permute_weight,
     slice, sum_over_batch, with_scratch, zeros,
 };
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{DType, Dispatch, DispatchDevice, Flex, backend_extension};
@@ -318,6 +315,35 @@ fn subsample_rows(xi: &[f32], g: &Geometry, col: &mut [f32]) {
     }
 }
 
+/// Per-image scratch of [`forward`] and [`backward_weight`]: the padded copy and the product
+/// for stride 1, otherwise the column rows.
+fn scratch_len(g: &Geometry) -> usize {
+    if g.is_shifted() {
+        g.shifted_scratch_len()
+    } else if g.is_pointwise() {
+        0
+    } else if g.is_subsample() {
+        g.out_pixels() * g.cin
+    } else {
+        g.out_pixels() * g.k()
+    }
+}
+
+/// The column rows `[H_out·W_out, kh·kw·C_in]` of one channels-last image for the forms without
+/// shifted windows: the image itself (1x1), its subsample (strided 1x1) or its patch rows
+/// (written into `scratch`).
+fn columns(xi: &[f32], g: &Geometry, scratch: &mut [f32], parallel: bool) -> Mat {
+    if g.is_pointwise() {
+        Mat::rows(xi, g.cin)
+    } else if g.is_subsample() {
+        subsample_rows(xi, g, scratch);
+        Mat::rows(scratch, g.cin)
+    } else {
+        im2col_patches(xi, g, scratch, parallel);
+        Mat::rows(scratch, g.k())
+    }
+}
+
 /// `dst[p, co] = Σ_q cols[p, q] · w[co, q]` into a channels-last `dst` (`[pixels, C_out]`,
 /// row-major), where `cols` is `pixels x q` with strides `[rs, cs]` and `w` is `[C_out, q]`.
 /// Oriented as in [`super::forward_shifted`]: with fewer output channels than pixels, `gemm`
@@ -386,15 +412,7 @@ fn fold_weight(w: &[f32], scale: &[f32], g: &Geometry) -> Vec<f32> {
 /// `tail` when there is one.
 fn forward(x: &[f32], wperm: &[f32], g: &Geometry, tail: Option<&Tail>) -> Vec<f32> {
     let (k, ohw) = (g.k(), g.out_pixels());
-    let scratch = if g.is_shifted() {
-        g.shifted_scratch_len()
-    } else if g.is_pointwise() {
-        0
-    } else if g.is_subsample() {
-        ohw * g.cin
-    } else {
-        ohw * k
-    };
+    let scratch = scratch_len(g);
     let mut out = zeros(g.n * g.out_plane());
     over_batch(&mut out, g.n, g.out_plane(), |range, out, par| {
         with_scratch(scratch, |scratch| {
@@ -425,15 +443,7 @@ fn forward(x: &[f32], wperm: &[f32], g: &Geometry, tail: Option<&Tail>) -> Vec<f
                     }
                     continue;
                 }
-                let cols = if g.is_pointwise() {
-                    Mat::rows(xi, g.cin)
-                } else if g.is_subsample() {
-                    subsample_rows(xi, g, scratch);
-                    Mat::rows(scratch, g.cin)
-                } else {
-                    im2col_patches(xi, g, scratch, parallel);
-                    Mat::rows(scratch, k)
-                };
+                let cols = columns(xi, g, scratch, parallel);
                 product(dst, cols, wperm, 0, k, [ohw, g.cout, k], false, par);
                 if let Some(tail) = tail {
                     tail.rows(g, img, None, dst, par);
@@ -556,15 +566,7 @@ fn backward_x(weight: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
 /// product per kernel row over the shifted windows), summed over the batch.
 fn backward_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
     let (k, ohw) = (g.k(), g.out_pixels());
-    let scratch = if g.is_shifted() {
-        g.shifted_scratch_len()
-    } else if g.is_pointwise() {
-        0
-    } else if g.is_subsample() {
-        ohw * g.cin
-    } else {
-        ohw * k
-    };
+    let scratch = scratch_len(g);
     let dw = sum_over_batch(g.n, g.cout * k, |range, dw, par| {
         with_scratch(scratch, |scratch| {
             let parallel = matches!(par, Parallelism::Rayon(_));
@@ -598,15 +600,7 @@ fn backward_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
                     }
                     continue;
                 }
-                let cols = if g.is_pointwise() {
-                    Mat::rows(xi, g.cin)
-                } else if g.is_subsample() {
-                    subsample_rows(xi, g, scratch);
-                    Mat::rows(scratch, g.cin)
-                } else {
-                    im2col_patches(xi, g, scratch, parallel);
-                    Mat::rows(scratch, k)
-                };
+                let cols = columns(xi, g, scratch, parallel);
                 let grad = Mat::view(dyi, 0, 1, g.cout as isize, [g.cout, ohw]);
                 matmul_into(
                     dw,
@@ -623,35 +617,27 @@ fn backward_weight(x: &[f32], dy: &[f32], g: &Geometry) -> Vec<f32> {
     permute_weight(&dw, g, true)
 }
 
-#[derive(Debug)]
-struct Conv2dNhwcBackward;
-
-impl Backward<Flex, 2> for Conv2dNhwcBackward {
-    type State = (NodeId, NodeId, [usize; 2], [usize; 2]);
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 2>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let [node_x, node_weight] = ops.parents;
-        let dy = grads.consume::<Flex>(&ops.node);
-        let (x_state, weight_state, stride, padding) = ops.state;
-        let x: FlexTensor = checkpointer.retrieve_node_output(x_state);
-        let weight: FlexTensor = checkpointer.retrieve_node_output(weight_state);
-        let g = geometry(&x, &weight, stride, padding);
-        let (weight, dy) = (weight.to_contiguous(), dy.to_contiguous());
-        if let Some(node) = node_x {
-            let dx = backward_x(slice(&weight), slice(&dy), &g);
-            grads.register::<Flex>(node.id, flex(dx, [g.n, g.h, g.w, g.cin]));
-        }
-        if let Some(node) = node_weight {
-            let x = x.to_contiguous();
-            let dw = backward_weight(slice(&x), slice(&dy), &g);
-            grads.register::<Flex>(node.id, flex(dw, [g.cout, g.cin, g.kh, g.kw]));
-        }
-    }
+/// `(dx, dweight)` of a channels-last convolution, each only when `want` asks for it.
+pub(super) fn gradients(
+    x: FlexTensor,
+    weight: FlexTensor,
+    dy: FlexTensor,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    [want_x, want_weight]: [bool; 2],
+) -> (Option<FlexTensor>, Option<FlexTensor>) {
+    let g = geometry(&x, &weight, stride, padding);
+    let (weight, dy) = (weight.to_contiguous(), dy.to_contiguous());
+    let dx = want_x.then(|| {
+        let dx = backward_x(slice(&weight), slice(&dy), &g);
+        flex(dx, [g.n, g.h, g.w, g.cin])
+    });
+    let dw = want_weight.then(|| {
+        let x = x.to_contiguous();
+        let dw = backward_weight(slice(&x), slice(&dy), &g);
+        flex(dw, [g.cout, g.cin, g.kh, g.kw])
+    });
+    (dx, dw)
 }
 
 impl<C: CheckpointStrategy> ChannelsLastConvBackend for Autodiff<Flex, C> {
@@ -661,24 +647,6 @@ impl<C: CheckpointStrategy> ChannelsLastConvBackend for Autodiff<Flex, C> {
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FloatTensor<Self> {
-        match Conv2dNhwcBackward
-            .prepare::<C>([x.node(), weight.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let weight_state = prep.checkpoint(&weight);
-                let out =
-                    Flex::conv2d_nhwc(x.into_primitive(), weight.into_primitive(), stride, padding);
-                prep.finish((x_state, weight_state, stride, padding), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::conv2d_nhwc(
-                x.into_primitive(),
-                weight.into_primitive(),
-                stride,
-                padding,
-            )),
-        }
+        super::record::<C>(x, weight, stride, padding, true)
     }
 }
