@@ -34,6 +34,8 @@ use burn::prelude::*;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+mod direct;
+
 /// Convolution with a folded batch norm on channels-last tensors, for inference on Flex.
 ///
 /// `x: [N, H, W, C_in]`; `weight: [C_out, C_in, kh, kw]`, multiplied by `scale: [C_out]` (the
@@ -190,8 +192,15 @@ fn run(
             "conv2d_nhwc: residual of the output's shape"
         );
     }
-    let wperm = fold_weight(slice(&weight), slice(&scale), &g);
-    let out = forward(slice(&x), &wperm, &g, Some(&tail));
+    let (w, scale) = (slice(&weight), slice(&scale));
+    let out = if direct::applies(&g) {
+        // Folded and packed in one pass.
+        let taps = g.kh * g.kw;
+        let packed = direct::pack(&g, |co, t, ci| scale[co] * w[(co * g.cin + ci) * taps + t]);
+        direct::forward(slice(&x), &packed, &g, Some(&tail))
+    } else {
+        forward(slice(&x), &fold_weight(w, scale, &g), &g, Some(&tail))
+    };
     flex(out, [g.n, g.oh, g.ow, g.cout])
 }
 
@@ -411,6 +420,16 @@ fn fold_weight(w: &[f32], scale: &[f32], g: &Geometry) -> Vec<f32> {
 /// The convolution of channels-last `x` with a kernel in `[C_out, kh, kw, C_in]` order, then
 /// `tail` when there is one.
 fn forward(x: &[f32], wperm: &[f32], g: &Geometry, tail: Option<&Tail>) -> Vec<f32> {
+    if direct::applies(g) {
+        let (k, ci) = (g.k(), g.cin);
+        let packed = direct::pack(g, |co, t, c| wperm[co * k + t * ci + c]);
+        return direct::forward(x, &packed, g, tail);
+    }
+    forward_gemm(x, wperm, g, tail)
+}
+
+/// [`forward`] through `gemm` products: every shape, every CPU.
+fn forward_gemm(x: &[f32], wperm: &[f32], g: &Geometry, tail: Option<&Tail>) -> Vec<f32> {
     let (k, ohw) = (g.k(), g.out_pixels());
     let scratch = scratch_len(g);
     let mut out = zeros(g.n * g.out_plane());
