@@ -106,7 +106,7 @@ fn main() {
         // A contiguous channels-last input, as the previous unit leaves it (a permuted view would
         // time a transposing copy too).
         let xl = Tensor::<4>::random([n, hw, hw, cin], Distribution::Default, &device);
-        let infer = best_of(5, || {
+        let infer = best_of(20, || {
             let _ = conv_bn_channels_last(&conv, &bn, xl.clone(), None, true);
         });
         tf += fwd;

@@ -25,6 +25,7 @@ pub mod prediction;
 pub mod preprocess;
 pub mod torch;
 pub mod trunk;
+pub mod unit_cache;
 
 pub use backend::{BackendChoice, BackendError, SelectedBackend};
 pub use bundle::{BundleError, BundleMetadata, ModelBundle, OperatingPoint, Provenance};

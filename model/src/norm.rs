@@ -174,7 +174,11 @@ fn inference(bn: &BatchNorm, x: Tensor<4>, residual: Option<Tensor<4>>, relu: bo
 
 /// The inference batch norm after `conv` as a per-output-channel `scale` (`gamma / sqrt(var +
 /// eps)`, to multiply the convolution's weights by) and `shift` (with the convolution's bias).
-fn folded_scale_shift(conv: &Conv2d, bn: &BatchNorm, device: &Device) -> (Tensor<1>, Tensor<1>) {
+pub(crate) fn folded_scale_shift(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    device: &Device,
+) -> (Tensor<1>, Tensor<1>) {
     let (scale, mut shift) = running_scale_shift(bn, device);
     if let Some(bias) = &conv.bias {
         shift = shift + bias.val() * scale.clone();

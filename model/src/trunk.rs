@@ -9,6 +9,7 @@ use crate::conv::channels_last;
 use crate::norm::{
     batch_norm_channels_last, channels_last_padding, conv_bn, conv_bn_channels_last,
 };
+use crate::unit_cache::UnitCache;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::prelude::*;
@@ -151,6 +152,10 @@ pub struct Trunk {
     pub stem: Stem,
     /// The stages (`stage1` is `stages[0]`).
     pub stages: Vec<Stage>,
+    /// Inference's folded and packed kernels, reused between calls (not a parameter: never
+    /// saved, rebuilt from the weights when they change).
+    #[module(skip)]
+    cache: UnitCache,
 }
 
 impl TrunkConfig {
@@ -177,7 +182,11 @@ impl TrunkConfig {
                 stage
             })
             .collect();
-        Trunk { stem, stages }
+        Trunk {
+            stem,
+            stages,
+            cache: UnitCache::default(),
+        }
     }
 }
 
@@ -203,10 +212,17 @@ impl Trunk {
     /// (see [`crate::conv::channels_last`]); everywhere else this is [`Self::forward_stages`]
     /// then [`global_avg_pool`].
     pub fn forward_pooled(&self, x: Tensor<4>, last: usize) -> Vec<Tensor<2>> {
-        let infer = |conv: &Conv2d, bn: &BatchNorm, x, residual, relu| {
-            conv_bn_channels_last(conv, bn, x, residual, relu)
-                .expect("every unit was checked for the channels-last path")
-        };
+        let infer =
+            |conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, residual: Option<Tensor<4>>, relu| {
+                match self
+                    .cache
+                    .conv_bn(conv, bn, x.clone(), residual.clone(), relu)
+                {
+                    Some(y) => y,
+                    None => conv_bn_channels_last(conv, bn, x, residual, relu)
+                        .expect("every unit was checked for the channels-last path"),
+                }
+            };
         let train = |conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, residual, relu| {
             let padding = crate::conv::fast_path(conv, &x)
                 .expect("every unit was checked for the channels-last path");
@@ -243,6 +259,11 @@ impl Trunk {
                 .flat_map(|s| &s.blocks)
                 .flat_map(|b| b.units()),
         )
+    }
+
+    /// The folded and packed kernels that inference keeps between calls.
+    pub fn inference_cache(&self) -> &UnitCache {
+        &self.cache
     }
 
     /// Whether [`Self::forward_pooled`] keeps `x`'s activations channels-last in inference: on

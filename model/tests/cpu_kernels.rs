@@ -697,3 +697,64 @@ fn channels_last_trunk_matches_the_nchw_trunk() {
         }
     }
 }
+
+#[test]
+fn inference_reuses_its_folded_kernels_until_a_weight_changes() {
+    use retina_model::RetinaConfig;
+    use retina_model::conv::channels_last::packs;
+    use retina_model::trunk::global_avg_pool;
+    let device = Device::flex();
+    device.seed(4);
+    let mut config = RetinaConfig::preset("reference").unwrap();
+    config.preprocess.image_size = 40;
+    let mut net = config.init(&device).unwrap();
+    if !packs(&net.trunk.stem.conv) {
+        eprintln!("no AVX2/FMA: the packed path (and its cache) is not used on this CPU");
+        return;
+    }
+    let stages = net.trunk.stages.len();
+    let x = Tensor::<1>::from_floats(values(3 * 40 * 40, 60).as_slice(), &device)
+        .reshape([1, 3, 40, 40]);
+    let pooled = |net: &retina_model::RetinaNet| -> Vec<Vec<f32>> {
+        net.trunk
+            .forward_pooled(x.clone(), stages)
+            .into_iter()
+            .map(host)
+            .collect()
+    };
+    let reference = |net: &retina_model::RetinaNet| -> Vec<Vec<f32>> {
+        net.trunk
+            .forward_stages(x.clone(), stages)
+            .into_iter()
+            .map(|t| host(global_avg_pool(t)))
+            .collect()
+    };
+    // The stem, two convolutions a block and the projection shortcuts.
+    let units = 1 + net
+        .trunk
+        .stages
+        .iter()
+        .flat_map(|s| &s.blocks)
+        .map(|b| 2 + usize::from(b.downsample.is_some()))
+        .sum::<usize>();
+    let first = pooled(&net);
+    assert_eq!(net.trunk.inference_cache().folds(), units);
+    assert_eq!(net.trunk.inference_cache().len(), units);
+    // Again, and through a clone (which shares the cache): nothing is folded again.
+    assert_eq!(pooled(&net), first);
+    assert_eq!(pooled(&net.clone()), first);
+    assert_eq!(net.trunk.inference_cache().folds(), units);
+
+    // A changed weight (same parameter id, new values) and a changed batch-norm scale: those two
+    // units are folded again, and the outputs follow the new values.
+    let block = &mut net.trunk.stages[1].blocks[0];
+    block.conv2.weight = block.conv2.weight.clone().map(|w| w.mul_scalar(-1.5));
+    block.bn1.gamma = block.bn1.gamma.clone().map(|g| g.mul_scalar(0.5));
+    let second = pooled(&net);
+    assert_eq!(net.trunk.inference_cache().folds(), units + 2);
+    assert_eq!(net.trunk.inference_cache().len(), units);
+    assert_ne!(second, first);
+    for (k, (a, b)) in second.iter().zip(reference(&net)).enumerate() {
+        assert_close(&format!("after the change, stage {}", k + 1), a, &b, 1e-4);
+    }
+}

@@ -64,9 +64,83 @@ pub trait ChannelsLastBackend: burn::backend::Backend {
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FloatTensor<Self>;
+
+    /// `weight · scale[c_out]` packed for the direct convolution (see [`packs`]): the values in
+    /// its own order, shaped `[C_out, kh, kw, C_in]`. Made once, used by every call of
+    /// [`conv2d_nhwc_packed`](Self::conv2d_nhwc_packed).
+    fn pack_kernel(weight: FloatTensor<Self>, scale: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `relu?(conv(x, kernel) + shift)` with a kernel from
+    /// [`pack_kernel`](Self::pack_kernel).
+    fn conv2d_nhwc_packed(
+        x: FloatTensor<Self>,
+        packed: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        relu: bool,
+    ) -> FloatTensor<Self>;
+
+    /// `relu(conv(x, kernel) + shift + residual)` with a kernel from
+    /// [`pack_kernel`](Self::pack_kernel).
+    fn conv2d_nhwc_packed_add_relu(
+        x: FloatTensor<Self>,
+        packed: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self>;
 }
 
 impl ChannelsLastBackend for Flex {
+    fn pack_kernel(weight: FlexTensor, scale: FlexTensor) -> FlexTensor {
+        let (weight, scale) = (weight.to_contiguous(), scale.to_contiguous());
+        let &[cout, cin, kh, kw] = weight.layout().shape().as_slice() else {
+            panic!(
+                "pack_kernel: weight {:?} is not [C_out, C_in, kh, kw]",
+                weight.layout().shape()
+            );
+        };
+        // The geometry of any input the kernel fits: only the kernel's own sizes matter here.
+        let g = Geometry::new(&[1, cin, kh, kw], &[cout, cin, kh, kw], [1, 1], [0, 0]);
+        assert!(
+            direct::applies(&g),
+            "pack_kernel: a kernel the direct convolution does not take"
+        );
+        let (w, scale) = (slice(&weight), slice(&scale));
+        assert_eq!(
+            scale.len(),
+            cout,
+            "pack_kernel: one scale per output channel"
+        );
+        let taps = kh * kw;
+        let packed = direct::pack(&g, |co, t, ci| scale[co] * w[(co * cin + ci) * taps + t]);
+        flex(packed, [cout, kh, kw, cin])
+    }
+
+    fn conv2d_nhwc_packed(
+        x: FlexTensor,
+        packed: FlexTensor,
+        shift: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        relu: bool,
+    ) -> FlexTensor {
+        run_packed(x, packed, shift, None, stride, padding, relu)
+    }
+
+    fn conv2d_nhwc_packed_add_relu(
+        x: FlexTensor,
+        packed: FlexTensor,
+        shift: FlexTensor,
+        residual: FlexTensor,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        run_packed(x, packed, shift, Some(residual), stride, padding, true)
+    }
+
     fn conv2d_nhwc_shift(
         x: FlexTensor,
         weight: FlexTensor,
@@ -99,6 +173,54 @@ impl ChannelsLastBackend for Flex {
             true,
         )
     }
+}
+
+/// Whether `conv` can run from a kernel packed by [`ChannelsLastBackend::pack_kernel`] (the
+/// direct convolution: output channels in blocks of 16, a CPU with AVX2 and FMA), given that
+/// [`applies`] holds for its input.
+pub fn packs(conv: &Conv2d) -> bool {
+    let [cout, cin, kh, kw] = conv.weight.dims();
+    let g = Geometry::new(&[1, cin, kh, kw], &[cout, cin, kh, kw], [1, 1], [0, 0]);
+    conv.weight.val().dtype() == DType::F32 && direct::applies(&g)
+}
+
+/// [`conv2d_shift`] with a kernel from [`ChannelsLastBackend::pack_kernel`].
+pub fn conv2d_packed(
+    x: Tensor<4>,
+    packed: Tensor<4>,
+    shift: Tensor<1>,
+    residual: Option<Tensor<4>>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    relu: bool,
+) -> Tensor<4> {
+    let out = match residual {
+        Some(r) => Dispatch::conv2d_nhwc_packed_add_relu(
+            x.into_dispatch(),
+            packed.into_dispatch(),
+            shift.into_dispatch(),
+            r.into_dispatch(),
+            stride,
+            padding,
+        ),
+        None => Dispatch::conv2d_nhwc_packed(
+            x.into_dispatch(),
+            packed.into_dispatch(),
+            shift.into_dispatch(),
+            stride,
+            padding,
+            relu,
+        ),
+    };
+    Tensor::from_dispatch(out)
+}
+
+/// `weight · scale` packed for [`conv2d_packed`] (see [`ChannelsLastBackend::pack_kernel`]).
+pub fn pack_kernel(weight: Tensor<4>, scale: Tensor<1>) -> Tensor<4> {
+    Tensor::from_dispatch(Dispatch::pack_kernel(
+        weight.into_dispatch(),
+        scale.into_dispatch(),
+    ))
 }
 
 /// Whether a tensor can take the channels-last kernels: plain (not autodiff) f32 on Flex.
@@ -201,6 +323,41 @@ fn run(
     } else {
         forward(slice(&x), &fold_weight(w, scale, &g), &g, Some(&tail))
     };
+    flex(out, [g.n, g.oh, g.ow, g.cout])
+}
+
+fn run_packed(
+    x: FlexTensor,
+    packed: FlexTensor,
+    shift: FlexTensor,
+    residual: Option<FlexTensor>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    relu: bool,
+) -> FlexTensor {
+    let (&[n, h, w, c], &[cout, kh, kw, cin]) = (
+        x.layout().shape().as_slice(),
+        packed.layout().shape().as_slice(),
+    ) else {
+        panic!(
+            "conv2d_nhwc_packed: input {:?} or kernel {:?} is not 4-D",
+            x.layout().shape(),
+            packed.layout().shape()
+        );
+    };
+    let g = Geometry::new(&[n, c, h, w], &[cout, cin, kh, kw], stride, padding);
+    let (x, packed, shift) = (
+        x.to_contiguous(),
+        packed.to_contiguous(),
+        shift.to_contiguous(),
+    );
+    let residual = residual.map(|r| r.to_contiguous());
+    let tail = Tail {
+        shift: slice(&shift),
+        residual: residual.as_ref().map(slice),
+        relu: relu || residual.is_some(),
+    };
+    let out = direct::forward(slice(&x), slice(&packed), &g, Some(&tail));
     flex(out, [g.n, g.oh, g.ow, g.cout])
 }
 

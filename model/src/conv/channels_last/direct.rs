@@ -47,10 +47,13 @@ pub(super) fn pack(g: &Geometry, at: impl Fn(usize, usize, usize) -> f32 + Sync)
     out.par_chunks_mut(taps * ci * BLOCK)
         .enumerate()
         .for_each(|(b, block)| {
-            for lane in 0..BLOCK {
-                for c in 0..ci {
-                    for t in 0..taps {
-                        block[(t * ci + c) * BLOCK + lane] = at(b * BLOCK + lane, t, c);
+            // Each output channel's weights are read in their own order (16 sequential streams);
+            // each destination line is written whole.
+            for c in 0..ci {
+                for t in 0..taps {
+                    let line = &mut block[(t * ci + c) * BLOCK..][..BLOCK];
+                    for (lane, v) in line.iter_mut().enumerate() {
+                        *v = at(b * BLOCK + lane, t, c);
                     }
                 }
             }
