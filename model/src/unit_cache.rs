@@ -13,7 +13,7 @@
 //! reuse their memory; an optimizer step or a loaded checkpoint brings new buffers, and the next
 //! call re-folds that unit.
 
-use crate::conv::channels_last;
+use crate::conv::channels_last::{self, PackedKernel};
 use crate::norm::{channels_last_padding, folded_scale_shift};
 use burn::backend::DType;
 use burn::module::ParamId;
@@ -42,7 +42,9 @@ impl std::fmt::Debug for UnitCache {
 struct Folded {
     sources: Vec<Tensor<1>>,
     weight: Tensor<4>,
-    packed: Tensor<4>,
+    /// Which form depends on the padding too, which the same weights could run with another.
+    padding: [usize; 2],
+    kernel: PackedKernel,
     shift: Tensor<1>,
 }
 
@@ -63,10 +65,10 @@ impl UnitCache {
         if !channels_last::packs(conv) {
             return None;
         }
-        let folded = self.folded(conv, bn, &x.device());
+        let folded = self.folded(conv, bn, padding, &x.device());
         Some(channels_last::conv2d_packed(
             x,
-            folded.packed.clone(),
+            &folded.kernel,
             folded.shift.clone(),
             residual,
             conv.stride,
@@ -91,7 +93,13 @@ impl UnitCache {
         self.len() == 0
     }
 
-    fn folded(&self, conv: &Conv2d, bn: &BatchNorm, device: &Device) -> Arc<Folded> {
+    fn folded(
+        &self,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        padding: [usize; 2],
+        device: &Device,
+    ) -> Arc<Folded> {
         let weight = conv.weight.val();
         let sources = sources(conv, bn);
         let key = conv.weight.id;
@@ -100,7 +108,8 @@ impl UnitCache {
         let lookup = |map: &HashMap<ParamId, Arc<Folded>>| {
             map.get(&key)
                 .filter(|f| {
-                    same(&f.weight, &weight)
+                    f.padding == padding
+                        && same(&f.weight, &weight)
                         && f.sources.len() == sources.len()
                         && f.sources.iter().zip(&sources).all(|(a, b)| same(a, b))
                 })
@@ -111,11 +120,13 @@ impl UnitCache {
         }
         // Fold outside the lock: two threads may both fold a unit once; the last insert wins.
         let (scale, shift) = folded_scale_shift(conv, bn, device);
-        let packed = channels_last::pack_kernel(weight.clone(), scale);
+        let winograd = channels_last::takes_winograd(conv, padding);
+        let kernel = channels_last::pack_kernel(weight.clone(), scale, winograd);
         let folded = Arc::new(Folded {
             sources,
             weight,
-            packed,
+            padding,
+            kernel,
             shift,
         });
         self.folds.fetch_add(1, Ordering::Relaxed);

@@ -35,6 +35,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 mod direct;
+mod winograd;
 
 /// Convolution with a folded batch norm on channels-last tensors, for inference on Flex.
 ///
@@ -65,10 +66,16 @@ pub trait ChannelsLastBackend: burn::backend::Backend {
         padding: [usize; 2],
     ) -> FloatTensor<Self>;
 
-    /// `weight · scale[c_out]` packed for the direct convolution (see [`packs`]): the values in
-    /// its own order, shaped `[C_out, kh, kw, C_in]`. Made once, used by every call of
-    /// [`conv2d_nhwc_packed`](Self::conv2d_nhwc_packed).
-    fn pack_kernel(weight: FloatTensor<Self>, scale: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `weight · scale[c_out]` packed for the direct convolution (see [`packs`]), or with
+    /// `winograd` transformed for Winograd F(2x2, 3x3) (3x3 kernels that run with stride 1 and
+    /// padding 1, see [`winograd`]): the values in the kernel's own order, shaped
+    /// `[C_out, kh, kw, C_in]` (`[C_out, 4, 4, C_in]` transformed). Made once, used by every
+    /// call of [`conv2d_nhwc_packed`](Self::conv2d_nhwc_packed).
+    fn pack_kernel(
+        weight: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        winograd: bool,
+    ) -> FloatTensor<Self>;
 
     /// `relu?(conv(x, kernel) + shift)` with a kernel from
     /// [`pack_kernel`](Self::pack_kernel).
@@ -79,6 +86,7 @@ pub trait ChannelsLastBackend: burn::backend::Backend {
         stride: [usize; 2],
         padding: [usize; 2],
         relu: bool,
+        winograd: bool,
     ) -> FloatTensor<Self>;
 
     /// `relu(conv(x, kernel) + shift + residual)` with a kernel from
@@ -90,11 +98,12 @@ pub trait ChannelsLastBackend: burn::backend::Backend {
         residual: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [usize; 2],
+        winograd: bool,
     ) -> FloatTensor<Self>;
 }
 
 impl ChannelsLastBackend for Flex {
-    fn pack_kernel(weight: FlexTensor, scale: FlexTensor) -> FlexTensor {
+    fn pack_kernel(weight: FlexTensor, scale: FlexTensor, winograd: bool) -> FlexTensor {
         let (weight, scale) = (weight.to_contiguous(), scale.to_contiguous());
         let &[cout, cin, kh, kw] = weight.layout().shape().as_slice() else {
             panic!(
@@ -115,8 +124,16 @@ impl ChannelsLastBackend for Flex {
             "pack_kernel: one scale per output channel"
         );
         let taps = kh * kw;
-        let packed = direct::pack(&g, |co, t, ci| scale[co] * w[(co * cin + ci) * taps + t]);
-        flex(packed, [cout, kh, kw, cin])
+        let at = |co: usize, t: usize, ci: usize| scale[co] * w[(co * cin + ci) * taps + t];
+        if winograd {
+            let g = Geometry::new(&[1, cin, kh, kw], &[cout, cin, kh, kw], [1, 1], [1, 1]);
+            assert!(
+                winograd::applies(&g),
+                "pack_kernel: a kernel Winograd does not take"
+            );
+            return flex(winograd::pack(&g, at), [cout, 4, 4, cin]);
+        }
+        flex(direct::pack(&g, at), [cout, kh, kw, cin])
     }
 
     fn conv2d_nhwc_packed(
@@ -126,8 +143,9 @@ impl ChannelsLastBackend for Flex {
         stride: [usize; 2],
         padding: [usize; 2],
         relu: bool,
+        winograd: bool,
     ) -> FlexTensor {
-        run_packed(x, packed, shift, None, stride, padding, relu)
+        run_packed(x, packed, shift, None, stride, padding, relu, winograd)
     }
 
     fn conv2d_nhwc_packed_add_relu(
@@ -137,8 +155,18 @@ impl ChannelsLastBackend for Flex {
         residual: FlexTensor,
         stride: [usize; 2],
         padding: [usize; 2],
+        winograd: bool,
     ) -> FlexTensor {
-        run_packed(x, packed, shift, Some(residual), stride, padding, true)
+        run_packed(
+            x,
+            packed,
+            shift,
+            Some(residual),
+            stride,
+            padding,
+            true,
+            winograd,
+        )
     }
 
     fn conv2d_nhwc_shift(
@@ -184,43 +212,72 @@ pub fn packs(conv: &Conv2d) -> bool {
     conv.weight.val().dtype() == DType::F32 && direct::applies(&g)
 }
 
-/// [`conv2d_shift`] with a kernel from [`ChannelsLastBackend::pack_kernel`].
+/// Whether `conv`, run with `padding`, takes Winograd F(2x2, 3x3) (given [`packs`]): 3x3,
+/// stride 1, padding 1.
+pub fn takes_winograd(conv: &Conv2d, padding: [usize; 2]) -> bool {
+    let [cout, cin, kh, kw] = conv.weight.dims();
+    let g = Geometry::new(
+        &[1, cin, kh, kw],
+        &[cout, cin, kh, kw],
+        conv.stride,
+        padding,
+    );
+    winograd::applies(&g)
+}
+
+/// A kernel packed by [`pack_kernel`], with the form it was packed in.
+#[derive(Clone, Debug)]
+pub struct PackedKernel {
+    /// The packed values (see [`ChannelsLastBackend::pack_kernel`]).
+    pub values: Tensor<4>,
+    /// Transformed for Winograd F(2x2, 3x3).
+    pub winograd: bool,
+}
+
+/// [`conv2d_shift`] with a kernel from [`pack_kernel`].
 pub fn conv2d_packed(
     x: Tensor<4>,
-    packed: Tensor<4>,
+    kernel: &PackedKernel,
     shift: Tensor<1>,
     residual: Option<Tensor<4>>,
     stride: [usize; 2],
     padding: [usize; 2],
     relu: bool,
 ) -> Tensor<4> {
+    let packed = kernel.values.clone().into_dispatch();
     let out = match residual {
         Some(r) => Dispatch::conv2d_nhwc_packed_add_relu(
             x.into_dispatch(),
-            packed.into_dispatch(),
+            packed,
             shift.into_dispatch(),
             r.into_dispatch(),
             stride,
             padding,
+            kernel.winograd,
         ),
         None => Dispatch::conv2d_nhwc_packed(
             x.into_dispatch(),
-            packed.into_dispatch(),
+            packed,
             shift.into_dispatch(),
             stride,
             padding,
             relu,
+            kernel.winograd,
         ),
     };
     Tensor::from_dispatch(out)
 }
 
 /// `weight · scale` packed for [`conv2d_packed`] (see [`ChannelsLastBackend::pack_kernel`]).
-pub fn pack_kernel(weight: Tensor<4>, scale: Tensor<1>) -> Tensor<4> {
-    Tensor::from_dispatch(Dispatch::pack_kernel(
-        weight.into_dispatch(),
-        scale.into_dispatch(),
-    ))
+pub fn pack_kernel(weight: Tensor<4>, scale: Tensor<1>, winograd: bool) -> PackedKernel {
+    PackedKernel {
+        values: Tensor::from_dispatch(Dispatch::pack_kernel(
+            weight.into_dispatch(),
+            scale.into_dispatch(),
+            winograd,
+        )),
+        winograd,
+    }
 }
 
 /// Whether a tensor can take the channels-last kernels: plain (not autodiff) f32 on Flex.
@@ -326,6 +383,7 @@ fn run(
     flex(out, [g.n, g.oh, g.ow, g.cout])
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_packed(
     x: FlexTensor,
     packed: FlexTensor,
@@ -334,6 +392,7 @@ fn run_packed(
     stride: [usize; 2],
     padding: [usize; 2],
     relu: bool,
+    winograd: bool,
 ) -> FlexTensor {
     let (&[n, h, w, c], &[cout, kh, kw, cin]) = (
         x.layout().shape().as_slice(),
@@ -345,6 +404,8 @@ fn run_packed(
             packed.layout().shape()
         );
     };
+    // A transformed kernel is 4x4 for a 3x3 convolution.
+    let [kh, kw] = if winograd { [3, 3] } else { [kh, kw] };
     let g = Geometry::new(&[n, c, h, w], &[cout, cin, kh, kw], stride, padding);
     let (x, packed, shift) = (
         x.to_contiguous(),
@@ -357,7 +418,11 @@ fn run_packed(
         residual: residual.as_ref().map(slice),
         relu: relu || residual.is_some(),
     };
-    let out = direct::forward(slice(&x), slice(&packed), &g, Some(&tail));
+    let out = if winograd {
+        winograd::forward(slice(&x), slice(&packed), &g, Some(&tail))
+    } else {
+        direct::forward(slice(&x), slice(&packed), &g, Some(&tail))
+    };
     flex(out, [g.n, g.oh, g.ow, g.cout])
 }
 

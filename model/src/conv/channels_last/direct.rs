@@ -21,7 +21,7 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// Output channels per block: two 8-lane registers.
-const BLOCK: usize = 16;
+pub(super) const BLOCK: usize = 16;
 
 /// Whether [`forward`] takes this convolution here.
 pub(super) fn applies(g: &Geometry) -> bool {
@@ -94,12 +94,8 @@ pub(super) fn forward(x: &[f32], packed: &[f32], g: &Geometry, tail: Option<&Tai
     }
     let padded = g.pad != [0, 0];
     let source_len = if padded { g.padded_len() } else { 0 };
-    let len = g.n * g.out_plane();
-    let mut out: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
-    // SAFETY: `MaybeUninit` needs no initialisation; every element is written below (all rows,
-    // all pixels, all channel blocks of every image) before the buffer is read as `f32`.
-    unsafe { out.set_len(len) };
-    let dst = Out(out.as_mut_ptr().cast());
+    let mut out = Output::new(g.n * g.out_plane());
+    let dst = out.ptr();
     // One image: its padded copy (when the convolution pads), then the blocks of `work`.
     let image = |img: usize, parallel: bool| {
         let xi = &x[img * g.in_plane()..(img + 1) * g.in_plane()];
@@ -137,14 +133,37 @@ pub(super) fn forward(x: &[f32], packed: &[f32], g: &Geometry, tail: Option<&Tai
     } else {
         (0..g.n).for_each(|img| image(img, threads > 1));
     }
-    let mut out = std::mem::ManuallyDrop::new(out);
-    // SAFETY: every element was written (see above); `MaybeUninit<f32>` and `f32` have the same
-    // layout, and the parts come from a live `Vec` that is not dropped.
-    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast(), out.len(), out.capacity()) }
+    // SAFETY: every element was written: all rows, pixels and channel blocks of every image.
+    unsafe { out.finish() }
+}
+
+/// An output buffer that the kernels fill in full without zeroing it first.
+pub(super) struct Output(Vec<MaybeUninit<f32>>);
+
+impl Output {
+    pub(super) fn new(len: usize) -> Self {
+        let mut out = Vec::with_capacity(len);
+        // SAFETY: `MaybeUninit` needs no initialisation.
+        unsafe { out.set_len(len) };
+        Output(out)
+    }
+
+    pub(super) fn ptr(&mut self) -> Out {
+        Out(self.0.as_mut_ptr().cast())
+    }
+
+    /// # Safety
+    /// Every element must have been written through [`Self::ptr`].
+    pub(super) unsafe fn finish(self) -> Vec<f32> {
+        let mut out = std::mem::ManuallyDrop::new(self.0);
+        // SAFETY: initialised (the caller's promise); `MaybeUninit<f32>` and `f32` share their
+        // layout, and the parts come from a live `Vec` that is not dropped.
+        unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast(), out.len(), out.capacity()) }
+    }
 }
 
 /// Splits `0..n` into at most `parts` nearly equal non-empty ranges.
-fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
+pub(super) fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
     let parts = parts.min(n).max(1);
     (0..parts)
         .map(|p| (p * n / parts)..((p + 1) * n / parts))
@@ -153,7 +172,7 @@ fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
 
 /// The output buffer, written by several threads in disjoint blocks.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(super) struct Out(pub(super) *mut f32);
 
 // SAFETY: the threads of one `forward` call write disjoint (image, row, channel block) parts.
 unsafe impl Send for Out {}
@@ -161,7 +180,7 @@ unsafe impl Sync for Out {}
 
 /// One image's convolution: where it reads and writes, checked once so that the kernel may
 /// index with raw pointers.
-struct Frame<'a> {
+pub(super) struct Frame<'a> {
     src: &'a [f32],
     /// Width of `src` in pixels (padded when the convolution pads).
     src_w: usize,
@@ -174,7 +193,7 @@ struct Frame<'a> {
 }
 
 impl<'a> Frame<'a> {
-    fn new(
+    pub(super) fn new(
         src: &'a [f32],
         packed: &'a [f32],
         g: &'a Geometry,
@@ -205,7 +224,7 @@ impl<'a> Frame<'a> {
     }
 
     /// Output rows `rows` of channel blocks `blocks`.
-    fn run(&self, blocks: Range<usize>, rows: Range<usize>) {
+    pub(super) fn run(&self, blocks: Range<usize>, rows: Range<usize>) {
         assert!(blocks.end * BLOCK <= self.g.cout && rows.end <= self.g.oh);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `applies` checked AVX2 and FMA; `new` checked the input extent, the caller
