@@ -229,7 +229,8 @@ impl Trunk {
             let y = channels_last::conv2d(conv, x, padding);
             batch_norm_channels_last(bn, y, residual, relu)
         };
-        let unit: Unit = if self.runs_channels_last(&x) {
+        let inference = self.runs_channels_last(&x);
+        let unit: Unit = if inference {
             &infer
         } else if self.trains_channels_last(&x) {
             &train
@@ -240,7 +241,13 @@ impl Trunk {
                 .map(global_avg_pool)
                 .collect();
         };
-        let mut x = self.stem.apply(channels_last::to_channels_last(x), unit);
+        // Inference transposes in parallel; training keeps the differentiable permutation.
+        let x = if inference {
+            channels_last::to_channels_last_copy(x)
+        } else {
+            channels_last::to_channels_last(x)
+        };
+        let mut x = self.stem.apply(x, unit);
         self.stages
             .iter()
             .take(last)
