@@ -191,8 +191,7 @@ fn image_part(
             let t = (r1 - r0) * tw;
             let (v, m) = scratch.split_at_mut(16 * t * ci);
             let m = &mut m[..16 * t * co];
-            // SAFETY: `applies` checked AVX2 and FMA.
-            unsafe { transform_input(p, g, r0..r1, v) };
+            transform_input(p, g, r0..r1, v);
             let one = pointwise(g, t);
             for xi in 0..16 {
                 let u = &packed[xi * co * ci..(xi + 1) * co * ci];
@@ -200,97 +199,41 @@ fn image_part(
                 Frame::new(&v[xi * t * ci..(xi + 1) * t * ci], u, &one, None, 0, mx)
                     .run(cbs.clone(), 0..1);
             }
-            // SAFETY: as above.
-            unsafe {
-                transform_output(
-                    m,
-                    g,
-                    tail,
-                    img,
-                    dst,
-                    r0..r1,
-                    cbs.start * BLOCK..cbs.end * BLOCK,
-                )
-            };
+            transform_output(
+                m,
+                g,
+                tail,
+                img,
+                dst,
+                r0..r1,
+                cbs.start * BLOCK..cbs.end * BLOCK,
+            );
             r0 = r1;
         }
     });
 }
 
-/// `V = Bᵀ d B` for the tiles of rows `rows`: `v[ξ][tile][c_in]`, eight channels at a time.
-///
-/// Compiled for AVX2 (the crate's baseline is SSE2, which halves the lanes): only called where
-/// [`applies`] checked the CPU.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+/// `V = Bᵀ d B` for the tiles of rows `rows` of the padded copy `p`: `v[ξ][tile][c_in]`.
 fn transform_input(p: &[f32], g: &Geometry, rows: Range<usize>, v: &mut [f32]) {
     let [_, tw] = tiles(g);
     let (c, pw) = (g.cin, 2 * tw + 2);
-    let t = rows.len() * tw;
-    for (k, tr) in rows.enumerate() {
-        for tc in 0..tw {
-            let tile = k * tw + tc;
-            let d: [[&[f32]; 4]; 4] = std::array::from_fn(|i| {
-                std::array::from_fn(|j| &p[((2 * tr + i) * pw + 2 * tc + j) * c..][..c])
-            });
-            let mut store = |ch: usize, vals: &[f32], xi: usize| {
-                v[(xi * t + tile) * c + ch..][..vals.len()].copy_from_slice(vals);
-            };
-            let mut ch = 0;
-            while ch + 8 <= c {
-                input_lanes::<8>(&d, ch, &mut store);
-                ch += 8;
-            }
-            while ch < c {
-                input_lanes::<1>(&d, ch, &mut store);
-                ch += 1;
-            }
-        }
+    assert!(
+        (2 * rows.end + 2) * pw * c <= p.len() && 16 * rows.len() * tw * c <= v.len(),
+        "Winograd input transform: buffers too small"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `applies` checked AVX2 and FMA; the extents are checked above.
+    unsafe {
+        avx2::transform_input(p.as_ptr(), v.as_mut_ptr(), [c, pw, tw], rows)
     }
-}
-
-/// One tile's transform for channels `ch..ch + L` (fixed-width lane loops, so it vectorises).
-#[inline(always)]
-fn input_lanes<const L: usize>(
-    d: &[[&[f32]; 4]; 4],
-    ch: usize,
-    store: &mut impl FnMut(usize, &[f32], usize),
-) {
-    let mut e = [[[0.0f32; L]; 4]; 4];
-    for i in 0..4 {
-        for j in 0..4 {
-            e[i][j].copy_from_slice(&d[i][j][ch..ch + L]);
-        }
-    }
-    // Bᵀ d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3.
-    let mut b = [[[0.0f32; L]; 4]; 4];
-    for j in 0..4 {
-        for l in 0..L {
-            b[0][j][l] = e[0][j][l] - e[2][j][l];
-            b[1][j][l] = e[1][j][l] + e[2][j][l];
-            b[2][j][l] = e[2][j][l] - e[1][j][l];
-            b[3][j][l] = e[1][j][l] - e[3][j][l];
-        }
-    }
-    // (Bᵀ d) B: the same on the columns.
-    for (i, r) in b.iter().enumerate() {
-        let mut v = [[0.0f32; L]; 4];
-        for l in 0..L {
-            v[0][l] = r[0][l] - r[2][l];
-            v[1][l] = r[1][l] + r[2][l];
-            v[2][l] = r[2][l] - r[1][l];
-            v[3][l] = r[1][l] - r[3][l];
-        }
-        for (j, v) in v.iter().enumerate() {
-            store(ch, v, i * 4 + j);
-        }
-    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Winograd without AVX2 ({c}, {pw}, {rows:?})")
 }
 
 /// `Y = Aᵀ M A` for the tiles of rows `rows`, channels `chans` (whole blocks of 16), then the
 /// tail; writes the output pixels that exist (an odd size's last tile row or column is half
 /// outside).
 #[allow(clippy::too_many_arguments)]
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 fn transform_output(
     m: &[f32],
     g: &Geometry,
@@ -300,68 +243,162 @@ fn transform_output(
     rows: Range<usize>,
     chans: Range<usize>,
 ) {
-    const L: usize = 8;
     let [_, tw] = tiles(g);
-    let co = g.cout;
-    let t = rows.len() * tw;
     let plane = g.out_plane();
+    assert!(
+        chans.start.is_multiple_of(8) && chans.end.is_multiple_of(8) && chans.end <= g.cout,
+        "Winograd output transform: channels in lanes of 8"
+    );
+    assert!(
+        16 * rows.len() * tw * g.cout <= m.len(),
+        "Winograd output transform: products too small"
+    );
+    if let Some(t) = tail {
+        assert!(t.shift.len() == g.cout && t.residual.is_none_or(|r| r.len() >= (img + 1) * plane));
+    }
     let residual = tail
         .and_then(|t| t.residual)
-        .map(|r| &r[img * plane..(img + 1) * plane]);
-    let relu = tail.is_some_and(|t| t.relu);
-    let zero = [0.0f32; L];
-    for (k, tr) in rows.enumerate() {
-        for tc in 0..tw {
-            let tile = k * tw + tc;
-            for ch in chans.clone().step_by(L) {
-                let mut e = [[0.0f32; L]; 16];
-                for (xi, e) in e.iter_mut().enumerate() {
-                    e.copy_from_slice(&m[(xi * t + tile) * co + ch..][..L]);
-                }
-                // Aᵀ M: rows m0 + m1 + m2 and m1 - m2 - m3, then the same on the columns.
-                let mut r = [[[0.0f32; L]; 4]; 2];
-                for j in 0..4 {
-                    for l in 0..L {
-                        r[0][j][l] = e[j][l] + e[4 + j][l] + e[8 + j][l];
-                        r[1][j][l] = e[4 + j][l] - e[8 + j][l] - e[12 + j][l];
+        .map(|r| r[img * plane..].as_ptr());
+    let shift = tail.map(|t| t.shift.as_ptr());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `applies` checked AVX2 and FMA; the output transform writes pixels `(oh, ow)`
+    // inside image `img` and channels in `chans`, which this part owns; the reads stay in `m`,
+    // the shift and the residual image (checked above).
+    unsafe {
+        avx2::transform_output(
+            m.as_ptr(),
+            dst.0.add(img * plane),
+            [g.oh, g.ow, g.cout, tw],
+            rows,
+            chans,
+            shift,
+            residual,
+            tail.is_some_and(|t| t.relu),
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Winograd without AVX2 ({shift:?}, {residual:?}, {rows:?}, {chans:?})")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// See [`super::transform_input`]; `p` is the padded copy (`pw` pixels a row, `c` channels),
+    /// `v` the 16 planes of `rows.len() · tw` tiles.
+    // The index loops mirror the transform's matrices (row `i`, column `j`).
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transform_input(
+        p: *const f32,
+        v: *mut f32,
+        [c, pw, tw]: [usize; 3],
+        rows: Range<usize>,
+    ) {
+        let plane = rows.len() * tw * c;
+        for (k, tr) in rows.enumerate() {
+            for tc in 0..tw {
+                // SAFETY (whole tile): inside the extents the caller checked.
+                unsafe {
+                    let base = p.add((2 * tr * pw + 2 * tc) * c);
+                    let out = v.add((k * tw + tc) * c);
+                    let mut ch = 0;
+                    while ch + 8 <= c {
+                        let ld =
+                            |i: usize, j: usize| _mm256_loadu_ps(base.add((i * pw + j) * c + ch));
+                        // Bᵀ d, a column at a time: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
+                        let mut b = [[_mm256_setzero_ps(); 4]; 4];
+                        for j in 0..4 {
+                            let (d0, d1, d2, d3) = (ld(0, j), ld(1, j), ld(2, j), ld(3, j));
+                            b[0][j] = _mm256_sub_ps(d0, d2);
+                            b[1][j] = _mm256_add_ps(d1, d2);
+                            b[2][j] = _mm256_sub_ps(d2, d1);
+                            b[3][j] = _mm256_sub_ps(d1, d3);
+                        }
+                        // (Bᵀ d) B: the same along each row.
+                        for (i, r) in b.iter().enumerate() {
+                            let o = out.add(i * 4 * plane + ch);
+                            _mm256_storeu_ps(o, _mm256_sub_ps(r[0], r[2]));
+                            _mm256_storeu_ps(o.add(plane), _mm256_add_ps(r[1], r[2]));
+                            _mm256_storeu_ps(o.add(2 * plane), _mm256_sub_ps(r[2], r[1]));
+                            _mm256_storeu_ps(o.add(3 * plane), _mm256_sub_ps(r[1], r[3]));
+                        }
+                        ch += 8;
+                    }
+                    for ch in ch..c {
+                        let d = |i: usize, j: usize| *base.add((i * pw + j) * c + ch);
+                        let mut b = [[0.0f32; 4]; 4];
+                        for j in 0..4 {
+                            b[0][j] = d(0, j) - d(2, j);
+                            b[1][j] = d(1, j) + d(2, j);
+                            b[2][j] = d(2, j) - d(1, j);
+                            b[3][j] = d(1, j) - d(3, j);
+                        }
+                        for (i, r) in b.iter().enumerate() {
+                            let o = out.add(i * 4 * plane + ch);
+                            *o = r[0] - r[2];
+                            *o.add(plane) = r[1] + r[2];
+                            *o.add(2 * plane) = r[2] - r[1];
+                            *o.add(3 * plane) = r[1] - r[3];
+                        }
                     }
                 }
-                let shift: [f32; L] = match tail {
-                    Some(t) => t.shift[ch..ch + L].try_into().expect("L lanes"),
-                    None => zero,
-                };
-                for (i, row) in r.iter().enumerate() {
-                    let oh = 2 * tr + i;
-                    let mut y = [[0.0f32; L]; 2];
-                    for l in 0..L {
-                        y[0][l] = row[0][l] + row[1][l] + row[2][l] + shift[l];
-                        y[1][l] = row[1][l] - row[2][l] - row[3][l] + shift[l];
-                    }
-                    for (j, val) in y.iter_mut().enumerate() {
-                        let ow = 2 * tc + j;
-                        if oh >= g.oh || ow >= g.ow {
-                            continue;
+            }
+        }
+    }
+
+    /// See [`super::transform_output`]; `out` is image `img`'s output, `residual` its residual.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transform_output(
+        m: *const f32,
+        out: *mut f32,
+        [oh, ow, co, tw]: [usize; 4],
+        rows: Range<usize>,
+        chans: Range<usize>,
+        shift: Option<*const f32>,
+        residual: Option<*const f32>,
+        relu: bool,
+    ) {
+        let plane = rows.len() * tw * co;
+        let zero = _mm256_setzero_ps();
+        for (k, tr) in rows.enumerate() {
+            for tc in 0..tw {
+                for ch in chans.clone().step_by(8) {
+                    // SAFETY (whole block): inside the extents the caller checked.
+                    unsafe {
+                        let src = m.add((k * tw + tc) * co + ch);
+                        let e = |xi: usize| _mm256_loadu_ps(src.add(xi * plane));
+                        // Aᵀ M: rows m0 + m1 + m2 and m1 - m2 - m3, then the same along rows.
+                        let mut r = [[zero; 4]; 2];
+                        for (j, rj) in (0..4).map(|j| (j, [e(j), e(4 + j), e(8 + j), e(12 + j)])) {
+                            r[0][j] = _mm256_add_ps(_mm256_add_ps(rj[0], rj[1]), rj[2]);
+                            r[1][j] = _mm256_sub_ps(_mm256_sub_ps(rj[1], rj[2]), rj[3]);
                         }
-                        let at = (oh * g.ow + ow) * co + ch;
-                        if let Some(r) = residual {
-                            for (v, r) in val.iter_mut().zip(&r[at..at + L]) {
-                                *v += r;
+                        let s = shift.map_or(zero, |s| _mm256_loadu_ps(s.add(ch)));
+                        for (i, row) in r.iter().enumerate() {
+                            let y = [
+                                _mm256_add_ps(_mm256_add_ps(row[0], row[1]), row[2]),
+                                _mm256_sub_ps(_mm256_sub_ps(row[1], row[2]), row[3]),
+                            ];
+                            let h = 2 * tr + i;
+                            for (j, y) in y.into_iter().enumerate() {
+                                let w = 2 * tc + j;
+                                if h >= oh || w >= ow {
+                                    continue;
+                                }
+                                let at = (h * ow + w) * co + ch;
+                                let mut val = _mm256_add_ps(y, s);
+                                if let Some(res) = residual {
+                                    val = _mm256_add_ps(val, _mm256_loadu_ps(res.add(at)));
+                                }
+                                if relu {
+                                    val = _mm256_max_ps(val, zero);
+                                }
+                                _mm256_storeu_ps(out.add(at), val);
                             }
                         }
-                        if relu {
-                            for v in val.iter_mut() {
-                                *v = v.max(0.0);
-                            }
-                        }
-                        // SAFETY: `(oh, ow)` is a pixel of image `img` and channels
-                        // `ch..ch + 8` lie in this part's blocks: no other part writes them.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                val.as_ptr(),
-                                dst.0.add(img * plane + at),
-                                L,
-                            )
-                        };
                     }
                 }
             }
