@@ -665,10 +665,13 @@ fn fold_weight(w: &[f32], scale: &[f32], g: &Geometry) -> Vec<f32> {
 /// The convolution of channels-last `x` with a kernel in `[C_out, kh, kw, C_in]` order, then
 /// `tail` when there is one.
 fn forward(x: &[f32], wperm: &[f32], g: &Geometry, tail: Option<&Tail>) -> Vec<f32> {
+    let (k, ci) = (g.k(), g.cin);
+    let at = |co: usize, t: usize, c: usize| wperm[co * k + t * ci + c];
+    if winograd::applies(g) {
+        return winograd::forward(x, &winograd::pack(g, at), g, tail);
+    }
     if direct::applies(g) {
-        let (k, ci) = (g.k(), g.cin);
-        let packed = direct::pack(g, |co, t, c| wperm[co * k + t * ci + c]);
-        return direct::forward(x, &packed, g, tail);
+        return direct::forward(x, &direct::pack(g, at), g, tail);
     }
     forward_gemm(x, wperm, g, tail)
 }
