@@ -9,12 +9,18 @@
 //! (only the shifted windows' zero border needs it at all) and no layer transposes anything.
 //!
 //! - Inference ([`ChannelsLastBackend`], Flex only): the convolution with its batch norm folded
-//!   in; the output pass applies the shift, the residual and the ReLU and drops the padded
-//!   width's extra columns.
+//!   in; the output pass applies the shift, the residual and the ReLU. Where the CPU has AVX2
+//!   and FMA and the output channels come in blocks of 16, the kernel is packed once
+//!   ([`ChannelsLastBackend::pack_kernel`], kept by [`crate::unit_cache::UnitCache`]) and the
+//!   convolution runs as a direct register-tiled kernel (`direct`), or, for the stride-1 3x3
+//!   layers, as Winograd F(2x2, 3x3) (`winograd`) whose 16 products are that kernel's 1x1
+//!   form; elsewhere through `gemm` products.
 //! - Training ([`ChannelsLastConvBackend`], Flex and `Autodiff<Flex>`): the plain convolution
-//!   with its own backward pass (input gradient by the flipped kernel for stride 1, by patch rows
-//!   added back for the strided forms; weight gradient per image, summed over the batch); the
-//!   batch norm that follows is [`crate::norm::batch_norm_channels_last`].
+//!   (forward and stride-1 input gradient through the same direct / Winograd kernels, packed per
+//!   call since the weights change every step) with its own backward pass (input gradient by
+//!   the flipped kernel for stride 1, by patch rows added back for the strided forms; weight
+//!   gradient per image through `gemm`, summed over the batch); the batch norm that follows is
+//!   [`crate::norm::batch_norm_channels_last`].
 //!
 //! The trunk switches to this layout as a whole in [`crate::trunk::Trunk::forward_pooled`]
 //! (one permutation of the input, pooling straight from channels-last) wherever every layer can
@@ -72,7 +78,7 @@ pub trait ChannelsLastBackend: burn::backend::Backend {
 
     /// `weight · scale[c_out]` packed for the direct convolution (see [`packs`]), or with
     /// `winograd` transformed for Winograd F(2x2, 3x3) (3x3 kernels that run with stride 1 and
-    /// padding 1, see [`winograd`]): the values in the kernel's own order, shaped
+    /// padding 1, see [`takes_winograd`]): the values in the kernel's own order, shaped
     /// `[C_out, kh, kw, C_in]` (`[C_out, 4, 4, C_in]` transformed). Made once, used by every
     /// call of [`conv2d_nhwc_packed`](Self::conv2d_nhwc_packed).
     fn pack_kernel(
