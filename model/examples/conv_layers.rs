@@ -1,6 +1,8 @@
-//! Times every convolution shape of the reference trunk through the CPU fast path, forward
-//! alone and forward + backward, and prints GFLOP/s per layer: where a training step or an
-//! inference pass loses time to the kernel rather than to everything around it.
+//! Times every convolution shape of the reference trunk on the CPU and prints GFLOP/s per layer:
+//! forward alone and forward + backward through the NCHW (`gemm`) kernels, and the inference
+//! unit as the trunk runs it (channels-last, batch norm folded, kernel packed once: the direct
+//! or Winograd kernel, whose GFLOP/s count a direct convolution's arithmetic). Shows where a
+//! training step or an inference pass loses time to a kernel rather than to what is around it.
 //!
 //! `cargo run --release --example conv_layers -p retina-model -- [image_size] [batch]`
 
