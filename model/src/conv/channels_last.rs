@@ -389,17 +389,12 @@ fn run(
         residual: residual.as_ref().map(slice),
         relu: relu || residual.is_some(),
     };
-    assert!(
-        tail.shift.len() == g.cout && scale.layout().shape().num_elements() == g.cout,
-        "conv2d_nhwc: one scale and one shift per output channel"
+    tail.check(&g, "conv2d_nhwc");
+    assert_eq!(
+        scale.layout().shape().num_elements(),
+        g.cout,
+        "conv2d_nhwc: one scale per output channel"
     );
-    if let Some(r) = tail.residual {
-        assert_eq!(
-            r.len(),
-            g.n * g.out_plane(),
-            "conv2d_nhwc: residual of the output's shape"
-        );
-    }
     let (w, scale) = (slice(&weight), slice(&scale));
     let out = if direct::applies(&g) {
         // Folded and packed in one pass.
@@ -463,6 +458,22 @@ struct Tail<'a> {
 }
 
 impl Tail<'_> {
+    /// Panics unless the shift and the residual fit the output of `g`.
+    fn check(&self, g: &Geometry, what: &str) {
+        assert_eq!(
+            self.shift.len(),
+            g.cout,
+            "{what}: one shift per output channel"
+        );
+        if let Some(r) = self.residual {
+            assert_eq!(
+                r.len(),
+                g.n * g.out_plane(),
+                "{what}: residual of the output's shape"
+            );
+        }
+    }
+
     /// One output pixel's channels from the product's values `src` (or those already in `dst`).
     #[inline(always)]
     fn pixel(&self, src: Option<&[f32]>, res: Option<&[f32]>, dst: &mut [f32]) {

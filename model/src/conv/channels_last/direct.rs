@@ -79,18 +79,7 @@ pub(super) fn forward(x: &[f32], packed: &[f32], g: &Geometry, tail: Option<&Tai
         "direct convolution: kernel size"
     );
     if let Some(t) = tail {
-        assert_eq!(
-            t.shift.len(),
-            g.cout,
-            "direct convolution: one shift per channel"
-        );
-        if let Some(r) = t.residual {
-            assert_eq!(
-                r.len(),
-                g.n * g.out_plane(),
-                "direct convolution: residual size"
-            );
-        }
+        t.check(g, "direct convolution");
     }
     let padded = g.pad != [0, 0];
     let source_len = if padded { g.padded_len() } else { 0 };
@@ -338,11 +327,12 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::{Tail, forward_gemm};
     use super::*;
 
-    fn values(len: usize, seed: u64) -> Vec<f32> {
+    /// Reproducible values in [-0.5, 0.5).
+    pub(in crate::conv::channels_last) fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..len)
             .map(|_| {

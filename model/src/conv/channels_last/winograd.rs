@@ -114,18 +114,7 @@ pub(super) fn forward(x: &[f32], packed: &[f32], g: &Geometry, tail: Option<&Tai
         "Winograd convolution: kernel size"
     );
     if let Some(t) = tail {
-        assert_eq!(
-            t.shift.len(),
-            g.cout,
-            "Winograd convolution: one shift per channel"
-        );
-        if let Some(r) = t.residual {
-            assert_eq!(
-                r.len(),
-                g.n * g.out_plane(),
-                "Winograd convolution: residual size"
-            );
-        }
+        t.check(g, "Winograd convolution");
     }
     let [th, tw] = tiles(g);
     let padded_len = (2 * th + 2) * (2 * tw + 2) * g.cin;
@@ -410,19 +399,8 @@ mod avx2 {
 mod tests {
     use super::super::Tail;
     use super::super::direct;
+    use super::super::direct::tests::values;
     use super::*;
-
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
 
     /// Winograd against the direct convolution on one shape, with each part of the tail.
     fn agrees(n: usize, [cin, cout]: [usize; 2], [h, w]: [usize; 2]) {
