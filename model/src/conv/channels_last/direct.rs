@@ -85,27 +85,15 @@ pub(super) fn forward(x: &[f32], packed: &[f32], g: &Geometry, tail: Option<&Tai
     let source_len = if padded { g.padded_len() } else { 0 };
     let mut out = Output::new(g.n * g.out_plane());
     let dst = out.ptr();
-    // One image: its padded copy (when the convolution pads), then the blocks of `work`.
+    // One image: its padded copy (when the convolution pads), then its rows and channel blocks.
     let image = |img: usize, parallel: bool| {
         let xi = &x[img * g.in_plane()..(img + 1) * g.in_plane()];
         let run = |src: &[f32]| {
             let frame = Frame::new(src, packed, g, tail, img, dst);
-            let blocks = g.cout / BLOCK;
-            if !parallel {
-                return frame.run(0..blocks, 0..g.oh);
-            }
-            // Deep layers (weights larger than the image) split the channel blocks, so that the
-            // weights are read once; wide ones split the rows.
-            let parts = rayon::current_num_threads().max(1);
-            if packed.len() > src.len().max(g.in_plane()) && blocks >= parts {
-                split(blocks, parts)
-                    .into_par_iter()
-                    .for_each(|cbs| frame.run(cbs, 0..g.oh));
-            } else {
-                split(g.oh, parts)
-                    .into_par_iter()
-                    .for_each(|rows| frame.run(0..blocks, rows));
-            }
+            let heavy = packed.len() > src.len().max(g.in_plane());
+            split_image(g.oh, g.cout / BLOCK, heavy, parallel, |blocks, rows| {
+                frame.run(blocks, rows)
+            });
         };
         if padded {
             with_scratch(source_len, |p| {
@@ -116,12 +104,7 @@ pub(super) fn forward(x: &[f32], packed: &[f32], g: &Geometry, tail: Option<&Tai
             run(xi)
         }
     };
-    let threads = rayon::current_num_threads();
-    if g.n >= threads && threads > 1 {
-        (0..g.n).into_par_iter().for_each(|img| image(img, false));
-    } else {
-        (0..g.n).for_each(|img| image(img, threads > 1));
-    }
+    over_images(g.n, image);
     // SAFETY: every element was written: all rows, pixels and channel blocks of every image.
     unsafe { out.finish() }
 }
@@ -151,8 +134,45 @@ impl Output {
     }
 }
 
+/// Runs `image(img, parallel)` for every image of a batch of `n`: the images across the threads
+/// when there are at least as many, otherwise one after the other, each splitting its own work
+/// (`parallel`).
+pub(super) fn over_images(n: usize, image: impl Fn(usize, bool) + Sync) {
+    let threads = rayon::current_num_threads();
+    if n >= threads && threads > 1 {
+        (0..n).into_par_iter().for_each(|img| image(img, false));
+    } else {
+        (0..n).for_each(|img| image(img, threads > 1));
+    }
+}
+
+/// Runs `part(channel_blocks, rows)` over one image's `rows` output rows and `blocks` channel
+/// blocks, across the threads when `parallel`: deep layers (`heavy`: a kernel larger than the
+/// image) split the channel blocks, so that each weight is read by one thread; wide ones split
+/// the rows.
+pub(super) fn split_image(
+    rows: usize,
+    blocks: usize,
+    heavy: bool,
+    parallel: bool,
+    part: impl Fn(Range<usize>, Range<usize>) + Sync,
+) {
+    let parts = rayon::current_num_threads().max(1);
+    if !parallel {
+        part(0..blocks, 0..rows);
+    } else if heavy && blocks >= parts {
+        split(blocks, parts)
+            .into_par_iter()
+            .for_each(|cbs| part(cbs, 0..rows));
+    } else {
+        split(rows, parts)
+            .into_par_iter()
+            .for_each(|r| part(0..blocks, r));
+    }
+}
+
 /// Splits `0..n` into at most `parts` nearly equal non-empty ranges.
-pub(super) fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
+fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
     let parts = parts.min(n).max(1);
     (0..parts)
         .map(|p| (p * n / parts)..((p + 1) * n / parts))

@@ -16,7 +16,7 @@
 
 use super::super::{Geometry, with_scratch};
 use super::Tail;
-use super::direct::{self, BLOCK, Frame, Out, Output, split};
+use super::direct::{self, BLOCK, Frame, Out, Output, over_images, split_image};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -126,32 +126,15 @@ pub(super) fn forward(x: &[f32], packed: &[f32], g: &Geometry, tail: Option<&Tai
         with_scratch(padded_len, |p| {
             padded(xi, g, p, parallel);
             let p = &*p;
-            let part = |rows: Range<usize>, cbs: Range<usize>| {
+            // The transformed kernels outweigh the image: each thread then transforms all the
+            // tiles (few, in such layers) and multiplies its channel blocks.
+            let heavy = packed.len() > padded_len;
+            split_image(th, blocks, heavy, parallel, |cbs, rows| {
                 image_part(p, packed, g, tail, img, dst, rows, cbs)
-            };
-            if !parallel {
-                return part(0..th, 0..blocks);
-            }
-            // As in the direct kernel: deep layers split the channel blocks (each thread then
-            // transforms all the tiles, which are few), wide ones split the tile rows.
-            let parts = rayon::current_num_threads().max(1);
-            if packed.len() > padded_len && blocks >= parts {
-                split(blocks, parts)
-                    .into_par_iter()
-                    .for_each(|cbs| part(0..th, cbs));
-            } else {
-                split(th, parts)
-                    .into_par_iter()
-                    .for_each(|rows| part(rows, 0..blocks));
-            }
+            })
         })
     };
-    let threads = rayon::current_num_threads();
-    if g.n >= threads && threads > 1 {
-        (0..g.n).into_par_iter().for_each(|img| image(img, false));
-    } else {
-        (0..g.n).for_each(|img| image(img, threads > 1));
-    }
+    over_images(g.n, image);
     // SAFETY: every output pixel of every image lies in exactly one tile row and every channel
     // in one block; `image_part` writes all of them.
     unsafe { out.finish() }
