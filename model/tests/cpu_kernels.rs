@@ -758,3 +758,51 @@ fn inference_reuses_its_folded_kernels_until_a_weight_changes() {
         assert_close(&format!("after the change, stage {}", k + 1), a, &b, 1e-4);
     }
 }
+
+#[test]
+fn a_trunk_mixing_packed_and_gemm_units_matches_the_nchw_trunk() {
+    use retina_model::trunk::global_avg_pool;
+    use retina_model::{RetinaConfig, StageConfig, TrunkConfig};
+    let device = Device::flex();
+    device.seed(5);
+    let mut config = RetinaConfig::preset("small").unwrap();
+    // 24 output channels are not a whole number of 16-channel blocks: those units run through
+    // the `gemm` kernels, the others through the packed (direct, Winograd) ones.
+    config.trunk = TrunkConfig::new(
+        16,
+        vec![
+            StageConfig::new(24).with_stride(1),
+            StageConfig::new(32).with_stride(2),
+            StageConfig::new(48).with_stride(2),
+        ],
+    );
+    config.preprocess.image_size = 36;
+    let net = config.init(&device).unwrap();
+    let stages = net.trunk.stages.len();
+    for n in [1, 3] {
+        let x =
+            Tensor::<1>::from_floats(values(n * 3 * 36 * 36, 70 + n as u64).as_slice(), &device)
+                .reshape([n, 3, 36, 36]);
+        assert!(net.trunk.runs_channels_last(&x));
+        let fast = net.trunk.forward_pooled(x.clone(), stages);
+        let nchw: Vec<_> = net
+            .trunk
+            .forward_stages(x, stages)
+            .into_iter()
+            .map(global_avg_pool)
+            .collect();
+        for (k, (a, b)) in fast.into_iter().zip(nchw).enumerate() {
+            assert_close(
+                &format!("batch {n}, stage {}", k + 1),
+                &host(a),
+                &host(b),
+                1e-4,
+            );
+        }
+    }
+    if retina_model::conv::channels_last::packs(&net.trunk.stem.conv) {
+        // The stem (16) and stages 2 and 3 (two convolutions and a shortcut each) are packed;
+        // stage 1 (24 channels) is not.
+        assert_eq!(net.trunk.inference_cache().len(), 7);
+    }
+}
