@@ -643,10 +643,41 @@ fn inference_conv_with_folded_batch_norm_matches_the_composition() {
     }
 }
 
+/// The trunk's channels-last inference (`forward_pooled`) against its NCHW path
+/// (`forward_stages`, then pooling), at batches of 1 and 3 `size`-pixel inputs from `seed`.
+fn assert_trunk_matches_nchw(trunk: &retina_model::trunk::Trunk, size: usize, seed: u64) {
+    use retina_model::trunk::global_avg_pool;
+    let device = Device::flex();
+    let stages = trunk.stages.len();
+    for n in [1, 3] {
+        let x = Tensor::<1>::from_floats(
+            values(n * 3 * size * size, seed + n as u64).as_slice(),
+            &device,
+        )
+        .reshape([n, 3, size, size]);
+        assert!(trunk.runs_channels_last(&x));
+        let fast = trunk.forward_pooled(x.clone(), stages);
+        let nchw: Vec<_> = trunk
+            .forward_stages(x, stages)
+            .into_iter()
+            .map(global_avg_pool)
+            .collect();
+        assert_eq!(fast.len(), nchw.len());
+        for (k, (a, b)) in fast.into_iter().zip(nchw).enumerate() {
+            assert_eq!(a.dims(), b.dims(), "stage {}", k + 1);
+            assert_close(
+                &format!("batch {n}, stage {}", k + 1),
+                &host(a),
+                &host(b),
+                1e-4,
+            );
+        }
+    }
+}
+
 #[test]
 fn channels_last_trunk_matches_the_nchw_trunk() {
     use retina_model::RetinaConfig;
-    use retina_model::trunk::global_avg_pool;
     let device = Device::flex();
     device.seed(3);
     let mut config = RetinaConfig::preset("reference").unwrap();
@@ -670,32 +701,9 @@ fn channels_last_trunk_matches_the_nchw_trunk() {
         }
         net
     };
-    let stages = net.trunk.stages.len();
     let ad = Tensor::<4>::zeros([1, 3, 40, 40], &device.clone().autodiff());
     assert!(!net.trunk.runs_channels_last(&ad), "training keeps NCHW");
-    for n in [1, 3] {
-        let x =
-            Tensor::<1>::from_floats(values(n * 3 * 40 * 40, 50 + n as u64).as_slice(), &device)
-                .reshape([n, 3, 40, 40]);
-        assert!(net.trunk.runs_channels_last(&x));
-        let fast = net.trunk.forward_pooled(x.clone(), stages);
-        let nchw: Vec<_> = net
-            .trunk
-            .forward_stages(x, stages)
-            .into_iter()
-            .map(global_avg_pool)
-            .collect();
-        assert_eq!(fast.len(), nchw.len());
-        for (k, (a, b)) in fast.into_iter().zip(nchw).enumerate() {
-            assert_eq!(a.dims(), b.dims(), "stage {}", k + 1);
-            assert_close(
-                &format!("batch {n}, stage {}", k + 1),
-                &host(a),
-                &host(b),
-                1e-4,
-            );
-        }
-    }
+    assert_trunk_matches_nchw(&net.trunk, 40, 50);
 }
 
 #[test]
@@ -761,7 +769,6 @@ fn inference_reuses_its_folded_kernels_until_a_weight_changes() {
 
 #[test]
 fn a_trunk_mixing_packed_and_gemm_units_matches_the_nchw_trunk() {
-    use retina_model::trunk::global_avg_pool;
     use retina_model::{RetinaConfig, StageConfig, TrunkConfig};
     let device = Device::flex();
     device.seed(5);
@@ -778,28 +785,7 @@ fn a_trunk_mixing_packed_and_gemm_units_matches_the_nchw_trunk() {
     );
     config.preprocess.image_size = 36;
     let net = config.init(&device).unwrap();
-    let stages = net.trunk.stages.len();
-    for n in [1, 3] {
-        let x =
-            Tensor::<1>::from_floats(values(n * 3 * 36 * 36, 70 + n as u64).as_slice(), &device)
-                .reshape([n, 3, 36, 36]);
-        assert!(net.trunk.runs_channels_last(&x));
-        let fast = net.trunk.forward_pooled(x.clone(), stages);
-        let nchw: Vec<_> = net
-            .trunk
-            .forward_stages(x, stages)
-            .into_iter()
-            .map(global_avg_pool)
-            .collect();
-        for (k, (a, b)) in fast.into_iter().zip(nchw).enumerate() {
-            assert_close(
-                &format!("batch {n}, stage {}", k + 1),
-                &host(a),
-                &host(b),
-                1e-4,
-            );
-        }
-    }
+    assert_trunk_matches_nchw(&net.trunk, 36, 70);
     if retina_model::conv::channels_last::packs(&net.trunk.stem.conv) {
         // The stem (16) and stages 2 and 3 (two convolutions and a shortcut each) are packed;
         // stage 1 (24 channels) is not.

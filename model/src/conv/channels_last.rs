@@ -395,15 +395,10 @@ fn run(
         g.cout,
         "conv2d_nhwc: one scale per output channel"
     );
-    let (w, scale) = (slice(&weight), slice(&scale));
-    let out = if direct::applies(&g) {
-        // Folded and packed in one pass.
-        let taps = g.kh * g.kw;
-        let packed = direct::pack(&g, |co, t, ci| scale[co] * w[(co * g.cin + ci) * taps + t]);
-        direct::forward(slice(&x), &packed, &g, Some(&tail))
-    } else {
-        forward(slice(&x), &fold_weight(w, scale, &g), &g, Some(&tail))
-    };
+    // Repeated inference keeps its kernels packed (`UnitCache`, `run_packed`); this per-call
+    // form goes through the same kernel choice (Winograd, direct, `gemm`) as training's forward.
+    let wperm = fold_weight(slice(&weight), slice(&scale), &g);
+    let out = forward(slice(&x), &wperm, &g, Some(&tail));
     flex(out, [g.n, g.oh, g.ow, g.cout])
 }
 

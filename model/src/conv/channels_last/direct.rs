@@ -6,10 +6,11 @@
 //! `gemm`'s micro-kernel at ~60 GFLOP/s a core (this machine's FMA units peak near 92). This
 //! kernel keeps a tile of 6 output pixels x 16 output channels in twelve registers for the whole
 //! reduction (every kernel tap and input channel), reads the input in place (each value a
-//! broadcast from the padded channels-last image) and the weights from a copy packed once per
-//! call in the order the loop reads them, and writes each output once, with the folded batch
+//! broadcast from the padded channels-last image) and the weights from a copy packed in the
+//! order the loop reads them (per call in training, once per unit in inference: see
+//! `crate::unit_cache`), and writes each output once, with the folded batch
 //! norm's shift, the residual and the ReLU applied from the registers. One core runs the
-//! reference trunk's layers at 70-80 GFLOP/s this way (measured in a scratch benchmark).
+//! reference trunk's 3x3 layers at 70-81 GFLOP/s this way (measured in a scratch benchmark).
 //!
 //! It takes any kernel size, stride and padding whose output channels come in blocks of 16;
 //! other shapes and CPUs without AVX2 and FMA stay on the `gemm` path.
