@@ -1,72 +1,10 @@
 //! End to end through the real binaries: generate images, train briefly, predict on the CPU and
 //! on the GPU (wgpu; Mesa's software Vulkan driver in CI), and the failure paths users hit.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+mod common;
 
-/// Path of a workspace binary, built on first use with the profile of this test binary.
-fn bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>
-    BUILT.get_or_init(|| {
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let mut c = Command::new(env!("CARGO"));
-        // The whole workspace, so features unify exactly as in `cargo test --workspace` (no rebuild).
-        c.args(["build", "--quiet", "--workspace", "--bins"]);
-        if release {
-            c.arg("--release");
-        }
-        let st = c.status().expect("cargo runs");
-        assert!(st.success(), "building the binaries failed");
-    });
-    profile_dir.join(name)
-}
-
-fn run(name: &str, args: &[&str]) -> Output {
-    let out = Command::new(bin(name)).args(args).output().unwrap();
-    eprintln!(
-        "$ {name} {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn synth(dir: &Path, count: usize) -> PathBuf {
-    let out = run(
-        "retina-train",
-        &[
-            "synth",
-            "--out",
-            dir.to_str().unwrap(),
-            "--count",
-            &count.to_string(),
-            "--size",
-            "96",
-            "--seed",
-            "4",
-            "--grades",
-            "1,1,1,1,1",
-        ],
-    );
-    assert!(out.status.success());
-    dir.join("images")
-}
-
-fn json_lines(out: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8(out.stdout.clone())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
-}
-
-fn field<'a>(v: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
-    path.split('.').fold(v, |v, k| &v[k])
-}
+use common::{bin, field, json_lines, run, synth};
+use std::process::Command;
 
 const KEYS: [&str; 10] = [
     "image",
@@ -150,13 +88,7 @@ fn human_output_and_stdin() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
-    for want in [
-        "grade",
-        "referable DR",
-        "fluid (DME)",
-        "vessel growth",
-        "ms)",
-    ] {
+    for want in ["diagnosis", "referable", "fluid", "vessel_growth", "ms)"] {
         assert!(text.contains(want), "missing `{want}` in:\n{text}");
     }
     let out = run(
@@ -368,7 +300,7 @@ fn train_briefly_then_predict_with_the_bundle() {
             run_dir.to_str().unwrap(),
         ],
     );
-    assert!(!again.status.success());
+    assert_eq!(again.status.code(), Some(2), "a fatal error exits 2");
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
 }
 
@@ -432,4 +364,50 @@ fn training_bench_reports_the_phases_of_a_step() {
     // Each is a median of parts of a step, so none exceeds the slowest step.
     let slowest = r["max_step_s"].as_f64().unwrap();
     assert!(f.max(b).max(o) <= slowest, "{r}");
+}
+
+#[test]
+fn one_bad_argument_does_not_cost_the_others_their_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = synth(dir.path(), 2);
+    let empty = dir.path().join("empty_dir");
+    std::fs::create_dir(&empty).unwrap();
+    let fifo = dir.path().join("pipe.png");
+    let made_fifo = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success());
+    let a = images.join("synth_00000.png");
+    let b = images.join("synth_00001.png");
+    let mut args = vec![
+        "predict".to_string(),
+        "--json".into(),
+        "--backend".into(),
+        "cpu".into(),
+        a.display().to_string(),
+        empty.display().to_string(),
+        "/no/such/eye.jpg".into(),
+    ];
+    if made_fifo {
+        args.push(fifo.display().to_string());
+    }
+    args.push(b.display().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("retina-infer", &args);
+    assert_eq!(out.status.code(), Some(1), "some inputs failed: exit 1");
+    let lines = json_lines(&out);
+    assert_eq!(
+        lines.len(),
+        if made_fifo { 5 } else { 4 },
+        "a line per argument"
+    );
+    assert!(lines[0]["diagnosis"]["grade"].is_u64(), "{}", lines[0]);
+    assert_eq!(lines[1]["error"]["kind"], "no_images", "{}", lines[1]);
+    assert!(lines[2]["error"]["message"].is_string(), "{}", lines[2]);
+    if made_fifo {
+        assert_eq!(lines[3]["error"]["kind"], "not_a_file", "{}", lines[3]);
+    }
+    let last = lines.last().unwrap();
+    assert!(last["image"].as_str().unwrap().ends_with("synth_00001.png"));
+    assert!(last["diagnosis"]["grade"].is_u64(), "{last}");
 }

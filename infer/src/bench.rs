@@ -60,7 +60,7 @@ pub fn run(
             json!({
                 "preset": preset, "image_size": size, "backend": backend.description,
                 "b1_latency_ms": b1_ms, "b1_latency_ms_min": b1_min, "b16_img_per_s": b16_img_s,
-                "peak_rss_mib": peak_rss_mib(),
+                "peak_rss_mib": retina_model::host::peak_rss_mib(),
             })
         );
     } else {
@@ -70,10 +70,4 @@ pub fn run(
         );
     }
     Ok(())
-}
-
-fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }

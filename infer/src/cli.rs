@@ -4,7 +4,7 @@ use crate::engine::{Engine, collect_inputs, error_json};
 use crate::heatmap;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use retina_model::{BackendChoice, Grade, HeadAnswer};
+use retina_model::BackendChoice;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -249,49 +249,11 @@ fn write_human(
     point_name: &str,
 ) -> Result<()> {
     let p = &r.prediction;
-    writeln!(out, "{}", r.image)?;
-    if let Some(HeadAnswer::Multiclass {
-        probabilities,
-        class,
-    }) = p.heads.get(retina_model::DIAGNOSIS)
-    {
-        let name = Grade::from_index(*class).map(|g| g.name()).unwrap_or("?");
-        let probs: Vec<String> = Grade::ALL
-            .iter()
-            .zip(probabilities)
-            .map(|(g, v)| format!("{} {:.2}", g.name(), v))
-            .collect();
-        writeln!(
-            out,
-            "  grade          {class} ({name})   [{}]",
-            probs.join(", ")
-        )?;
-        let rp = p.referable_probability().unwrap_or(0.0);
-        let t = point.threshold("referable");
-        writeln!(
-            out,
-            "  referable DR   {}   p={rp:.2} (threshold {t:.2}, point {point_name})",
-            if p.decide("referable", point) == Some(true) {
-                "YES - refer"
-            } else {
-                "no"
-            }
-        )?;
-    }
-    if let Some(HeadAnswer::Binary { probability }) = p.heads.get(retina_model::FLUID) {
-        let t = point.threshold(retina_model::FLUID);
-        writeln!(
-            out,
-            "  fluid (DME)    {}   p={probability:.2} (threshold {t:.2})",
-            if p.decide(retina_model::FLUID, point) == Some(true) {
-                "present"
-            } else {
-                "absent"
-            }
-        )?;
-    }
-    if let Some(HeadAnswer::Regression { value }) = p.heads.get(retina_model::VESSEL_GROWTH) {
-        writeln!(out, "  vessel growth  {:.2}", value.clamp(0.0, 1.0))?;
+    writeln!(out, "{}   (operating point {point_name})", r.image)?;
+    for spec in engine.heads() {
+        for line in p.head_lines(spec, point) {
+            writeln!(out, "  {line}")?;
+        }
     }
     writeln!(out, "  ({}, {:.1} ms)\n", engine.backend.name, r.elapsed_ms)?;
     Ok(())

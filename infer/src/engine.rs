@@ -1,12 +1,11 @@
 //! The inference engine: one loaded model, batched predictions for many images.
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, bail};
 
 use rayon::prelude::*;
 use retina_model::preprocess::batch_tensor;
 use retina_model::{
-    BackendChoice, DIAGNOSIS, FLUID, Grade, HeadAnswer, ModelBundle, OperatingPoint, Prediction,
-    Prepared, SelectedBackend, VESSEL_GROWTH,
+    BackendChoice, HeadSpec, ModelBundle, OperatingPoint, Prediction, Prepared, SelectedBackend,
 };
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -32,6 +31,9 @@ pub enum Input {
         /// The encoded image.
         bytes: Vec<u8>,
     },
+    /// An argument that names no image (an empty folder, a FIFO, a device): answered with its
+    /// error in its place, like an unreadable file, while the other arguments are answered.
+    Unusable(ImageError),
 }
 
 impl Input {
@@ -40,6 +42,7 @@ impl Input {
         match self {
             Input::File(p) => p.display().to_string(),
             Input::Bytes { name, .. } => name.clone(),
+            Input::Unusable(e) => e.image.clone(),
         }
     }
 }
@@ -48,41 +51,73 @@ impl Input {
 pub const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "tif", "tiff", "bmp", "webp", "jpe"];
 
 /// Expands command-line arguments: files stay, folders become their image files (sorted),
-/// `-` reads image bytes from stdin.
+/// `-` reads image bytes from stdin. An argument that yields no image (an empty or unreadable
+/// folder, a FIFO or device, unreadable stdin) becomes an [`Input::Unusable`] in its place, so
+/// one bad argument never costs the others their answers. Only an empty argument list is an
+/// error.
 pub fn collect_inputs(args: &[String]) -> Result<Vec<Input>> {
+    let unusable = |name: &str, kind: &'static str, message: String| {
+        Input::Unusable(ImageError {
+            image: name.to_string(),
+            kind,
+            message,
+        })
+    };
     let mut out = Vec::new();
     for a in args {
         if a == "-" {
             let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
-                .context("reading stdin")?;
-            out.push(Input::Bytes {
-                name: "-".into(),
-                bytes,
-            });
+            out.push(
+                match std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes) {
+                    Ok(_) => Input::Bytes {
+                        name: "-".into(),
+                        bytes,
+                    },
+                    Err(e) => unusable(a, "unreadable", format!("cannot read stdin: {e}")),
+                },
+            );
             continue;
         }
         let p = PathBuf::from(a);
-        if p.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
-                .with_context(|| format!("cannot list {}", p.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| {
-                    f.is_file()
-                        && f.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                            IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
-                        })
-                })
-                .collect();
-            files.sort();
-            if files.is_empty() {
-                bail!(
-                    "{}: the folder holds no images ({})",
-                    p.display(),
-                    IMAGE_EXTENSIONS.join(", ")
-                );
+        let meta = std::fs::metadata(&p);
+        if meta.as_ref().is_ok_and(|m| m.is_dir()) {
+            let listing = std::fs::read_dir(&p).map(|rd| {
+                let mut files: Vec<PathBuf> = rd
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|f| {
+                        f.is_file()
+                            && f.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                                IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
+                            })
+                    })
+                    .collect();
+                files.sort();
+                files
+            });
+            match listing {
+                Ok(files) if files.is_empty() => out.push(unusable(
+                    a,
+                    "no_images",
+                    format!(
+                        "{}: the folder holds no images ({})",
+                        p.display(),
+                        IMAGE_EXTENSIONS.join(", ")
+                    ),
+                )),
+                Ok(files) => out.extend(files.into_iter().map(Input::File)),
+                Err(e) => out.push(unusable(
+                    a,
+                    "unreadable",
+                    format!("cannot list {}: {e}", p.display()),
+                )),
             }
-            out.extend(files.into_iter().map(Input::File));
+        } else if meta.as_ref().is_ok_and(|m| !m.is_file()) {
+            // Reading a FIFO or a device would block or never end.
+            out.push(unusable(
+                a,
+                "not_a_file",
+                format!("{}: not a regular file or folder", p.display()),
+            ));
         } else {
             // A missing file is reported per image, like an unreadable one.
             out.push(Input::File(p));
@@ -157,15 +192,12 @@ impl Engine {
     /// The operating point by name (`None` = the bundle's default), or a clear error listing
     /// the ones the bundle has.
     pub fn operating_point(&self, name: Option<&str>) -> Result<(String, &OperatingPoint)> {
-        let meta = &self.bundle.metadata;
-        let key = name.unwrap_or(&meta.default_point).to_string();
-        meta.operating_points
-            .get(&key)
-            .map(|p| (key.clone(), p))
-            .ok_or_else(|| {
-                let have: Vec<&String> = meta.operating_points.keys().collect();
-                anyhow!("the model has no operating point `{key}` (it has {have:?}); calibrate one with `retina-train calibrate`")
-            })
+        Ok(self.bundle.metadata.point(name)?)
+    }
+
+    /// The heads of the loaded model, in output order.
+    pub fn heads(&self) -> &[HeadSpec] {
+        &self.bundle.metadata.config.heads
     }
 
     /// Decodes (in parallel) and predicts a list of images, `batch_size` at a time.
@@ -184,6 +216,7 @@ impl Engine {
                     let r = match input {
                         Input::File(p) => pre.prepare_path(p),
                         Input::Bytes { name, bytes } => pre.prepare_bytes(bytes, name),
+                        Input::Unusable(e) => return Err(e.clone()),
                     };
                     r.map_err(|e| image_error(input.name(), e))
                 })
@@ -213,13 +246,14 @@ impl Engine {
         let pre = &self.bundle.metadata.config.preprocess;
         let x = batch_tensor(inputs, pre.image_size, &self.backend.device);
         let out = self.bundle.model.forward(x);
-        Prediction::from_output(&out, &self.bundle.model.head_kinds())
+        Prediction::from_output(&out, &self.bundle.model.specs)
     }
 
     /// The JSON object of one answer (`predict --json`).
     pub fn to_json(&self, r: &ImageResult, point: &OperatingPoint, point_name: &str) -> Value {
         prediction_json(
             &r.prediction,
+            self.heads(),
             &Answered {
                 image: &r.image,
                 backend: self.backend.name,
@@ -250,9 +284,9 @@ pub struct Answered<'a> {
 }
 
 /// The JSON object of one answer: one line of `predict --json`, and the body of a
-/// `POST /v1/predict` answer. Both go through here so the two never drift apart.
-pub fn prediction_json(p: &Prediction, a: &Answered) -> Value {
-    let point = a.point;
+/// `POST /v1/predict` answer. Both go through here so the two never drift apart. Every head
+/// is answered under its own name, as its spec says ([`Prediction::head_json`]).
+pub fn prediction_json(p: &Prediction, heads: &[HeadSpec], a: &Answered) -> Value {
     let mut v = json!({
         "image": a.image,
         "backend": a.backend,
@@ -260,35 +294,10 @@ pub fn prediction_json(p: &Prediction, a: &Answered) -> Value {
         "operating_point": a.point_name,
         "elapsed_ms": (a.elapsed_ms * 1000.0).round() / 1000.0,
     });
-    if let Some(HeadAnswer::Multiclass {
-        probabilities,
-        class,
-    }) = p.heads.get(DIAGNOSIS)
-    {
-        let referable_p = p.referable_probability().unwrap_or(0.0);
-        let t = point.threshold("referable");
-        v["diagnosis"] = json!({
-            "grade": class,
-            "name": Grade::from_index(*class).map(|g| g.name()).unwrap_or("?"),
-            "probabilities": probabilities,
-            "referable": p.decide("referable", point) == Some(true),
-            "referable_probability": referable_p,
-            "referable_threshold": t,
-        });
-    }
-    if let Some(HeadAnswer::Binary { probability }) = p.heads.get(FLUID) {
-        let t = point.threshold(FLUID);
-        v["fluid"] = json!({"probability": probability, "present": p.decide(FLUID, point) == Some(true), "threshold": t});
-    }
-    if let Some(HeadAnswer::Regression { value }) = p.heads.get(VESSEL_GROWTH) {
-        v["vessel_growth"] = json!({"amount": value.clamp(0.0, 1.0)});
-    }
-    // Any other heads, by kind.
-    for (name, answer) in &p.heads {
-        if [DIAGNOSIS, FLUID, VESSEL_GROWTH].contains(&name.as_str()) {
-            continue;
+    for spec in heads {
+        if let Some(answer) = p.head_json(spec, a.point) {
+            v[spec.name.as_str()] = answer;
         }
-        v[name] = serde_json::to_value(answer).expect("answers serialise");
     }
     v
 }

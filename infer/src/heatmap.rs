@@ -10,8 +10,7 @@ use anyhow::{Result, anyhow};
 use burn::module::Module;
 use burn::prelude::*;
 use image::{Rgb, RgbImage};
-use retina_model::trunk::global_avg_pool;
-use retina_model::{DIAGNOSIS, HeadAnswer, ModelBundle, Prediction};
+use retina_model::{DIAGNOSIS, HeadKind, ModelBundle};
 
 /// A heat map over the network input, values in [0, 1], row-major `size x size`.
 #[derive(Debug, Clone)]
@@ -22,40 +21,37 @@ pub struct HeatMap {
     pub values: Vec<f32>,
 }
 
-/// Grad-CAM of the predicted grade for one prepared input (`[3, S, S]`).
+/// The head Grad-CAM explains: `diagnosis` where the model has it, else its first multiclass
+/// head.
+pub fn explained_head(bundle: &ModelBundle) -> Option<usize> {
+    let heads = &bundle.metadata.config.heads;
+    heads.iter().position(|h| h.name == DIAGNOSIS).or_else(|| {
+        heads
+            .iter()
+            .position(|h| matches!(h.kind, HeadKind::Multiclass(_)))
+    })
+}
+
+/// Grad-CAM of the predicted class of the explained head ([`explained_head`]) for one prepared
+/// input (`[3, S, S]`).
 pub fn grad_cam(bundle: &ModelBundle, input: &[f32], device: &Device) -> Result<HeatMap> {
-    let config = &bundle.metadata.config;
-    let s = config.preprocess.image_size;
-    let head_index = config
-        .heads
-        .iter()
-        .position(|h| h.name == DIAGNOSIS)
-        .ok_or_else(|| anyhow!("the model has no `{DIAGNOSIS}` head to explain"))?;
-    let spec = &config.heads[head_index];
-    let stage = spec.attach.stage_index(config.trunk.stages.len());
+    let s = bundle.metadata.config.preprocess.image_size;
+    let head = explained_head(bundle)
+        .ok_or_else(|| anyhow!("the model has no multiclass head to explain"))?;
     let ad = device.clone().autodiff();
     // `valid` first: it switches batch norm to inference statistics, and the fork keeps that state.
     let model = bundle.model.valid().fork(&ad);
     let x = Tensor::<4>::from_data(TensorData::new(input.to_vec(), [1, 3, s, s]), &ad);
-    let features = model
-        .trunk
-        .forward_stages(x, stage)
-        .pop()
-        .expect("at least one stage");
-    let features = features.detach().require_grad();
-    let logits = model.heads[head_index].forward(global_avg_pool(features.clone()));
-    let preds = Prediction::from_output(
-        &retina_model::RetinaOutput {
-            heads: vec![logits.clone().detach()],
-            embeddings: vec![],
-            names: vec![DIAGNOSIS.into()],
-        },
-        &[spec.kind],
+    let features = model.feature_map(x, head).detach().require_grad();
+    let logits = model.head_from_feature_map(head, features.clone());
+    let class = retina_model::prediction::argmax(
+        &logits
+            .clone()
+            .detach()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("f32 host data"),
     );
-    let class = match preds[0].heads.get(DIAGNOSIS) {
-        Some(HeadAnswer::Multiclass { class, .. }) => *class,
-        _ => 0,
-    };
     let score = logits.slice([0..1, class..class + 1]).sum();
     let grads = score.backward();
     let g = features

@@ -7,6 +7,10 @@
 use crate::serve::quantile;
 use anyhow::{Context, Result, bail};
 use axum::body::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -83,13 +87,17 @@ pub fn run(o: LoadOptions) -> Result<()> {
 
 async fn load(o: &LoadOptions, images: Vec<Vec<u8>>) -> Result<Value> {
     let base = o.url.trim_end_matches('/').to_string();
-    let client = reqwest::Client::builder()
-        .timeout(o.timeout)
+    // hyper's own client (the server's HTTP stack), plain HTTP/1.1 with keep-alive: what a
+    // gateway in front of the service would speak.
+    let client: Http = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(o.concurrency)
-        .build()?;
-    let before = get_stats(&client, &base).await.with_context(|| {
-        format!("cannot reach {base}/v1/stats: is `retina-infer serve` running there?")
-    })?;
+        .build_http();
+    let timeout = o.timeout;
+    let before = get_stats(&client, &base, o.timeout)
+        .await
+        .with_context(|| {
+            format!("cannot reach {base}/v1/stats: is `retina-infer serve` running there?")
+        })?;
     let images: Arc<Vec<Bytes>> = Arc::new(images.into_iter().map(Bytes::from).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let total = o.requests;
@@ -112,26 +120,13 @@ async fn load(o: &LoadOptions, images: Vec<Vec<u8>>) -> Result<Value> {
                 }
                 let body = images[i % images.len()].clone();
                 let t = Instant::now();
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/octet-stream")
-                    .body(body)
-                    .send()
-                    .await;
-                match r {
-                    Ok(resp) if resp.status().is_success() => {
-                        // Read the answer: a request is done when its body has arrived.
-                        match resp.bytes().await {
-                            Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e3),
-                            Err(e) => errors.push(e.to_string()),
-                        }
+                // A request is done when its whole answer has arrived.
+                match exchange(&client, "POST", &url, body, timeout).await {
+                    Ok((status, _)) if status.is_success() => {
+                        lat.push(t.elapsed().as_secs_f64() * 1e3)
                     }
-                    Ok(resp) => {
-                        let s = resp.status();
-                        let text = resp.text().await.unwrap_or_default();
-                        errors.push(format!("{s}: {text}"));
-                    }
-                    Err(e) => errors.push(e.to_string()),
+                    Ok((status, text)) => errors.push(format!("{status}: {text}")),
+                    Err(e) => errors.push(format!("{e:#}")),
                 }
             }
             (lat, errors)
@@ -145,7 +140,7 @@ async fn load(o: &LoadOptions, images: Vec<Vec<u8>>) -> Result<Value> {
         errors.extend(e);
     }
     let wall = t0.elapsed().as_secs_f64();
-    let after = get_stats(&client, &base).await?;
+    let after = get_stats(&client, &base, o.timeout).await?;
     // Saturating: a server restarted during the run has smaller counters than before.
     let delta = |k: &str| {
         after[k]
@@ -179,10 +174,38 @@ async fn load(o: &LoadOptions, images: Vec<Vec<u8>>) -> Result<Value> {
     }))
 }
 
-async fn get_stats(client: &reqwest::Client, base: &str) -> Result<Value> {
-    let r = client.get(format!("{base}/v1/stats")).send().await?;
-    if !r.status().is_success() {
-        bail!("{base}/v1/stats answered {}", r.status());
+type Http = Client<HttpConnector, Full<Bytes>>;
+
+/// Sends one request and reads the whole answer within `timeout`: status and body text.
+async fn exchange(
+    client: &Http,
+    method: &str,
+    url: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(hyper::StatusCode, String)> {
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/octet-stream")
+        .body(Full::new(body))
+        .with_context(|| format!("invalid URL {url}"))?;
+    let answer = async {
+        let resp = client.request(req).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    tokio::time::timeout(timeout, answer)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {url} within {timeout:?}"))?
+}
+
+async fn get_stats(client: &Http, base: &str, timeout: Duration) -> Result<Value> {
+    let url = format!("{base}/v1/stats");
+    let (status, text) = exchange(client, "GET", &url, Bytes::new(), timeout).await?;
+    if !status.is_success() {
+        bail!("{url} answered {status}");
     }
-    Ok(r.json().await?)
+    serde_json::from_str(&text).with_context(|| format!("{url} did not answer JSON"))
 }

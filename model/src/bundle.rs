@@ -4,7 +4,8 @@
 //! Saving is atomic: the bundle is written into a scratch directory beside the target and
 //! swapped in by rename, so an interrupted save never leaves half a bundle where a good one was.
 
-use crate::config::{ConfigError, RetinaConfig};
+use crate::config::ConfigError;
+use crate::network::RetinaConfig;
 use crate::network::RetinaNet;
 use burn::prelude::*;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
@@ -12,8 +13,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The bundle format this build writes and the newest it reads.
-pub const BUNDLE_FORMAT_VERSION: u32 = 1;
+/// The bundle format this build writes and the newest it reads. Version 2 moved class names,
+/// the referable rule and the vessel-growth range into the head specs; version-1 bundles are
+/// read by filling those in for the built-in heads ([`BundleMetadata::parse`]).
+pub const BUNDLE_FORMAT_VERSION: u32 = 2;
 /// Metadata file inside a bundle.
 pub const METADATA_FILE: &str = "model.json";
 /// Weights file inside a bundle.
@@ -73,9 +76,10 @@ pub struct BundleMetadata {
     pub format_version: u32,
     /// The network and its preprocessing.
     pub config: RetinaConfig,
-    /// Class names of each multiclass head, by head name.
-    #[serde(default)]
-    pub class_names: BTreeMap<String, Vec<String>>,
+    /// Class names by head name: read from version-1 bundles only (version 2 keeps them in
+    /// the head specs).
+    #[serde(default, skip_serializing)]
+    legacy_class_names: BTreeMap<String, Vec<String>>,
     /// Named operating points (`default`, `screening`, `confirmation`, ...).
     pub operating_points: BTreeMap<String, OperatingPoint>,
     /// The point used when none is named.
@@ -85,6 +89,19 @@ pub struct BundleMetadata {
     pub provenance: Provenance,
     /// Size of the weights file in bytes, to catch truncation before parsing.
     pub weights_bytes: u64,
+}
+
+/// An operating point the bundle does not have.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "the model has no operating point `{name}` (it has {have:?}); calibrate one with \
+     `retina-train calibrate`"
+)]
+pub struct UnknownPoint {
+    /// The name asked for.
+    pub name: String,
+    /// The names the bundle has.
+    pub have: Vec<String>,
 }
 
 /// A bundle could not be saved or loaded.
@@ -182,6 +199,9 @@ pub enum BundleError {
         /// Which tensors are missing or unexpected.
         detail: String,
     },
+    /// A file operation failed (the message names the path).
+    #[error("{0}")]
+    File(#[from] std::io::Error),
     /// Any other failure while writing weights.
     #[error("{path}: cannot write weights: {message}")]
     Write {
@@ -208,36 +228,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
     }
 }
 
-/// Binary decisions a config supports: `referable` (from a 5-grade diagnosis head) and every
-/// binary head.
+/// Names of the yes/no decisions a config supports (see [`RetinaConfig::decisions`]).
 pub fn decisions(config: &RetinaConfig) -> Vec<String> {
-    let mut d = Vec::new();
-    for h in &config.heads {
-        match h.kind {
-            crate::HeadKind::Multiclass(5) if h.name == crate::DIAGNOSIS => {
-                d.push("referable".to_string())
-            }
-            crate::HeadKind::Binary => d.push(h.name.clone()),
-            _ => {}
-        }
-    }
-    d
+    config.decisions().into_iter().map(|d| d.name).collect()
 }
 
 impl BundleMetadata {
-    /// Fresh metadata for `config`: default class names and a `default` point at 0.5.
+    /// Fresh metadata for `config`: a `default` point at 0.5 for every decision.
     pub fn new(config: RetinaConfig) -> BundleMetadata {
-        let mut class_names = BTreeMap::new();
-        for h in &config.heads {
-            if let crate::HeadKind::Multiclass(n) = h.kind {
-                let names = if h.name == crate::DIAGNOSIS && n == crate::NUM_GRADES {
-                    crate::Grade::class_names()
-                } else {
-                    (0..n).map(|i| i.to_string()).collect()
-                };
-                class_names.insert(h.name.clone(), names);
-            }
-        }
         let mut operating_points = BTreeMap::new();
         operating_points.insert(
             "default".to_string(),
@@ -246,12 +244,61 @@ impl BundleMetadata {
         BundleMetadata {
             format_version: BUNDLE_FORMAT_VERSION,
             config,
-            class_names,
+            legacy_class_names: BTreeMap::new(),
             operating_points,
             default_point: "default".into(),
             provenance: Provenance::default(),
             weights_bytes: 0,
         }
+    }
+
+    /// Class names of every multiclass head, by head name (from the head specs).
+    pub fn class_names(&self) -> BTreeMap<String, Vec<String>> {
+        self.config
+            .heads
+            .iter()
+            .filter(|h| matches!(h.kind, crate::HeadKind::Multiclass(_)))
+            .map(|h| (h.name.clone(), h.class_names()))
+            .collect()
+    }
+
+    /// Version 1 kept class names beside the config and knew the referable rule, the grade
+    /// names and the vessel-growth range from the head names; version 2 says them in the specs.
+    fn upgrade_from_v1(&mut self) {
+        for h in &mut self.config.heads {
+            if h.classes.is_none()
+                && let Some(names) = self.legacy_class_names.get(&h.name)
+                && h.kind == crate::HeadKind::Multiclass(names.len())
+            {
+                h.classes = Some(names.clone());
+            }
+            let builtin = match h.name.as_str() {
+                crate::DIAGNOSIS => crate::HeadSpec::diagnosis(),
+                crate::VESSEL_GROWTH => crate::HeadSpec::vessel_growth(),
+                _ => continue,
+            };
+            if h.kind == builtin.kind {
+                h.classes = h.classes.take().or(builtin.classes);
+                h.decision = h.decision.take().or(builtin.decision);
+                h.range = h.range.or(builtin.range);
+                h.answer_key = h.answer_key.take().or(builtin.answer_key);
+            }
+        }
+        self.legacy_class_names.clear();
+        self.format_version = BUNDLE_FORMAT_VERSION;
+    }
+
+    /// The operating point `name` (`None`: the bundle's default) with its name, or an error
+    /// that lists the points the bundle has and says how to make one.
+    pub fn point(&self, name: Option<&str>) -> Result<(String, &OperatingPoint), UnknownPoint> {
+        let key = name.unwrap_or(&self.default_point);
+        self.operating_points
+            .get(key)
+            .map(|p| (key.to_string(), p))
+            .ok_or_else(|| UnknownPoint {
+                name: key.to_string(),
+                have: self.operating_points.keys().cloned().collect(),
+            })
     }
 
     /// Reads and checks `model.json` from a bundle directory.
@@ -293,7 +340,10 @@ impl BundleMetadata {
                 });
             }
         }
-        let meta: BundleMetadata = serde_json::from_str(text).map_err(bad)?;
+        let mut meta: BundleMetadata = serde_json::from_str(text).map_err(bad)?;
+        if meta.format_version < 2 {
+            meta.upgrade_from_v1();
+        }
         meta.config
             .validate()
             .map_err(|source| BundleError::Config {
@@ -323,33 +373,10 @@ impl BundleMetadata {
     fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("metadata always serialises") + "\n"
     }
-
-    /// The named operating point, or the default one for `None`.
-    pub fn operating_point(&self, name: Option<&str>) -> Option<&OperatingPoint> {
-        self.operating_points
-            .get(name.unwrap_or(&self.default_point))
-    }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(path)(e)
-    })
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
+    crate::host::write_atomic(path, bytes).map_err(BundleError::from)
 }
 
 /// Current UTC time as RFC 3339 (seconds precision).
@@ -385,41 +412,7 @@ impl ModelBundle {
 
     /// Saves the bundle to `dir`, replacing any bundle there only once the new one is complete.
     pub fn save(&mut self, dir: &Path) -> Result<(), BundleError> {
-        let parent = match dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        let name = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("model")
-            .to_string();
-        let stamp = format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        );
-        let scratch = parent.join(format!(".{name}.partial-{stamp}"));
-        std::fs::create_dir(&scratch).map_err(io(&scratch))?;
-        let result = self.write_into(&scratch).and_then(|()| {
-            if dir.exists() {
-                let old = parent.join(format!(".{name}.old-{stamp}"));
-                std::fs::rename(dir, &old).map_err(io(dir))?;
-                std::fs::rename(&scratch, dir).map_err(io(dir))?;
-                let _ = std::fs::remove_dir_all(&old);
-            } else {
-                std::fs::rename(&scratch, dir).map_err(io(dir))?;
-            }
-            Ok(())
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&scratch);
-        }
-        result
+        crate::host::replace_dir(dir, |scratch| self.write_into(scratch))
     }
 
     fn write_into(&mut self, dir: &Path) -> Result<(), BundleError> {
@@ -450,11 +443,38 @@ impl ModelBundle {
         let metadata = BundleMetadata::load(dir)?;
         let weights = dir.join(WEIGHTS_FILE);
         let found = std::fs::metadata(&weights).map_err(io(&weights))?.len();
-        if found != metadata.weights_bytes {
+        let store = SafetensorsStore::from_file(&weights);
+        Self::assemble(metadata, dir, store, found, device)
+    }
+
+    /// Loads a bundle held in memory (e.g. embedded in a binary with `include_bytes!`).
+    /// `name` stands for the bundle in error messages.
+    pub fn from_bytes(
+        name: &str,
+        metadata_json: &str,
+        weights: &[u8],
+        device: &Device,
+    ) -> Result<ModelBundle, BundleError> {
+        let dir = PathBuf::from(name);
+        let metadata = BundleMetadata::parse(metadata_json, dir.join(METADATA_FILE))?;
+        let store = SafetensorsStore::from_bytes(Some(weights.to_vec()));
+        Self::assemble(metadata, &dir, store, weights.len() as u64, device)
+    }
+
+    /// The checks and the weight loading shared by [`Self::load`] and [`Self::from_bytes`].
+    fn assemble(
+        metadata: BundleMetadata,
+        dir: &Path,
+        store: SafetensorsStore,
+        weights_bytes: u64,
+        device: &Device,
+    ) -> Result<ModelBundle, BundleError> {
+        let weights = dir.join(WEIGHTS_FILE);
+        if weights_bytes != metadata.weights_bytes {
             return Err(BundleError::Truncated {
                 path: weights,
                 expected: metadata.weights_bytes,
-                found,
+                found: weights_bytes,
             });
         }
         let mut model = metadata
@@ -464,44 +484,8 @@ impl ModelBundle {
                 path: dir.join(METADATA_FILE),
                 source,
             })?;
-        let mut store = SafetensorsStore::from_file(&weights)
-            .validate(false)
-            .allow_partial(true);
+        let mut store = store.validate(false).allow_partial(true);
         apply_checked(&mut model, &mut store, &weights, |_| false)?;
-        Ok(ModelBundle { metadata, model })
-    }
-}
-
-impl ModelBundle {
-    /// Loads a bundle held in memory (e.g. embedded in a binary with `include_bytes!`).
-    /// `name` stands for the bundle in error messages.
-    pub fn from_bytes(
-        name: &str,
-        metadata_json: &str,
-        weights: &[u8],
-        device: &Device,
-    ) -> Result<ModelBundle, BundleError> {
-        let meta_path = PathBuf::from(format!("{name}/{METADATA_FILE}"));
-        let weights_path = PathBuf::from(format!("{name}/{WEIGHTS_FILE}"));
-        let metadata = BundleMetadata::parse(metadata_json, meta_path.clone())?;
-        if weights.len() as u64 != metadata.weights_bytes {
-            return Err(BundleError::Truncated {
-                path: weights_path,
-                expected: metadata.weights_bytes,
-                found: weights.len() as u64,
-            });
-        }
-        let mut model = metadata
-            .config
-            .init(device)
-            .map_err(|source| BundleError::Config {
-                path: meta_path,
-                source,
-            })?;
-        let mut store = SafetensorsStore::from_bytes(Some(weights.to_vec()))
-            .validate(false)
-            .allow_partial(true);
-        apply_checked(&mut model, &mut store, &weights_path, |_| false)?;
         Ok(ModelBundle { metadata, model })
     }
 }

@@ -1,22 +1,453 @@
-//! A prediction head: an optional hidden layer, then a linear output layer.
+//! A prediction head: its spec (what it predicts, where it reads, how its answer is read) and
+//! the runtime module (an optional hidden layer, then a linear output layer).
+//!
+//! Heads are data. Everything the rest of Retina needs to know about a head — its width, its
+//! class names, the yes/no decision derived from it (the referable rule of the diagnosis head),
+//! the range of a regression, the key its answer is reported under — comes from its
+//! [`HeadSpec`], so a head nobody wrote code for trains, evaluates, predicts and serves.
 
-use crate::config::HeadSpec;
+use crate::config::ConfigError;
+use burn::config::Config;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
 
-/// The runtime head built from a [`HeadSpec`]. Its output is raw: logits for classification
-/// heads, the value itself for regression heads. Turning outputs into probabilities is the job
-/// of [`crate::Prediction`], so that losses get the numerically stable raw values.
-#[derive(Module, Debug)]
-pub struct Head {
-    /// Optional hidden layer (Linear + ReLU).
-    pub hidden: Option<Linear>,
-    /// Output layer.
-    pub out: Linear,
+/// Name of the diagnosis head (ICDR grade).
+pub const DIAGNOSIS: &str = "diagnosis";
+/// Name of the macular-edema head.
+pub const FLUID: &str = "fluid";
+/// Name of the neovascularization-amount head.
+pub const VESSEL_GROWTH: &str = "vessel_growth";
+/// Name of the diagnosis head's derived decision: grade 2 (moderate) or worse.
+pub const REFERABLE: &str = "referable";
+
+/// Where a head reads its input: the pooled output of one trunk stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum AttachPoint {
+    /// The shared embedding: the last stage's global-average-pooled output.
+    Embedding,
+    /// The pooled output of stage `k` (1-based). Closer to the input, so a loss here shapes the
+    /// early layers more directly.
+    Stage(usize),
+}
+
+impl AttachPoint {
+    /// The 1-based stage index this point reads, given the trunk's stage count.
+    pub fn stage_index(self, num_stages: usize) -> usize {
+        match self {
+            AttachPoint::Embedding => num_stages,
+            AttachPoint::Stage(k) => k,
+        }
+    }
+}
+
+impl fmt::Display for AttachPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttachPoint::Embedding => write!(f, "embedding"),
+            AttachPoint::Stage(k) => write!(f, "stage{k}"),
+        }
+    }
+}
+
+impl FromStr for AttachPoint {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().to_ascii_lowercase();
+        if t == "embedding" {
+            return Ok(AttachPoint::Embedding);
+        }
+        t.strip_prefix("stage")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&k| k >= 1)
+            .map(AttachPoint::Stage)
+            .ok_or_else(|| ConfigError::BadAttachPoint(s.to_string()))
+    }
+}
+
+impl TryFrom<String> for AttachPoint {
+    type Error = ConfigError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<AttachPoint> for String {
+    fn from(a: AttachPoint) -> String {
+        a.to_string()
+    }
+}
+
+/// What a head predicts, which decides its output width and its loss family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKind {
+    /// One of `n` classes (logits of width `n`), e.g. the ICDR grade.
+    Multiclass(usize),
+    /// Present / absent (one logit), e.g. macular edema.
+    Binary,
+    /// A real number (one output), e.g. the amount of neovascularization in 0..1.
+    Regression,
+}
+
+impl HeadKind {
+    /// Width of the head's output.
+    pub fn output_width(self) -> usize {
+        match self {
+            HeadKind::Multiclass(n) => n,
+            HeadKind::Binary | HeadKind::Regression => 1,
+        }
+    }
+
+    /// Number of classes a label can take (2 for binary); `None` for a regression.
+    pub fn classes(self) -> Option<usize> {
+        match self {
+            HeadKind::Multiclass(n) => Some(n),
+            HeadKind::Binary => Some(2),
+            HeadKind::Regression => None,
+        }
+    }
+}
+
+impl fmt::Display for HeadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeadKind::Multiclass(n) => write!(f, "multiclass({n})"),
+            HeadKind::Binary => write!(f, "binary"),
+            HeadKind::Regression => write!(f, "regression"),
+        }
+    }
+}
+
+/// A yes/no decision read off a multiclass head: "yes" when the class is `from_class` or
+/// higher, with probability `P(class >= from_class)`. The diagnosis head's `referable`
+/// (grade 2 or worse) is one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdDecision {
+    /// The decision's name: the key of its threshold in an operating point and of its answer.
+    pub name: String,
+    /// Lowest class that counts as "yes".
+    pub from_class: usize,
+}
+
+/// A prediction head: data, not code. Any number of heads can share the trunk.
+#[derive(Config, Debug, PartialEq)]
+pub struct HeadSpec {
+    /// The head's name; also the label column it learns from and the key of its output.
+    pub name: String,
+    /// What it predicts.
+    pub kind: HeadKind,
+    /// Which embedding it reads.
+    #[config(default = "AttachPoint::Embedding")]
+    pub attach: AttachPoint,
+    /// Width of an optional hidden layer (Linear + ReLU) before the output layer.
+    #[config(default = "None")]
+    pub hidden: Option<usize>,
+    /// Names of a multiclass head's classes, in index order (default `0`, `1`, ...).
+    #[config(default = "None")]
+    pub classes: Option<Vec<String>>,
+    /// A yes/no decision derived from a multiclass head (e.g. `referable` from grade 2).
+    /// A binary head is its own decision, under its own name.
+    #[config(default = "None")]
+    pub decision: Option<ThresholdDecision>,
+    /// The values a regression can take, `[low, high]`: labels outside are refused, answers
+    /// are clamped into it. `None` leaves the regression unbounded.
+    #[config(default = "None")]
+    pub range: Option<[f32; 2]>,
+    /// The key of the head's main answer in a prediction (default: `class` for a multiclass
+    /// head, `present` for a binary one, `value` for a regression).
+    #[config(default = "None")]
+    pub answer_key: Option<String>,
+}
+
+/// How a decision is read off its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionRule {
+    /// The binary head's own probability; a label > 0.5 is "yes".
+    Binary,
+    /// `P(class >= k)` of a multiclass head; a label >= k is "yes".
+    FromClass(usize),
+}
+
+/// A yes/no decision the network supports, with the head it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Its name (`referable`, `fluid`, ...): the key of its threshold in an operating point.
+    pub name: String,
+    /// The head it is read from.
+    pub head: String,
+    /// How.
+    pub rule: DecisionRule,
+}
+
+impl Decision {
+    /// Whether a label of the head counts as "yes".
+    pub fn truth(&self, label: f32) -> bool {
+        match self.rule {
+            DecisionRule::Binary => label > 0.5,
+            DecisionRule::FromClass(k) => label >= k as f32,
+        }
+    }
+
+    /// Whether a class index counts as "yes" (for class weights and the decision bias).
+    pub fn class_is_positive(&self, class: usize) -> bool {
+        match self.rule {
+            DecisionRule::Binary => class == 1,
+            DecisionRule::FromClass(k) => class >= k,
+        }
+    }
+
+    /// P(yes) from the head's output probabilities (softmax row or sigmoid).
+    pub fn probability(&self, probabilities: &[f32]) -> f32 {
+        match self.rule {
+            DecisionRule::Binary => probabilities[0],
+            DecisionRule::FromClass(k) => probabilities[k.min(probabilities.len())..].iter().sum(),
+        }
+    }
 }
 
 impl HeadSpec {
+    /// The default heads: diagnosis (the five ICDR grades, `referable` from grade 2) and fluid
+    /// on the embedding, vessel growth (0..1) on stage 3.
+    pub fn default_heads() -> Vec<HeadSpec> {
+        vec![
+            Self::diagnosis(),
+            HeadSpec::new(FLUID.into(), HeadKind::Binary),
+            Self::vessel_growth(),
+        ]
+    }
+
+    /// The ICDR diagnosis head on the embedding.
+    pub fn diagnosis() -> HeadSpec {
+        HeadSpec::new(DIAGNOSIS.into(), HeadKind::Multiclass(crate::NUM_GRADES))
+            .with_classes(Some(crate::Grade::class_names()))
+            .with_decision(Some(ThresholdDecision {
+                name: REFERABLE.into(),
+                from_class: crate::grade::REFERABLE_FROM.index(),
+            }))
+            .with_answer_key(Some("grade".into()))
+    }
+
+    /// The neovascularization-amount head (0..1) on stage 3.
+    pub fn vessel_growth() -> HeadSpec {
+        HeadSpec::new(VESSEL_GROWTH.into(), HeadKind::Regression)
+            .with_attach(AttachPoint::Stage(3))
+            .with_range(Some([0.0, 1.0]))
+            .with_answer_key(Some("amount".into()))
+    }
+
+    /// The class names, in index order (`0`, `1`, ... where the spec names none); empty for a
+    /// regression, `absent`/`present` for a binary head.
+    pub fn class_names(&self) -> Vec<String> {
+        match self.kind {
+            HeadKind::Multiclass(n) => match &self.classes {
+                Some(c) => c.clone(),
+                None => (0..n).map(|i| i.to_string()).collect(),
+            },
+            HeadKind::Binary => vec!["absent".into(), "present".into()],
+            HeadKind::Regression => Vec::new(),
+        }
+    }
+
+    /// The yes/no decision this head supports, if any.
+    pub fn decision_rule(&self) -> Option<Decision> {
+        match (self.kind, &self.decision) {
+            (HeadKind::Binary, _) => Some(Decision {
+                name: self.name.clone(),
+                head: self.name.clone(),
+                rule: DecisionRule::Binary,
+            }),
+            (HeadKind::Multiclass(_), Some(d)) => Some(Decision {
+                name: d.name.clone(),
+                head: self.name.clone(),
+                rule: DecisionRule::FromClass(d.from_class),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The key the head's main answer is reported under.
+    pub fn answer_key(&self) -> &str {
+        match (&self.answer_key, self.kind) {
+            (Some(k), _) => k,
+            (None, HeadKind::Multiclass(_)) => "class",
+            (None, HeadKind::Binary) => "present",
+            (None, HeadKind::Regression) => "value",
+        }
+    }
+
+    /// A regression answer as reported: clamped into the spec's range, where it has one.
+    pub fn clamp(&self, value: f32) -> f32 {
+        match self.range {
+            Some([lo, hi]) => value.clamp(lo, hi),
+            None => value,
+        }
+    }
+
+    /// Parses a label cell for this head: a class index (multiclass), 0/1/yes/no/true/false
+    /// (binary) or a number inside the range (regression). The message says what was expected.
+    pub fn parse_label(&self, cell: &str) -> Result<f32, String> {
+        let t = cell.trim();
+        match self.kind {
+            HeadKind::Multiclass(n) => {
+                let named = self
+                    .classes
+                    .as_ref()
+                    .and_then(|c| c.iter().position(|x| x.eq_ignore_ascii_case(t)));
+                let idx = match named {
+                    Some(i) => Some(i),
+                    None => t
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|v| v.fract() == 0.0 && *v >= 0.0)
+                        .map(|v| v as usize),
+                };
+                match idx {
+                    Some(i) if i < n => Ok(i as f32),
+                    _ => Err(format!(
+                        "expected a class of `{}`: an integer 0-{} or one of {:?}, found `{t}`",
+                        self.name,
+                        n - 1,
+                        self.class_names()
+                    )),
+                }
+            }
+            HeadKind::Binary => match t.to_ascii_lowercase().as_str() {
+                "1" | "1.0" | "yes" | "true" | "y" => Ok(1.0),
+                "0" | "0.0" | "no" | "false" | "n" => Ok(0.0),
+                _ => Err(format!(
+                    "expected 0 or 1 (or yes/no) for `{}`, found `{t}`",
+                    self.name
+                )),
+            },
+            HeadKind::Regression => {
+                let v: f32 = t
+                    .parse()
+                    .ok()
+                    .filter(|v: &f32| v.is_finite())
+                    .ok_or_else(|| format!("expected a number for `{}`, found `{t}`", self.name))?;
+                match self.range {
+                    Some([lo, hi]) if !(lo..=hi).contains(&v) => {
+                        Err(format!("`{}` must lie in {lo}..{hi}, found {v}", self.name))
+                    }
+                    _ => Ok(v),
+                }
+            }
+        }
+    }
+
+    /// Checks the spec on its own (attach points are checked against the trunk by
+    /// [`crate::RetinaConfig::validate`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let valid_name = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
+        if !valid_name(&self.name) {
+            return bad(format!(
+                "head name `{}` must be non-empty lowercase letters, digits and `_`",
+                self.name
+            ));
+        }
+        if let HeadKind::Multiclass(n) = self.kind
+            && n < 2
+        {
+            return bad(format!(
+                "head `{}` is multiclass({n}): needs >= 2",
+                self.name
+            ));
+        }
+        if self.hidden == Some(0) {
+            return bad(format!(
+                "head `{}` has a hidden layer of width 0",
+                self.name
+            ));
+        }
+        match (self.kind, &self.classes) {
+            (HeadKind::Multiclass(n), Some(c)) if c.len() != n => {
+                return bad(format!(
+                    "head `{}` is multiclass({n}) but names {} classes",
+                    self.name,
+                    c.len()
+                ));
+            }
+            (HeadKind::Binary | HeadKind::Regression, Some(_)) => {
+                return bad(format!(
+                    "head `{}` is {}: `classes` is for multiclass heads",
+                    self.name, self.kind
+                ));
+            }
+            _ => {}
+        }
+        match (self.kind, &self.decision) {
+            (HeadKind::Multiclass(n), Some(d)) => {
+                if !valid_name(&d.name) {
+                    return bad(format!(
+                        "decision name `{}` of head `{}` must be non-empty lowercase letters, \
+                         digits and `_`",
+                        d.name, self.name
+                    ));
+                }
+                if d.from_class == 0 || d.from_class >= n {
+                    return bad(format!(
+                        "decision `{}` of head `{}` starts at class {}: needs 1..{}",
+                        d.name,
+                        self.name,
+                        d.from_class,
+                        n - 1
+                    ));
+                }
+            }
+            (HeadKind::Binary, Some(_)) => {
+                return bad(format!(
+                    "head `{}` is binary: it is its own decision, named `{}`; drop `decision`",
+                    self.name, self.name
+                ));
+            }
+            (HeadKind::Regression, Some(_)) => {
+                return bad(format!(
+                    "head `{}` is a regression: a decision needs a multiclass head",
+                    self.name
+                ));
+            }
+            _ => {}
+        }
+        match (self.kind, self.range) {
+            (HeadKind::Regression, Some([lo, hi]))
+                if !(lo.is_finite() && hi.is_finite() && lo < hi) =>
+            {
+                return bad(format!(
+                    "head `{}` has range [{lo}, {hi}]: needs finite low < high",
+                    self.name
+                ));
+            }
+            (HeadKind::Multiclass(_) | HeadKind::Binary, Some(_)) => {
+                return bad(format!(
+                    "head `{}` is {}: `range` is for regression heads",
+                    self.name, self.kind
+                ));
+            }
+            _ => {}
+        }
+        if let Some(k) = &self.answer_key
+            && (!valid_name(k) || k.ends_with("_probability") || k == "probabilities")
+        {
+            return bad(format!(
+                "answer_key `{k}` of head `{}` must be lowercase letters, digits and `_` \
+                 (and not a probability key)",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
     /// Builds the head for an input embedding of width `input_width`.
     pub fn init(&self, input_width: usize, device: &Device) -> Head {
         let width = self.kind.output_width();
@@ -33,6 +464,17 @@ impl HeadSpec {
     }
 }
 
+/// The runtime head built from a [`HeadSpec`]. Its output is raw: logits for classification
+/// heads, the value itself for regression heads. Turning outputs into probabilities is the job
+/// of [`crate::Prediction`], so that losses get the numerically stable raw values.
+#[derive(Module, Debug)]
+pub struct Head {
+    /// Optional hidden layer (Linear + ReLU).
+    pub hidden: Option<Linear>,
+    /// Output layer.
+    pub out: Linear,
+}
+
 impl Head {
     /// `[N, input_width]` to `[N, output_width]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
@@ -41,5 +483,79 @@ impl Head {
             None => x,
         };
         self.out.forward(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_points_parse_and_print() {
+        assert_eq!(
+            "embedding".parse::<AttachPoint>().unwrap(),
+            AttachPoint::Embedding
+        );
+        assert_eq!(
+            "Stage3".parse::<AttachPoint>().unwrap(),
+            AttachPoint::Stage(3)
+        );
+        assert!("stage0".parse::<AttachPoint>().is_err());
+        assert!("layer2".parse::<AttachPoint>().is_err());
+        assert_eq!(AttachPoint::Stage(2).to_string(), "stage2");
+    }
+
+    #[test]
+    fn the_referable_rule_comes_from_the_diagnosis_spec() {
+        let d = HeadSpec::diagnosis().decision_rule().unwrap();
+        assert_eq!(d.name, REFERABLE);
+        let yes: Vec<bool> = (0..5).map(|g| d.truth(g as f32)).collect();
+        assert_eq!(yes, [false, false, true, true, true]);
+        let p = d.probability(&[0.1, 0.2, 0.3, 0.25, 0.15]);
+        assert!((p - 0.7).abs() < 1e-6, "{p}");
+        // Moving the rule moves every consumer.
+        let mut spec = HeadSpec::diagnosis();
+        spec.decision.as_mut().unwrap().from_class = 3;
+        let d = spec.decision_rule().unwrap();
+        assert!(!d.truth(2.0) && d.truth(3.0));
+        assert!((d.probability(&[0.1, 0.2, 0.3, 0.25, 0.15]) - 0.4).abs() < 1e-6);
+    }
+
+    #[test]
+    fn labels_parse_by_kind_and_range() {
+        let g = HeadSpec::diagnosis();
+        assert_eq!(g.parse_label("3").unwrap(), 3.0);
+        assert_eq!(g.parse_label("moderate").unwrap(), 2.0);
+        assert!(g.parse_label("5").unwrap_err().contains("0-4"));
+        assert!(g.parse_label("1.5").is_err());
+        let v = HeadSpec::vessel_growth();
+        assert_eq!(v.parse_label("0.25").unwrap(), 0.25);
+        assert!(v.parse_label("1.5").unwrap_err().contains("0..1"));
+        let free = HeadSpec::new("cup_disc_ratio".into(), HeadKind::Regression);
+        assert_eq!(free.parse_label("7.5").unwrap(), 7.5);
+        assert!(free.parse_label("nan").is_err());
+        let b = HeadSpec::new("laser_scars".into(), HeadKind::Binary);
+        assert_eq!(b.parse_label("yes").unwrap(), 1.0);
+        assert!(b.parse_label("2").is_err());
+    }
+
+    #[test]
+    fn inconsistent_specs_are_refused() {
+        let mut s = HeadSpec::diagnosis();
+        s.classes = Some(vec!["a".into(), "b".into()]);
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("names 2 classes")
+        );
+        let mut s = HeadSpec::diagnosis();
+        s.decision.as_mut().unwrap().from_class = 5;
+        assert!(s.validate().is_err());
+        let s = HeadSpec::new("x".into(), HeadKind::Binary).with_range(Some([0.0, 1.0]));
+        assert!(s.validate().is_err());
+        let s = HeadSpec::new("x".into(), HeadKind::Regression).with_range(Some([1.0, 0.0]));
+        assert!(s.validate().is_err());
+        assert!(HeadSpec::vessel_growth().validate().is_ok());
     }
 }

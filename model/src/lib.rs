@@ -19,6 +19,7 @@ pub mod config;
 pub mod conv;
 pub mod grade;
 pub mod head;
+pub mod host;
 pub mod network;
 pub mod norm;
 pub mod prediction;
@@ -29,12 +30,13 @@ pub mod unit_cache;
 
 pub use backend::{BackendChoice, BackendError, SelectedBackend};
 pub use bundle::{BundleError, BundleMetadata, ModelBundle, OperatingPoint, Provenance};
-pub use config::{
-    AttachPoint, ConfigError, DIAGNOSIS, FLUID, HeadKind, HeadSpec, PRESETS, RetinaConfig,
-    StageConfig, TrunkConfig, VESSEL_GROWTH,
-};
+pub use config::{ConfigError, StageConfig, TrunkConfig};
 pub use grade::{Grade, NUM_GRADES};
-pub use network::{RetinaNet, RetinaOutput};
+pub use head::{
+    AttachPoint, DIAGNOSIS, Decision, DecisionRule, FLUID, HeadKind, HeadSpec, REFERABLE,
+    ThresholdDecision, VESSEL_GROWTH,
+};
+pub use network::{PRESETS, RetinaConfig, RetinaNet, RetinaOutput};
 pub use prediction::{HeadAnswer, Prediction};
 pub use preprocess::{Prepared, PreprocessConfig, PreprocessError};
 

@@ -8,7 +8,7 @@
 //! transposed, batch-norm `weight`/`bias` become `gamma`/`beta`).
 
 use crate::bundle::{BundleError, apply_checked};
-use crate::config::RetinaConfig;
+use crate::network::RetinaConfig;
 use crate::network::RetinaNet;
 use burn_store::{
     BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,

@@ -258,6 +258,33 @@ fn newer_format_version_is_refused() {
     assert!(err.to_string().contains("upgrade"), "{err}");
 }
 
+/// A format-1 bundle (the embedded model as it was first written) still reads: the referable
+/// rule, the grade names and the vessel-growth range that version 1 implied by head name are
+/// filled into the specs, so its answers keep their meaning.
+#[test]
+fn format_1_bundles_are_read_with_the_rules_they_implied() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../assets/testdata/model-v1.json"
+    ))
+    .unwrap();
+    assert!(text.contains("\"format_version\": 1"));
+    let meta = BundleMetadata::parse(&text, "model-v1.json".into()).unwrap();
+    assert_eq!(meta.format_version, BUNDLE_FORMAT_VERSION);
+    let c = &meta.config;
+    assert_eq!(c.heads[0], HeadSpec::diagnosis());
+    assert_eq!(c.heads[2], HeadSpec::vessel_growth());
+    let names: Vec<String> = c.decisions().into_iter().map(|d| d.name).collect();
+    assert_eq!(names, ["referable", "fluid"]);
+    assert_eq!(meta.class_names()["diagnosis"][4], "proliferative");
+    // Written again, it is format 2 and says the rules itself.
+    let again = serde_json::to_string(&meta).unwrap();
+    assert!(
+        again.contains("\"from_class\":2") && !again.contains("class_names"),
+        "{again}"
+    );
+}
+
 #[test]
 fn shape_mismatch_names_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
@@ -265,6 +292,7 @@ fn shape_mismatch_names_the_tensor() {
     // Claim the diagnosis head has 4 classes: its weights in the file have 5.
     edit_metadata(&path, |v| {
         v["config"]["heads"][0]["kind"] = serde_json::json!({"multiclass": 4});
+        v["config"]["heads"][0]["classes"] = serde_json::Value::Null;
     });
     let err = ModelBundle::load(&path, &Device::flex()).unwrap_err();
     match &err {

@@ -43,8 +43,15 @@ fn main() -> Result<()> {
     };
     let train = make("train", 600, 31)?;
     let test = make("test", 300, 32)?;
-    let test_samples =
-        std::sync::Arc::new(read_labels(&test, DatasetFormat::Native, None)?.samples);
+    let test_samples = std::sync::Arc::new(
+        read_labels(
+            &test,
+            DatasetFormat::Native,
+            None,
+            &HeadSpec::default_heads(),
+        )?
+        .samples,
+    );
     println!(
         "| fluid head on | fluid AUC (head) | best stage-2 channel AUC | stage-2 channels with AUC >= 0.7 |"
     );

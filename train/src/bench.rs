@@ -87,14 +87,6 @@ pub fn lcg_values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Peak resident set size of this process, from `/proc/self/status`.
-pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 /// The loss of the PyTorch reference (shared/peer/model.py).
 pub fn reference_loss() -> LossConfig {
     LossConfig::new().with_heads(vec![
@@ -200,7 +192,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
         min_step_s: sorted[0],
         max_step_s: *sorted.last().expect("at least one step"),
         train_img_per_s: n as f64 / median,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: retina_model::host::peak_rss_mib(),
         first_loss: losses[0],
         last_loss: *losses.last().expect("at least one step"),
         phases,
@@ -250,7 +242,12 @@ pub fn run_pipeline(
         format,
         progress: false,
     })?;
-    let labels = read_labels(&label_path(dir.path(), format), format, None)?;
+    let labels = read_labels(
+        &label_path(dir.path(), format),
+        format,
+        None,
+        &retina_model::HeadSpec::default_heads(),
+    )?;
     let mut preprocess = RetinaConfig::preset("small")?.preprocess;
     preprocess.image_size = image_size;
     let spec = LoaderSpec {

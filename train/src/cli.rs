@@ -5,10 +5,11 @@ use crate::config::TrainConfig;
 use crate::dataset::DatasetFormat;
 use crate::synth::{self, SynthOptions};
 use crate::trainer::{self, DataSource, FitRequest};
-use crate::util::{parse_grade_mix, write_file_atomic};
+use crate::util::parse_grade_mix;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use retina_model::burn::prelude::Device;
+use retina_model::host::write_atomic;
 use retina_model::{BackendChoice, BundleMetadata, ModelBundle, RetinaConfig};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -226,7 +227,8 @@ struct SynthArgs {
     contact_sheet: Option<PathBuf>,
 }
 
-/// Runs the CLI; errors are printed as `error: ...` with their causes.
+/// Runs the CLI; errors are printed as `error: ...` with their causes. Exit status, as for
+/// `retina-infer`: 0 done, 2 a usage or fatal error (clap's own usage errors exit 2 too).
 pub fn main() -> ExitCode {
     retina_model::allocator::keep_freed_memory();
     let cli = Cli::parse();
@@ -238,7 +240,7 @@ pub fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
@@ -370,7 +372,7 @@ fn run(cli: Cli) -> Result<()> {
                     &mut std::io::Cursor::new(&mut bytes),
                     image::ImageFormat::Png,
                 )?;
-                write_file_atomic(&sheet, &bytes)?;
+                write_atomic(&sheet, &bytes)?;
                 eprintln!("contact sheet: {}", sheet.display());
             }
             Ok(())

@@ -38,8 +38,9 @@ pub struct TrainConfig {
     pub augment: Option<Augment>,
     /// Keep decoded, resized images in memory between epochs (skipped above 4 GiB).
     pub cache_images: bool,
-    /// Validation metric that picks the exported epoch (`referable_auc`, `val_loss`, `kappa`,
-    /// `fluid_auc`, ...). Losses and errors are minimised, the others maximised.
+    /// Validation metric that picks the exported epoch (`diagnosis.referable_auc`, `val_loss`,
+    /// `diagnosis.quadratic_kappa`, `fluid.auc`, `vessel_growth.mae`, ...: the names of
+    /// [`crate::scoring`]). Losses and errors are minimised, the others maximised.
     pub select_metric: String,
     /// Seed of everything random.
     pub seed: u64,
@@ -63,7 +64,7 @@ impl Default for TrainConfig {
             sampling: Sampling::Shuffle,
             augment: Some(Augment::default()),
             cache_images: true,
-            select_metric: "referable_auc".into(),
+            select_metric: "diagnosis.referable_auc".into(),
             seed: 0,
             loss: LossConfig::new(),
         }

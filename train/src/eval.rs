@@ -5,11 +5,13 @@ use crate::data::LoaderSpec;
 use crate::dataset::{DatasetFormat, Sample, check_images, read_labels};
 use crate::metrics::{self, BinaryCounts};
 use crate::plots;
+use crate::scoring::{DecisionScore, HeadScore, score_heads};
 use crate::trainer::{EpochLog, predict_samples};
-use crate::util::write_file_atomic;
-use anyhow::{Result, anyhow, bail};
-use retina_model::bundle::decisions;
-use retina_model::{BackendChoice, HeadAnswer, HeadKind, ModelBundle, OperatingPoint, Prediction};
+use anyhow::{Result, bail};
+use retina_model::host::write_atomic;
+use retina_model::{
+    BackendChoice, BundleMetadata, HeadKind, ModelBundle, OperatingPoint, Prediction,
+};
 use serde_json::{Map, Value, json};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -37,7 +39,7 @@ pub fn score(
 ) -> Result<Scored> {
     let backend = backend.select()?;
     let bundle = ModelBundle::load(model, &backend.device)?;
-    let file = read_labels(data, format, images)?;
+    let file = read_labels(data, format, images, &bundle.metadata.config.heads)?;
     check_images(&file)?;
     let heads: Vec<String> = bundle
         .metadata
@@ -81,28 +83,19 @@ pub fn score(
     })
 }
 
-/// Scores of one yes/no decision over the samples that carry its label.
+/// Scores of one yes/no decision over the samples that carry its head's label.
 pub fn decision_scores(s: &Scored, decision: &str) -> (Vec<f32>, Vec<bool>) {
-    let head = if decision == "referable" {
-        retina_model::DIAGNOSIS
-    } else {
-        decision
+    let Some(d) = s.bundle.metadata.config.decision(decision) else {
+        return (Vec::new(), Vec::new());
     };
-    let mut scores = Vec::new();
-    let mut truth = Vec::new();
-    for (sample, p) in s.samples.iter().zip(&s.preds) {
-        if let (Some(label), Some(score)) =
-            (sample.labels.get(head), p.decision_probability(decision))
-        {
-            scores.push(score);
-            truth.push(if decision == "referable" {
-                *label >= 2.0
-            } else {
-                *label > 0.5
-            });
-        }
-    }
-    (scores, truth)
+    s.samples
+        .iter()
+        .zip(&s.preds)
+        .filter_map(|(sample, p)| {
+            let label = sample.labels.get(&d.head)?;
+            Some((p.decision_probability(&d.name)?, d.truth(*label)))
+        })
+        .unzip()
 }
 
 /// What a calibration aims for.
@@ -204,7 +197,7 @@ pub fn calibrate(
         method: format!("{target:?} on {} (n={})", data.display(), s.samples.len()),
     };
     let mut report = Vec::new();
-    for d in decisions(&s.bundle.metadata.config) {
+    for d in retina_model::bundle::decisions(&s.bundle.metadata.config) {
         let (scores, truth) = decision_scores(&s, &d);
         let Some(t) = choose_threshold(&scores, &truth, target) else {
             report.push(format!(
@@ -225,6 +218,12 @@ pub fn calibrate(
         bail!("no decision could be calibrated on {}", data.display());
     }
     let mut meta = s.bundle.metadata.clone();
+    // A bundle that has only the uncalibrated 0.5 point makes its first calibrated point the
+    // default: otherwise `predict` and `eval` would go on deciding at 0.5 after calibration.
+    let uncalibrated = BundleMetadata::new(meta.config.clone()).operating_points;
+    if meta.operating_points == uncalibrated {
+        meta.default_point = name.clone();
+    }
     meta.operating_points.insert(name.clone(), point.clone());
     meta.save_in_place(model)?;
     Ok((name, point, report))
@@ -236,21 +235,20 @@ fn num(v: Option<f64>) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn auc_with_interval(scores: &[f32], truth: &[bool], seed: u64) -> (Option<f64>, Value) {
-    let auc = metrics::roc_auc(scores, truth);
-    let ci = metrics::bootstrap_interval(scores.len(), 1000, 0.95, seed, |idx| {
+fn auc_interval(scores: &[f32], truth: &[bool], seed: u64) -> Value {
+    metrics::bootstrap_interval(scores.len(), 1000, 0.95, seed, |idx| {
         let s: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();
         let t: Vec<bool> = idx.iter().map(|&i| truth[i]).collect();
         metrics::roc_auc(&s, &t)
-    });
-    (
-        auc,
-        ci.map(|(lo, hi)| json!([lo, hi])).unwrap_or(Value::Null),
-    )
+    })
+    .map(|(lo, hi)| json!([lo, hi]))
+    .unwrap_or(Value::Null)
 }
 
 /// Evaluates a bundle on a labelled set; writes `metrics.json`, `report.md` and figures into
-/// `out`. Returns the metrics.
+/// `out`. Returns the metrics: per head the same names validation logs (`accuracy`,
+/// `quadratic_kappa`, `referable_auc`, `auc`, `mae`, ...; see [`crate::scoring`]), plus
+/// `n`, `missing`, confusion matrices and AUC confidence intervals.
 pub fn evaluate(
     model: &Path,
     data: &Path,
@@ -262,13 +260,7 @@ pub fn evaluate(
 ) -> Result<Value> {
     let s = score(model, data, format, images, backend)?;
     let meta = &s.bundle.metadata;
-    let pname = point_name.unwrap_or(&meta.default_point).to_string();
-    let point = meta.operating_points.get(&pname).ok_or_else(|| {
-        anyhow!(
-            "the model has no operating point `{pname}` (it has {:?})",
-            meta.operating_points.keys().collect::<Vec<_>>()
-        )
-    })?;
+    let (pname, point) = meta.point(point_name)?;
     std::fs::create_dir_all(out)?;
     let mut root = Map::new();
     root.insert("model".into(), json!(model.display().to_string()));
@@ -290,115 +282,22 @@ pub fn evaluate(
         s.backend
     );
 
-    for spec in &meta.config.heads {
-        let present: Vec<usize> = (0..s.samples.len())
-            .filter(|&i| s.samples[i].labels.contains_key(&spec.name))
-            .collect();
-        let missing = s.samples.len() - present.len();
+    for head in score_heads(&meta.config.heads, &s.samples, &s.preds, point) {
         let mut h = Map::new();
-        h.insert("n".into(), json!(present.len()));
-        h.insert("missing".into(), json!(missing));
-        match spec.kind {
-            HeadKind::Multiclass(k) => {
-                let truth: Vec<usize> = present
-                    .iter()
-                    .map(|&i| s.samples[i].labels[&spec.name] as usize)
-                    .collect();
-                let pred: Vec<usize> = present
-                    .iter()
-                    .map(|&i| match &s.preds[i].heads[&spec.name] {
-                        HeadAnswer::Multiclass { class, .. } => *class,
-                        _ => 0,
-                    })
-                    .collect();
-                let acc = (!truth.is_empty()).then(|| {
-                    truth.iter().zip(&pred).filter(|(a, b)| a == b).count() as f64
-                        / truth.len() as f64
-                });
-                let cm = metrics::confusion(&truth, &pred, k);
-                h.insert("accuracy".into(), num(acc));
-                h.insert(
-                    "quadratic_kappa".into(),
-                    num(metrics::quadratic_kappa(&truth, &pred, k)),
-                );
-                h.insert("confusion".into(), json!(cm));
-                let names = meta
-                    .class_names
-                    .get(&spec.name)
-                    .cloned()
-                    .unwrap_or_else(|| (0..k).map(|i| i.to_string()).collect());
-                let _ = writeln!(
-                    md,
-                    "## {} (multiclass, n = {}, missing = {missing})\n\n| accuracy | quadratic kappa |\n|---|---|\n| {} | {} |\n",
-                    spec.name,
-                    present.len(),
-                    fmt(acc),
-                    fmt(metrics::quadratic_kappa(&truth, &pred, k))
-                );
-                let _ = writeln!(
-                    md,
-                    "Confusion matrix (rows: truth, columns: prediction):\n\n| | {} |\n|---|{}",
-                    names.join(" | "),
-                    "---|".repeat(k)
-                );
-                for (i, row) in cm.iter().enumerate() {
-                    let cells: Vec<String> = row.iter().map(|c| c.to_string()).collect();
-                    let _ = writeln!(md, "| **{}** | {} |", names[i], cells.join(" | "));
-                }
-                let _ = writeln!(md, "\n![confusion](confusion_{}.png)\n", spec.name);
-                plots::confusion(
-                    &out.join(format!("confusion_{}.png", spec.name)),
-                    &format!("{}: confusion matrix", spec.name),
-                    &cm,
-                    &names,
-                )?;
-                if spec.name == retina_model::DIAGNOSIS && k == 5 {
-                    binary_block(
-                        &s,
-                        "referable",
-                        point,
-                        &mut h,
-                        &mut md,
-                        &mut curves,
-                        "referable_",
-                    );
-                }
-            }
-            HeadKind::Binary => {
-                binary_block(&s, &spec.name, point, &mut h, &mut md, &mut curves, "")
-            }
-            HeadKind::Regression => {
-                let truth: Vec<f32> = present
-                    .iter()
-                    .map(|&i| s.samples[i].labels[&spec.name])
-                    .collect();
-                let pred: Vec<f32> = present
-                    .iter()
-                    .map(|&i| match &s.preds[i].heads[&spec.name] {
-                        HeadAnswer::Regression { value } => value.clamp(0.0, 1.0),
-                        _ => 0.0,
-                    })
-                    .collect();
-                let (mae, rmse, r) = (
-                    metrics::mae(&pred, &truth),
-                    metrics::rmse(&pred, &truth),
-                    metrics::pearson(&pred, &truth),
-                );
-                h.insert("mae".into(), num(mae));
-                h.insert("rmse".into(), num(rmse));
-                h.insert("pearson_r".into(), num(r));
-                let _ = writeln!(
-                    md,
-                    "## {} (regression, n = {}, missing = {missing})\n\n| MAE | RMSE | Pearson r |\n|---|---|---|\n| {} | {} | {} |\n",
-                    spec.name,
-                    present.len(),
-                    fmt(mae),
-                    fmt(rmse),
-                    fmt(r)
-                );
-            }
+        h.insert("n".into(), json!(head.n));
+        h.insert("missing".into(), json!(head.missing));
+        for (k, v) in &head.metrics {
+            h.insert(k.clone(), num(*v));
         }
-        root.insert(spec.name.clone(), Value::Object(h));
+        head_report(&head, out, &mut h, &mut md)?;
+        if let Some(d) = &head.decision {
+            h.insert(
+                format!("{}auc_ci95", d.prefix),
+                auc_interval(&d.scores, &d.truth, 7),
+            );
+            decision_report(d, &h, &mut md, &mut curves);
+        }
+        root.insert(head.spec.name.clone(), Value::Object(h));
     }
     if !curves.is_empty() {
         plots::roc(
@@ -412,20 +311,17 @@ pub fn evaluate(
     if let Some(run) = model.parent() {
         let log = run.join("metrics.jsonl");
         if log.is_file() {
-            let logs: Vec<EpochLog> = std::fs::read_to_string(&log)?
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
+            let logs: Vec<EpochLog> = crate::trainer::read_logs(&log)?;
             plots::training(&out.join("training.png"), &logs)?;
             let _ = writeln!(md, "## Training curves\n\n![training](training.png)\n");
         }
     }
     let metrics = Value::Object(root);
-    write_file_atomic(
+    write_atomic(
         &out.join("metrics.json"),
         serde_json::to_string_pretty(&metrics)?.as_bytes(),
     )?;
-    write_file_atomic(&out.join("report.md"), md.as_bytes())?;
+    write_atomic(&out.join("report.md"), md.as_bytes())?;
     Ok(metrics)
 }
 
@@ -433,30 +329,79 @@ fn fmt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into())
 }
 
-fn binary_block(
-    s: &Scored,
-    decision: &str,
-    point: &OperatingPoint,
+/// A head's own section of the report: its table, and its confusion matrix and figure.
+fn head_report(
+    head: &HeadScore,
+    out: &Path,
     h: &mut Map<String, Value>,
     md: &mut String,
+) -> Result<()> {
+    let spec = &head.spec;
+    let get = |k: &str| head.metrics.get(k).copied().flatten();
+    let (n, missing) = (head.n, head.missing);
+    match spec.kind {
+        HeadKind::Multiclass(_) => {
+            let _ = writeln!(
+                md,
+                "## {} (multiclass, n = {n}, missing = {missing})\n\n| accuracy | quadratic kappa |\n|---|---|\n| {} | {} |\n",
+                spec.name,
+                fmt(get("accuracy")),
+                fmt(get("quadratic_kappa"))
+            );
+        }
+        HeadKind::Binary => {
+            let _ = writeln!(
+                md,
+                "## {} (binary, n = {n}, missing = {missing})\n",
+                spec.name
+            );
+        }
+        HeadKind::Regression => {
+            let _ = writeln!(
+                md,
+                "## {} (regression, n = {n}, missing = {missing})\n\n| MAE | RMSE | Pearson r |\n|---|---|---|\n| {} | {} | {} |\n",
+                spec.name,
+                fmt(get("mae")),
+                fmt(get("rmse")),
+                fmt(get("pearson_r"))
+            );
+        }
+    }
+    if let Some(cm) = &head.confusion {
+        h.insert("confusion".into(), json!(cm));
+        let names = spec.class_names();
+        let _ = writeln!(
+            md,
+            "Confusion matrix (rows: truth, columns: prediction):\n\n| | {} |\n|---|{}",
+            names.join(" | "),
+            "---|".repeat(names.len())
+        );
+        for (i, row) in cm.iter().enumerate() {
+            let cells: Vec<String> = row.iter().map(|c| c.to_string()).collect();
+            let _ = writeln!(md, "| **{}** | {} |", names[i], cells.join(" | "));
+        }
+        let _ = writeln!(md, "\n![confusion](confusion_{}.png)\n", spec.name);
+        plots::confusion(
+            &out.join(format!("confusion_{}.png", spec.name)),
+            &format!("{}: confusion matrix", spec.name),
+            cm,
+            &names,
+        )?;
+    }
+    Ok(())
+}
+
+/// A decision's table in the report, and its ROC curve.
+fn decision_report(
+    d: &DecisionScore,
+    h: &Map<String, Value>,
+    md: &mut String,
     curves: &mut Vec<plots::RocCurve>,
-    prefix: &str,
 ) {
-    let (scores, truth) = decision_scores(s, decision);
-    let t = point.threshold(decision);
-    let c = BinaryCounts::at(&scores, &truth, t);
-    let (auc, ci) = auc_with_interval(&scores, &truth, 7);
-    h.insert(format!("{prefix}auc"), num(auc));
-    h.insert(format!("{prefix}auc_ci95"), ci.clone());
-    h.insert(format!("{prefix}threshold"), json!(t));
-    h.insert(format!("{prefix}sensitivity"), num(c.sensitivity()));
-    h.insert(format!("{prefix}specificity"), num(c.specificity()));
-    h.insert(format!("{prefix}ppv"), num(c.ppv()));
-    h.insert(format!("{prefix}npv"), num(c.npv()));
-    h.insert(format!("{prefix}f1"), num(c.f1()));
-    h.insert(format!("{prefix}prevalence"), num(c.prevalence()));
-    let ci_text = ci
-        .as_array()
+    let c = d.counts;
+    let ci_text = h
+        .get(&format!("{}auc_ci95", d.prefix))
+        .and_then(Value::as_array)
         .map(|a| {
             format!(
                 "{:.3}-{:.3}",
@@ -465,11 +410,13 @@ fn binary_block(
             )
         })
         .unwrap_or_else(|| "-".into());
+    let name = &d.decision.name;
+    let t = d.threshold;
     let _ = writeln!(
         md,
-        "### {decision} (n = {})\n\n| AUC (95% CI) | threshold | sensitivity | specificity | PPV | NPV | F1 | prevalence |\n|---|---|---|---|---|---|---|---|\n| {} ({ci_text}) | {t:.3} | {} | {} | {} | {} | {} | {} |\n",
-        scores.len(),
-        fmt(auc),
+        "### {name} (n = {})\n\n| AUC (95% CI) | threshold | sensitivity | specificity | PPV | NPV | F1 | prevalence |\n|---|---|---|---|---|---|---|---|\n| {} ({ci_text}) | {t:.3} | {} | {} | {} | {} | {} | {} |\n",
+        d.scores.len(),
+        fmt(d.auc),
         fmt(c.sensitivity()),
         fmt(c.specificity()),
         fmt(c.ppv()),
@@ -477,10 +424,10 @@ fn binary_block(
         fmt(c.f1()),
         fmt(c.prevalence())
     );
-    if auc.is_some() {
+    if let Some(auc) = d.auc {
         curves.push(plots::RocCurve {
-            name: format!("{decision} (AUC {:.3})", auc.unwrap_or(0.0)),
-            points: metrics::roc_curve(&scores, &truth)
+            name: format!("{name} (AUC {auc:.3})"),
+            points: metrics::roc_curve(&d.scores, &d.truth)
                 .into_iter()
                 .map(|(x, y, _)| (x, y))
                 .collect(),

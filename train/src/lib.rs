@@ -14,6 +14,7 @@ pub mod eval;
 pub mod loss;
 pub mod metrics;
 pub mod plots;
+pub mod scoring;
 pub mod synth;
 pub mod trainer;
 pub mod util;

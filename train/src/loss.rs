@@ -388,12 +388,13 @@ impl LossConfig {
             // The decision bias: weight the error we must avoid by `bias_factor`.
             let f = self.bias_factor;
             let mut binary_weights = [1.0, cfg.pos_weight.unwrap_or(1.0)];
-            match spec.kind {
-                HeadKind::Multiclass(n) if spec.name == retina_model::DIAGNOSIS && n == 5 => {
+            match (spec.kind, spec.decision_rule()) {
+                // A multiclass head with a decision (diagnosis: referable from grade 2): the
+                // classes that mean "yes" carry the bias.
+                (HeadKind::Multiclass(n), Some(d)) => {
                     let w = weights.get_or_insert_with(|| vec![1.0; n]);
                     for (c, x) in w.iter_mut().enumerate() {
-                        let referable = c >= retina_model::grade::REFERABLE_FROM.index();
-                        match (self.objective, referable) {
+                        match (self.objective, d.class_is_positive(c)) {
                             (Objective::Screening, true) | (Objective::Confirmation, false) => {
                                 *x *= f
                             }
@@ -401,7 +402,7 @@ impl LossConfig {
                         }
                     }
                 }
-                HeadKind::Binary => {
+                (HeadKind::Binary, _) => {
                     if let Some(w) = weights.take() {
                         binary_weights[0] *= w[0];
                         binary_weights[1] *= w[1];

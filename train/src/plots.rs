@@ -2,9 +2,9 @@
 //! training curves. Drawn with plotters into memory, written atomically.
 
 use crate::trainer::EpochLog;
-use crate::util::write_file_atomic;
 use anyhow::{Result, anyhow};
 use plotters::prelude::*;
+use retina_model::host::write_atomic;
 use std::path::Path;
 use std::sync::Once;
 
@@ -28,7 +28,8 @@ fn save(path: &Path, buf: Vec<u8>, w: u32, h: u32) -> Result<()> {
         &mut std::io::Cursor::new(&mut bytes),
         image::ImageFormat::Png,
     )?;
-    write_file_atomic(path, &bytes)
+    write_atomic(path, &bytes)?;
+    Ok(())
 }
 
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {

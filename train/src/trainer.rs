@@ -10,14 +10,14 @@ use crate::config::TrainConfig;
 use crate::data::{LoaderSpec, ViewCache, epoch_order, split};
 use crate::dataset::{DatasetFormat, Sample, check_images, read_labels};
 use crate::loss::{HeadTargets, RetinaLoss};
-use crate::metrics;
+use crate::scoring;
 use crate::synth::{self, SynthOptions};
-use crate::util::write_file_atomic;
 use anyhow::{Context, Result, anyhow, bail};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
+use retina_model::host::write_atomic;
 use retina_model::{
     BackendChoice, BundleMetadata, HeadKind, ModelBundle, Prediction, RetinaConfig, RetinaNet,
 };
@@ -175,7 +175,10 @@ fn git_revision() -> Option<String> {
 
 /// Loads the samples of a request; returns (train, val, skipped ungradable, missing files
 /// skipped).
-fn load_samples(req: &FitRequest) -> Result<(Vec<Sample>, Vec<Sample>, usize, usize)> {
+fn load_samples(
+    req: &FitRequest,
+    heads: &[retina_model::HeadSpec],
+) -> Result<(Vec<Sample>, Vec<Sample>, usize, usize)> {
     let cfg = &req.config;
     match &req.data {
         DataSource::Synthetic { n, size } => {
@@ -197,7 +200,7 @@ fn load_samples(req: &FitRequest) -> Result<(Vec<Sample>, Vec<Sample>, usize, us
                     progress: std::io::stderr().is_terminal(),
                 })?;
             }
-            let file = read_labels(&label, DatasetFormat::Native, None)?;
+            let file = read_labels(&label, DatasetFormat::Native, None, heads)?;
             let (train, val) = split(&file.samples, cfg.val_fraction, cfg.seed);
             Ok((train, val, 0, 0))
         }
@@ -207,7 +210,7 @@ fn load_samples(req: &FitRequest) -> Result<(Vec<Sample>, Vec<Sample>, usize, us
             images,
             val,
         } => {
-            let mut file = read_labels(path, *format, images.as_deref())?;
+            let mut file = read_labels(path, *format, images.as_deref(), heads)?;
             let mut missing = 0;
             let keep_present =
                 |f: &mut crate::dataset::LabelFile, missing: &mut usize| -> Result<()> {
@@ -226,7 +229,7 @@ fn load_samples(req: &FitRequest) -> Result<(Vec<Sample>, Vec<Sample>, usize, us
             let ungradable = file.skipped_ungradable;
             match val {
                 Some(v) => {
-                    let mut vf = read_labels(v, *format, images.as_deref())?;
+                    let mut vf = read_labels(v, *format, images.as_deref(), heads)?;
                     keep_present(&mut vf, &mut missing)?;
                     Ok((
                         file.samples,
@@ -255,11 +258,7 @@ pub fn learning_rate(peak: f64, step: usize, warmup: usize, total: usize) -> f64
 }
 
 fn label_counts(samples: &[Sample], head: &str, kind: HeadKind) -> Option<Vec<usize>> {
-    let k = match kind {
-        HeadKind::Multiclass(n) => n,
-        HeadKind::Binary => 2,
-        HeadKind::Regression => return None,
-    };
+    let k = kind.classes()?;
     let mut c = vec![0; k];
     for s in samples {
         if let Some(v) = s.labels.get(head) {
@@ -285,7 +284,6 @@ pub fn predict_samples(
     batch_size: usize,
     device: &Device,
 ) -> Result<(Vec<Prediction>, Option<f64>)> {
-    let kinds = model.head_kinds();
     let s = spec.preprocess.image_size;
     let rx = spec.clone().spawn(
         samples.clone(),
@@ -309,95 +307,20 @@ pub fn predict_samples(
             loss_sum += v as f64 * b.n as f64;
             n_loss += b.n;
         }
-        preds.extend(Prediction::from_output(&out, &kinds));
+        preds.extend(Prediction::from_output(&out, &model.specs));
     }
     Ok((preds, (n_loss > 0).then(|| loss_sum / n_loss as f64)))
 }
 
-/// Validation metrics of predictions against the samples' labels.
+/// Validation metrics of predictions against the samples' labels, at the default 0.5
+/// thresholds: the same scoring and names as `eval` ([`crate::scoring`]).
 pub fn validation_metrics(
     specs: &[retina_model::HeadSpec],
     samples: &[Sample],
     preds: &[Prediction],
 ) -> BTreeMap<String, f64> {
-    let mut m = BTreeMap::new();
-    for spec in specs {
-        let pairs: Vec<(&Sample, &Prediction)> = samples
-            .iter()
-            .zip(preds)
-            .filter(|(s, _)| s.labels.contains_key(&spec.name))
-            .collect();
-        if pairs.is_empty() {
-            continue;
-        }
-        match spec.kind {
-            HeadKind::Multiclass(k) => {
-                let truth: Vec<usize> = pairs
-                    .iter()
-                    .map(|(s, _)| s.labels[&spec.name] as usize)
-                    .collect();
-                let pred: Vec<usize> = pairs
-                    .iter()
-                    .map(|(_, p)| match &p.heads[&spec.name] {
-                        retina_model::HeadAnswer::Multiclass { class, .. } => *class,
-                        _ => 0,
-                    })
-                    .collect();
-                let acc = truth.iter().zip(&pred).filter(|(a, b)| a == b).count() as f64
-                    / truth.len() as f64;
-                let prefix = if spec.name == retina_model::DIAGNOSIS {
-                    String::new()
-                } else {
-                    format!("{}_", spec.name)
-                };
-                m.insert(format!("{prefix}accuracy"), acc);
-                if let Some(k) = metrics::quadratic_kappa(&truth, &pred, k) {
-                    m.insert(format!("{prefix}kappa"), k);
-                }
-                if spec.name == retina_model::DIAGNOSIS {
-                    let scores: Vec<f32> = pairs
-                        .iter()
-                        .map(|(_, p)| p.referable_probability().unwrap_or(0.0))
-                        .collect();
-                    let pos: Vec<bool> = truth.iter().map(|g| *g >= 2).collect();
-                    if let Some(a) = metrics::roc_auc(&scores, &pos) {
-                        m.insert("referable_auc".into(), a);
-                    }
-                }
-            }
-            HeadKind::Binary => {
-                let scores: Vec<f32> = pairs
-                    .iter()
-                    .map(|(_, p)| p.decision_probability(&spec.name).unwrap_or(0.0))
-                    .collect();
-                let pos: Vec<bool> = pairs
-                    .iter()
-                    .map(|(s, _)| s.labels[&spec.name] > 0.5)
-                    .collect();
-                if let Some(a) = metrics::roc_auc(&scores, &pos) {
-                    m.insert(format!("{}_auc", spec.name), a);
-                }
-            }
-            HeadKind::Regression => {
-                let truth: Vec<f32> = pairs.iter().map(|(s, _)| s.labels[&spec.name]).collect();
-                let pred: Vec<f32> = pairs
-                    .iter()
-                    .map(|(_, p)| match &p.heads[&spec.name] {
-                        retina_model::HeadAnswer::Regression { value } => value.clamp(0.0, 1.0),
-                        _ => 0.0,
-                    })
-                    .collect();
-                if let Some(e) = metrics::mae(&pred, &truth) {
-                    m.insert(format!("{}_mae", spec.name), e);
-                }
-            }
-        }
-    }
-    m
-}
-
-fn minimised(metric: &str) -> bool {
-    metric.contains("loss") || metric.ends_with("_mae") || metric.ends_with("_rmse")
+    let point = retina_model::OperatingPoint::default_for(&[]);
+    scoring::flat(&scoring::score_heads(specs, samples, preds, &point))
 }
 
 fn write_checkpoint(
@@ -417,14 +340,14 @@ fn write_checkpoint(
         .clone()
         .save_file(partial.join("model.bpk"))
         .map_err(|e| anyhow!("cannot save the checkpoint weights: {e:?}"))?;
-    write_file_atomic(
+    write_atomic(
         &partial.join("model.json"),
         serde_json::to_string_pretty(meta)?.as_bytes(),
     )?;
     optim
         .save(partial.join("optimizer.bpk"))
         .map_err(|e| anyhow!("cannot save the optimizer state: {e:?}"))?;
-    write_file_atomic(
+    write_atomic(
         &partial.join("state.json"),
         serde_json::to_string_pretty(state)?.as_bytes(),
     )?;
@@ -439,7 +362,8 @@ fn write_checkpoint(
     Ok(())
 }
 
-fn read_logs(path: &Path) -> Result<Vec<EpochLog>> {
+/// Reads `metrics.jsonl`; a line that does not parse is an error at `file:line:column`.
+pub fn read_logs(path: &Path) -> Result<Vec<EpochLog>> {
     if !path.is_file() {
         return Ok(Vec::new());
     }
@@ -460,7 +384,8 @@ fn write_logs(path: &Path, logs: &[EpochLog]) -> Result<()> {
         s.push_str(&serde_json::to_string(l)?);
         s.push('\n');
     }
-    write_file_atomic(path, s.as_bytes())
+    write_atomic(path, s.as_bytes())?;
+    Ok(())
 }
 
 /// Continues the run in `dir` from its last checkpoint; `epochs` may extend it.
@@ -492,9 +417,10 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
     let cfg = req.config.clone();
     cfg.validate()?;
     let model_config: RetinaConfig = cfg.model_config()?;
+    scoring::check_metric(&cfg.select_metric, &model_config.heads).map_err(|e| anyhow!(e))?;
     std::fs::create_dir_all(&req.out)
         .with_context(|| format!("cannot create {}", req.out.display()))?;
-    write_file_atomic(
+    write_atomic(
         &req.out.join(REQUEST),
         serde_json::to_string_pretty(&req)?.as_bytes(),
     )?;
@@ -506,7 +432,7 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
     device.seed(cfg.seed);
     let ad = device.clone().autodiff();
 
-    let (train, val, ungradable, missing_files) = load_samples(&req)?;
+    let (train, val, ungradable, missing_files) = load_samples(&req, &model_config.heads)?;
     if train.is_empty() {
         bail!("no training samples left after the split");
     }
@@ -518,8 +444,7 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
             .and_then(|spec| label_counts(&train, h, spec.kind))
     };
     let loss = cfg.loss.init(&model_config.heads, &counts)?;
-    let train_grades =
-        label_counts(&train, retina_model::DIAGNOSIS, HeadKind::Multiclass(5)).unwrap_or_default();
+    let train_grades = counts(retina_model::DIAGNOSIS).unwrap_or_default();
     eprintln!(
         "data: {} training / {} validation images; training grades 0-4: {:?}; sampling {:?}",
         train.len(),
@@ -698,7 +623,7 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         )?;
         let mut val_metrics = validation_metrics(&model_config.heads, &val, &preds);
         if let Some(v) = val_loss {
-            val_metrics.insert("val_loss".into(), v);
+            val_metrics.insert(scoring::VAL_LOSS.into(), v);
         }
         let log = EpochLog {
             epoch,
@@ -736,10 +661,10 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         let current = val_metrics
             .get(&cfg.select_metric)
             .copied()
-            .or_else(|| val_metrics.get("val_loss").copied());
+            .or_else(|| val_metrics.get(scoring::VAL_LOSS).copied());
         let better = match (current, state.best_metric) {
             (Some(c), Some(b)) => {
-                if minimised(&cfg.select_metric) {
+                if scoring::minimised(&cfg.select_metric) {
                     c < b
                 } else {
                     c > b
@@ -798,7 +723,7 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         seconds: started.elapsed().as_secs_f64(),
         dataset_hash: hash,
     };
-    write_file_atomic(
+    write_atomic(
         &req.out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;

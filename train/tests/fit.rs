@@ -27,7 +27,7 @@ fn small_preset_learns_referable_dr_on_generated_images() {
         "training loss must fall: {:?}",
         logs.iter().map(|l| l.train_loss).collect::<Vec<_>>()
     );
-    let auc = summary.best_val["referable_auc"];
+    let auc = summary.best_val["diagnosis.referable_auc"];
     assert!(
         auc > 0.7,
         "validation referable AUC {auc} should beat chance (0.5) by a margin"
@@ -38,7 +38,7 @@ fn small_preset_learns_referable_dr_on_generated_images() {
     // The exported bundle carries the validation metrics of its epoch.
     let meta = retina_model::BundleMetadata::load(&out.join("model")).unwrap();
     assert_eq!(meta.provenance.epochs, Some(summary.best_epoch));
-    assert_eq!(meta.provenance.metrics["referable_auc"], auc);
+    assert_eq!(meta.provenance.metrics["diagnosis.referable_auc"], auc);
 }
 
 #[test]

@@ -3,6 +3,11 @@
 use retina_train::dataset::{DatasetFormat, check_images, read_labels};
 use std::path::Path;
 
+/// The default heads: diagnosis, fluid, vessel growth.
+fn heads() -> Vec<retina_model::HeadSpec> {
+    retina_model::HeadSpec::default_heads()
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -11,21 +16,25 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 
 fn err(dir: &Path, format: DatasetFormat, text: &str) -> String {
     let p = write(dir, "labels.csv", text);
-    read_labels(&p, format, None).unwrap_err().to_string()
+    read_labels(&p, format, None, &heads())
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
 fn native_problems_are_located_by_line_and_column() {
     let d = tempfile::tempdir().unwrap();
     let e = err(d.path(), DatasetFormat::Native, "image,diagnosis,grade_x\n");
-    assert!(e.ends_with("labels.csv:1:3: unknown column `grade_x` for the native format: expected [\"image\", \"diagnosis\", \"vessel_growth\", \"fluid\", \"patient\"]"), "{e}");
+    assert!(e.ends_with("labels.csv:1:3: unknown column `grade_x` for the native format: expected [\"image\", \"patient\", \"diagnosis\", \"fluid\", \"vessel_growth\"]"), "{e}");
     let e = err(
         d.path(),
         DatasetFormat::Native,
         "image,diagnosis,fluid\na.png,2,1\nb.png,7,0\n",
     );
     assert!(
-        e.contains("labels.csv:3:2: column `diagnosis`: expected a grade 0-4, found `7`"),
+        e.contains(
+            "labels.csv:3:2: column `diagnosis`: expected a class of `diagnosis`: an integer 0-4"
+        ) && e.ends_with("found `7`"),
         "{e}"
     );
     let e = err(
@@ -34,7 +43,9 @@ fn native_problems_are_located_by_line_and_column() {
         "image,diagnosis,vessel_growth\na.png,4,lots\n",
     );
     assert!(
-        e.contains(":2:3: column `vessel_growth`: expected a number in 0..1, found `lots`"),
+        e.contains(
+            ":2:3: column `vessel_growth`: expected a number for `vessel_growth`, found `lots`"
+        ),
         "{e}"
     );
     let e = err(
@@ -58,6 +69,27 @@ fn native_problems_are_located_by_line_and_column() {
         "image,diagnosis\na.png,1,extra\n",
     );
     assert!(e.contains(":2:3: expected 2 fields, found 3"), "{e}");
+    // A missing label is an empty field; a short row is refused, not read as unlabelled.
+    let e = err(
+        d.path(),
+        DatasetFormat::Native,
+        "image,diagnosis,vessel_growth,fluid
+e4.jpg,2,,
+e5.jpg,2
+",
+    );
+    assert!(
+        e.contains("labels.csv:3:2: expected 4 fields, found 2"),
+        "{e}"
+    );
+    let e = err(
+        d.path(),
+        DatasetFormat::Native,
+        "image,diagnosis,vessel_growth
+a.png,1,1.5
+",
+    );
+    assert!(e.contains(":2:3:") && e.contains("must lie in 0..1"), "{e}");
     let e = err(d.path(), DatasetFormat::Native, "");
     assert!(e.contains(":1:1: the file is empty"), "{e}");
     let e = err(d.path(), DatasetFormat::Aptos, "id_code\nabc\n");
@@ -72,7 +104,7 @@ fn blank_cells_are_missing_labels_not_zero() {
         "labels.csv",
         "image,diagnosis,vessel_growth,fluid\na.png,4,,1\nb.png,0,0,\n\n",
     );
-    let f = read_labels(&p, DatasetFormat::Native, None).unwrap();
+    let f = read_labels(&p, DatasetFormat::Native, None, &heads()).unwrap();
     assert_eq!(f.samples.len(), 2);
     assert_eq!(f.samples[0].labels.get("vessel_growth"), None);
     assert_eq!(f.samples[0].labels.get("fluid"), Some(&1.0));
@@ -96,7 +128,7 @@ fn public_formats_parse() {
         "idrid.csv",
         "Image name,Retinopathy grade,Risk of macular edema ,,\nIDRiD_001,3,2,,\nIDRiD_002,0,0,,\n",
     );
-    let f = read_labels(&p, DatasetFormat::Idrid, None).unwrap();
+    let f = read_labels(&p, DatasetFormat::Idrid, None, &heads()).unwrap();
     assert_eq!(f.samples[0].image, d.path().join("images/IDRiD_001.jpg"));
     assert_eq!(f.samples[0].labels.get("fluid"), Some(&1.0));
     assert_eq!(f.samples[1].labels.get("fluid"), Some(&0.0));
@@ -107,7 +139,13 @@ fn public_formats_parse() {
         "trainLabels.csv",
         "image,level\n10_left,0\n10_right,2\n13_left,1\n",
     );
-    let f = read_labels(&p, DatasetFormat::Eyepacs, Some(Path::new("/data/eyepacs"))).unwrap();
+    let f = read_labels(
+        &p,
+        DatasetFormat::Eyepacs,
+        Some(Path::new("/data/eyepacs")),
+        &heads(),
+    )
+    .unwrap();
     assert_eq!(f.samples[1].image, Path::new("/data/eyepacs/10_right.jpeg"));
     assert_eq!(f.samples[0].patient.as_deref(), Some("10"));
     assert_eq!(f.samples[2].patient.as_deref(), Some("13"));
@@ -123,7 +161,7 @@ fn public_formats_parse() {
         "messidor.csv",
         "image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable\nIM1.png,0,0,1\nIM2.JPG,,,0\nIM3.png,3,1,1\n",
     );
-    let f = read_labels(&p, DatasetFormat::Messidor2, None).unwrap();
+    let f = read_labels(&p, DatasetFormat::Messidor2, None, &heads()).unwrap();
     assert_eq!((f.samples.len(), f.skipped_ungradable), (2, 1));
     assert_eq!(f.samples[1].labels.get("fluid"), Some(&1.0));
 
@@ -133,17 +171,17 @@ fn public_formats_parse() {
         "train.txt",
         "007-1.jpg 2\n007-2.jpg 5\n008-1.jpg 0\n",
     );
-    let f = read_labels(&p, DatasetFormat::Ddr, None).unwrap();
+    let f = read_labels(&p, DatasetFormat::Ddr, None, &heads()).unwrap();
     assert_eq!((f.samples.len(), f.skipped_ungradable), (2, 1));
     let p = write(d.path(), "bad.txt", "007-1.jpg 2\n007-2.jpg\n");
-    let e = read_labels(&p, DatasetFormat::Ddr, None)
+    let e = read_labels(&p, DatasetFormat::Ddr, None, &heads())
         .unwrap_err()
         .to_string();
     assert!(e.contains("bad.txt:2:1: expected `image label`"), "{e}");
 
     // APTOS.
     let p = write(d.path(), "train.csv", "id_code,diagnosis\n000c1434d8d7,2\n");
-    let f = read_labels(&p, DatasetFormat::Aptos, None).unwrap();
+    let f = read_labels(&p, DatasetFormat::Aptos, None, &heads()).unwrap();
     assert_eq!(
         f.samples[0].image,
         d.path().join("train_images/000c1434d8d7.png")

@@ -6,6 +6,11 @@ use retina_train::synth::{self, Layers, Scene, SynthOptions, render, scene_for};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// The default heads: diagnosis, fluid, vessel growth.
+fn heads() -> Vec<retina_model::HeadSpec> {
+    retina_model::HeadSpec::default_heads()
+}
+
 fn opts(out: &Path, count: usize, seed: u64, format: DatasetFormat) -> SynthOptions {
     SynthOptions {
         out: out.to_path_buf(),
@@ -190,8 +195,13 @@ fn every_format_parses_back_with_the_same_labels() {
         let mut o = opts(dir.path(), 10, 3, format);
         o.missing = 0.3;
         let written = synth::generate(&o).unwrap();
-        let file = read_labels(&synth::label_path(dir.path(), format), format, None)
-            .unwrap_or_else(|e| panic!("{format}: {e}"));
+        let file = read_labels(
+            &synth::label_path(dir.path(), format),
+            format,
+            None,
+            &heads(),
+        )
+        .unwrap_or_else(|e| panic!("{format}: {e}"));
         check_images(&file).unwrap_or_else(|e| panic!("{format}: {e}"));
         assert_eq!(file.samples.len(), 10, "{format}");
         for (s, w) in file.samples.iter().zip(&written) {

@@ -39,27 +39,13 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     fn point(&self, name: Option<&str>) -> Result<(String, &OperatingPoint), Response> {
-        let key = name.unwrap_or(&self.metadata.default_point);
-        self.metadata
-            .operating_points
-            .get_key_value(key)
-            .map(|(k, p)| (k.clone(), p))
-            .ok_or_else(|| {
-                let have: Vec<&str> = self
-                    .metadata
-                    .operating_points
-                    .keys()
-                    .map(String::as_str)
-                    .collect();
-                api_error(
-                    StatusCode::BAD_REQUEST,
-                    "unknown_operating_point",
-                    format!(
-                        "the model has no operating point `{key}`; it has: {}",
-                        have.join(", ")
-                    ),
-                )
-            })
+        self.metadata.point(name).map_err(|e| {
+            api_error(
+                StatusCode::BAD_REQUEST,
+                "unknown_operating_point",
+                e.to_string(),
+            )
+        })
     }
 }
 
@@ -176,7 +162,7 @@ async fn model(State(st): State<Arc<AppState>>) -> Response {
         "backend_description": m.backend_description,
         "format_version": meta.format_version,
         "heads": meta.config.heads,
-        "class_names": meta.class_names,
+        "class_names": meta.class_names(),
         "operating_points": meta.operating_points,
         "default_point": meta.default_point,
         "provenance": meta.provenance,
@@ -318,6 +304,7 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
                 Ok(Ok(prediction)) => {
                     let v = prediction_json(
                         &prediction,
+                        &model.metadata.config.heads,
                         &Answered {
                             image: &name,
                             backend: model.backend,

@@ -4,7 +4,7 @@
 //! the 1-based field number, and never panics. A label a format does not carry is *missing*
 //! (absent from the sample's labels), never zero.
 
-use retina_model::{DIAGNOSIS, FLUID, NUM_GRADES, VESSEL_GROWTH};
+use retina_model::{DIAGNOSIS, FLUID, HeadSpec, NUM_GRADES};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,9 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DatasetFormat {
-    /// `image,diagnosis,vessel_growth,fluid` (any subset of head columns; blank = missing).
+    /// `image,diagnosis,vessel_growth,fluid`: an `image` column, an optional `patient` column
+    /// and one column per head of the model, named after the head (any subset; blank =
+    /// missing). Cells are parsed as the head's spec says ([`HeadSpec::parse_label`]).
     Native,
     /// APTOS 2019 `train.csv`: `id_code,diagnosis`; images `train_images/{id_code}.png`.
     Aptos,
@@ -161,17 +163,6 @@ fn parse_grade(s: &str, max: usize) -> Result<usize, String> {
     Ok(v as usize)
 }
 
-fn parse_unit(s: &str) -> Result<f32, String> {
-    let v: f32 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("expected a number in 0..1, found `{s}`"))?;
-    if !(0.0..=1.0).contains(&v) {
-        return Err(format!("expected a number in 0..1, found `{s}`"));
-    }
-    Ok(v)
-}
-
 fn parse_bool(s: &str) -> Result<f32, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" => Ok(1.0),
@@ -180,12 +171,14 @@ fn parse_bool(s: &str) -> Result<f32, String> {
     }
 }
 
-/// Reads a label file. `images` overrides the image folder; by default it is the format's usual
-/// folder beside the label file. Image files are not opened here (see [`check_images`]).
+/// Reads a label file for a model with `heads`. `images` overrides the image folder; by
+/// default it is the format's usual folder beside the label file. Image files are not opened
+/// here (see [`check_images`]).
 pub fn read_labels(
     path: &Path,
     format: DatasetFormat,
     images: Option<&Path>,
+    heads: &[HeadSpec],
 ) -> Result<LabelFile, DataError> {
     let loc = Located { file: path };
     let text = std::fs::read(path).map_err(|e| loc.err(0, 0, format!("cannot read: {e}")))?;
@@ -210,7 +203,7 @@ pub fn read_labels(
     if format == DatasetFormat::Ddr {
         read_ddr(&text, &loc, &image_dir, &mut out)?;
     } else {
-        read_csv(&text, &loc, &image_dir, &mut out)?;
+        read_csv(&text, &loc, &image_dir, heads, &mut out)?;
     }
     // Duplicate images would leak between the splits and count twice.
     let mut seen: HashMap<&Path, usize> = HashMap::new();
@@ -265,7 +258,8 @@ fn read_ddr(
 enum Column {
     Image,
     Grade,
-    Unit(&'static str),
+    /// The native format's column of the model's head `heads[i]`.
+    Head(usize),
     Binary(&'static str),
     /// IDRiD's 0-2 risk of macular edema: present when > 0.
     EdemaRisk,
@@ -275,17 +269,14 @@ enum Column {
     Ignore,
 }
 
-fn schema(format: DatasetFormat, header: &str) -> Option<Column> {
+fn schema(format: DatasetFormat, header: &str, heads: &[HeadSpec]) -> Option<Column> {
     use Column::*;
     let h = header.trim();
     match format {
         DatasetFormat::Native => match h {
             "image" => Some(Image),
-            "diagnosis" => Some(Grade),
-            "vessel_growth" => Some(Unit(VESSEL_GROWTH)),
-            "fluid" => Some(Binary(FLUID)),
             "patient" => Some(Ignore),
-            _ => None,
+            _ => heads.iter().position(|s| s.name == h).map(Head),
         },
         DatasetFormat::Aptos => match h {
             "id_code" => Some(Image),
@@ -356,6 +347,7 @@ fn read_csv(
     text: &str,
     loc: &Located,
     image_dir: &Path,
+    heads: &[HeadSpec],
     out: &mut LabelFile,
 ) -> Result<(), DataError> {
     let format = out.format;
@@ -381,13 +373,14 @@ fn read_csv(
     let mut columns = Vec::new();
     let mut patient_col = None;
     for (i, h) in header.iter().enumerate() {
-        match schema(format, h) {
+        match schema(format, h, heads) {
             Some(c) => columns.push(c),
             None => {
                 let known: Vec<&str> = match format {
-                    DatasetFormat::Native => {
-                        vec!["image", "diagnosis", "vessel_growth", "fluid", "patient"]
-                    }
+                    DatasetFormat::Native => ["image", "patient"]
+                        .into_iter()
+                        .chain(heads.iter().map(|s| s.name.as_str()))
+                        .collect(),
                     _ => required(format).to_vec(),
                 };
                 return Err(loc.err(
@@ -430,6 +423,20 @@ fn read_csv(
                 format!("expected {} fields, found {}", columns.len(), rec.len()),
             ));
         }
+        // A missing label is an empty field, not a missing one: a short row is a mistake
+        // (columns shifted, a comma lost), never silently "unlabelled". Trailing columns that
+        // are ignored anyway (IDRiD's empty ones) may be absent.
+        let needed = columns
+            .iter()
+            .rposition(|c| !matches!(c, Column::Ignore))
+            .map_or(0, |i| i + 1);
+        if rec.len() < needed {
+            return Err(loc.err(
+                line,
+                rec.len().max(1),
+                format!("expected {} fields, found {}", columns.len(), rec.len()),
+            ));
+        }
         let mut labels = BTreeMap::new();
         let mut image = None;
         let mut gradable = true;
@@ -455,8 +462,11 @@ fn read_csv(
                     let g = parse_grade(cell, NUM_GRADES - 1).map_err(at)?;
                     labels.insert(DIAGNOSIS.to_string(), g as f32);
                 }
-                Column::Unit(head) => {
-                    labels.insert(head.to_string(), parse_unit(cell).map_err(at)?);
+                Column::Head(i) => {
+                    labels.insert(
+                        heads[*i].name.clone(),
+                        heads[*i].parse_label(cell).map_err(at)?,
+                    );
                 }
                 Column::Binary(head) => {
                     labels.insert(head.to_string(), parse_bool(cell).map_err(at)?);

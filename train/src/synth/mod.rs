@@ -7,7 +7,6 @@ pub mod render;
 pub mod scene;
 
 use crate::dataset::DatasetFormat;
-use crate::util::write_file_atomic;
 use anyhow::{Context, Result, bail};
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -15,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 pub use render::{Layers, render};
+use retina_model::host::write_atomic;
 pub use scene::{Scene, Truth};
 use std::path::{Path, PathBuf};
 
@@ -166,7 +166,7 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<WrittenLabels>> {
             let (stem, ext) = file_name(opts.format, i, opts.seed);
             let name = format!("{stem}.{ext}");
             let path = image_dir.join(&name);
-            write_file_atomic(&path, &encode(&img, ext))?;
+            write_atomic(&path, &encode(&img, ext))?;
             let mut hide = image_rng(opts.seed, i as u64, 1);
             let t = scene.truth;
             let vessel_growth = (hide.random::<f32>() >= opts.missing).then_some(t.vessel_growth);
@@ -232,7 +232,8 @@ fn write_label_file(opts: &SynthOptions, labels: &[WrittenLabels]) -> Result<()>
         _ => unreachable!("checked in generate"),
     }
     let path = label_path(&opts.out, opts.format);
-    write_file_atomic(&path, s.as_bytes())
+    write_atomic(&path, s.as_bytes())?;
+    Ok(())
 }
 
 /// Where `synth` puts the label file for a format.
