@@ -25,9 +25,10 @@ const L2_PARAMS_SUM_SQ: f32 = 3.355; // sum of squares of the literal parameter 
 
 fn specs() -> Vec<HeadSpec> {
     vec![
-        HeadSpec::new("diagnosis".into(), HeadKind::Multiclass(5)),
+        // The diagnosis spec carries the referable rule the screening bias tilts.
+        HeadSpec::diagnosis(),
         HeadSpec::new("fluid".into(), HeadKind::Binary),
-        HeadSpec::new("vessel_growth".into(), HeadKind::Regression),
+        HeadSpec::vessel_growth(),
     ]
 }
 
