@@ -5,7 +5,7 @@ use crate::data::LoaderSpec;
 use crate::dataset::{DatasetFormat, Sample, check_images, read_labels};
 use crate::metrics::{self, BinaryCounts};
 use crate::plots;
-use crate::trainer::{EpochLog, predict_samples};
+use crate::trainer::{predict_samples, read_logs};
 use crate::util::write_file_atomic;
 use anyhow::{Result, anyhow, bail};
 use retina_model::bundle::decisions;
@@ -412,10 +412,7 @@ pub fn evaluate(
     if let Some(run) = model.parent() {
         let log = run.join("metrics.jsonl");
         if log.is_file() {
-            let logs: Vec<EpochLog> = std::fs::read_to_string(&log)?
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
+            let logs = read_logs(&log)?;
             plots::training(&out.join("training.png"), &logs)?;
             let _ = writeln!(md, "## Training curves\n\n![training](training.png)\n");
         }
