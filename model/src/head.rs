@@ -7,7 +7,6 @@
 //! [`HeadSpec`], so a head nobody wrote code for trains, evaluates, predicts and serves.
 
 use crate::config::ConfigError;
-use burn::config::Config;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
@@ -136,33 +135,93 @@ pub struct ThresholdDecision {
 }
 
 /// A prediction head: data, not code. Any number of heads can share the trunk.
-#[derive(Config, Debug, PartialEq)]
+///
+/// Only `name` and `kind` are required in a config file; unknown keys are refused (a typo
+/// would otherwise silently drop a setting).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HeadSpec {
     /// The head's name; also the label column it learns from and the key of its output.
     pub name: String,
     /// What it predicts.
     pub kind: HeadKind,
-    /// Which embedding it reads.
-    #[config(default = "AttachPoint::Embedding")]
+    /// Which embedding it reads (default: `embedding`).
+    #[serde(default = "embedding")]
     pub attach: AttachPoint,
     /// Width of an optional hidden layer (Linear + ReLU) before the output layer.
-    #[config(default = "None")]
+    #[serde(default)]
     pub hidden: Option<usize>,
     /// Names of a multiclass head's classes, in index order (default `0`, `1`, ...).
-    #[config(default = "None")]
+    #[serde(default)]
     pub classes: Option<Vec<String>>,
     /// A yes/no decision derived from a multiclass head (e.g. `referable` from grade 2).
     /// A binary head is its own decision, under its own name.
-    #[config(default = "None")]
+    #[serde(default)]
     pub decision: Option<ThresholdDecision>,
     /// The values a regression can take, `[low, high]`: labels outside are refused, answers
     /// are clamped into it. `None` leaves the regression unbounded.
-    #[config(default = "None")]
+    #[serde(default)]
     pub range: Option<[f32; 2]>,
     /// The key of the head's main answer in a prediction (default: `class` for a multiclass
     /// head, `present` for a binary one, `value` for a regression).
-    #[config(default = "None")]
+    #[serde(default)]
     pub answer_key: Option<String>,
+}
+
+fn embedding() -> AttachPoint {
+    AttachPoint::Embedding
+}
+
+impl HeadSpec {
+    /// A head on the embedding, with no hidden layer and the kind's defaults.
+    pub fn new(name: String, kind: HeadKind) -> HeadSpec {
+        HeadSpec {
+            name,
+            kind,
+            attach: AttachPoint::Embedding,
+            hidden: None,
+            classes: None,
+            decision: None,
+            range: None,
+            answer_key: None,
+        }
+    }
+
+    /// Sets where the head reads.
+    pub fn with_attach(mut self, attach: AttachPoint) -> Self {
+        self.attach = attach;
+        self
+    }
+
+    /// Sets the hidden layer's width.
+    pub fn with_hidden(mut self, hidden: Option<usize>) -> Self {
+        self.hidden = hidden;
+        self
+    }
+
+    /// Sets the class names.
+    pub fn with_classes(mut self, classes: Option<Vec<String>>) -> Self {
+        self.classes = classes;
+        self
+    }
+
+    /// Sets the derived decision.
+    pub fn with_decision(mut self, decision: Option<ThresholdDecision>) -> Self {
+        self.decision = decision;
+        self
+    }
+
+    /// Sets a regression's range.
+    pub fn with_range(mut self, range: Option<[f32; 2]>) -> Self {
+        self.range = range;
+        self
+    }
+
+    /// Sets the answer key.
+    pub fn with_answer_key(mut self, key: Option<String>) -> Self {
+        self.answer_key = key;
+        self
+    }
 }
 
 /// How a decision is read off its head.
@@ -537,6 +596,19 @@ mod tests {
         let b = HeadSpec::new("laser_scars".into(), HeadKind::Binary);
         assert_eq!(b.parse_label("yes").unwrap(), 1.0);
         assert!(b.parse_label("2").is_err());
+    }
+
+    #[test]
+    fn a_config_needs_only_name_and_kind_and_refuses_typos() {
+        let h: HeadSpec =
+            serde_json::from_str(r#"{"name": "laser_scars", "kind": "binary"}"#).unwrap();
+        assert_eq!(h, HeadSpec::new("laser_scars".into(), HeadKind::Binary));
+        let e = serde_json::from_str::<HeadSpec>(
+            r#"{"name": "x", "kind": "binary", "atach": "stage2"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("atach"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,7 @@
 use anyhow::Result;
 use retina_model::burn::prelude::*;
 use retina_model::{AttachPoint, BackendChoice, FLUID, HeadSpec, ModelBundle};
-use retina_train::config::TrainConfig;
+use retina_train::config::{ModelSection, OptimizerConfig, TrainConfig};
 use retina_train::data::LoaderSpec;
 use retina_train::dataset::{DatasetFormat, read_labels};
 use retina_train::metrics::roc_auc;
@@ -60,10 +60,16 @@ fn main() -> Result<()> {
         let mut heads = HeadSpec::default_heads();
         heads[1].attach = attach;
         let config = TrainConfig {
-            image_size: Some(96),
+            model: ModelSection {
+                image_size: Some(96),
+                heads: Some(heads),
+                ..ModelSection::default()
+            },
             epochs: 6,
-            learning_rate: 3e-3,
-            heads: Some(heads),
+            optimizer: OptimizerConfig {
+                learning_rate: 3e-3,
+                ..OptimizerConfig::default()
+            },
             ..TrainConfig::default()
         };
         let out = work.join(format!("run-{attach}"));
@@ -80,6 +86,7 @@ fn main() -> Result<()> {
             backend: "cpu".into(),
             skip_bad_images: false,
             command: "examples/head_placement".into(),
+            resumed: Vec::new(),
         })?;
         let device = BackendChoice::Cpu.select()?.device;
         let bundle = ModelBundle::load(&out.join("model"), &device)?;

@@ -1,10 +1,10 @@
 //! Command-line interface of `retina-train`: every flag in one place.
 
 use crate::bench;
-use crate::config::TrainConfig;
+use crate::config::{Overrides, Set};
 use crate::dataset::DatasetFormat;
 use crate::synth::{self, SynthOptions};
-use crate::trainer::{self, DataSource, FitRequest};
+use crate::trainer::{self, DataSource, FitRequest, Resume};
 use crate::util::parse_grade_mix;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -61,11 +61,11 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct FitArgs {
     /// Label file of the training data.
-    #[arg(long, required_unless_present_any = ["synthetic", "resume"])]
+    #[arg(long)]
     data: Option<PathBuf>,
-    /// Format of the label file: native, aptos, eyepacs, idrid, messidor2, ddr.
-    #[arg(long, default_value = "native")]
-    format: DatasetFormat,
+    /// Format of the label file: native, aptos, eyepacs, idrid, messidor2, ddr [default: native].
+    #[arg(long)]
+    format: Option<DatasetFormat>,
     /// Image folder (default: the format's usual folder beside the label file).
     #[arg(long)]
     images: Option<PathBuf>,
@@ -75,42 +75,100 @@ struct FitArgs {
     /// Train on N generated images instead of a data set (the embedded default).
     #[arg(long, conflicts_with = "data")]
     synthetic: Option<usize>,
-    /// Side of the generated images.
-    #[arg(long, default_value_t = 256)]
-    synthetic_size: u32,
+    /// Side of the generated images [default: 256].
+    #[arg(long)]
+    synthetic_size: Option<u32>,
     /// Run directory: checkpoints, metrics.jsonl, and the exported bundle in RUN_DIR/model.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run in this directory from its last checkpoint.
-    #[arg(long, conflicts_with_all = ["data", "synthetic", "out"])]
+    /// Continue the run in this directory from its last checkpoint. Settings that may change
+    /// mid-run (epochs, batch size, learning rate, schedule, clipping, select_metric,
+    /// data.cache_images) can be given and are recorded in run.json; others are refused.
+    #[arg(long)]
     resume: Option<PathBuf>,
     /// Training config (TOML); the flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Network preset: small, reference, resnet18.
+    /// Set a config key: a dotted TOML path and a TOML value, else a string
+    /// (`--set optimizer.learning_rate=1e-3 --set data.sampling=balanced`). Repeatable; applied
+    /// after --config and the shorthand flags.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<Set>,
+    /// Print the resolved config (file, then flags) as TOML and exit without training.
+    #[arg(long)]
+    print_config: bool,
+    /// Network preset: small, reference, resnet18 (`--set model.preset=...`).
     #[arg(long)]
     preset: Option<String>,
-    /// Epochs.
+    /// Epochs (`--set epochs=...`).
     #[arg(long)]
     epochs: Option<usize>,
-    /// Input size in pixels.
+    /// Input size in pixels (`--set model.image_size=...`).
     #[arg(long)]
     image_size: Option<usize>,
-    /// Batch size.
+    /// Batch size (`--set batch_size=...`).
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Peak learning rate.
+    /// Peak learning rate (`--set optimizer.learning_rate=...`).
     #[arg(long)]
     learning_rate: Option<f64>,
-    /// Backend: cpu, wgpu, auto (also flex, ndarray).
-    #[arg(long, default_value = "cpu")]
-    backend: String,
-    /// Seed.
+    /// Backend: cpu, wgpu, auto (also flex, ndarray) [default: cpu; on --resume, the run's].
+    #[arg(long)]
+    backend: Option<String>,
+    /// Seed (`--set seed=...`).
     #[arg(long)]
     seed: Option<u64>,
     /// Skip unreadable or missing images (counted in the summary) instead of failing.
     #[arg(long)]
     skip_bad_images: bool,
+}
+
+impl FitArgs {
+    /// The config changes the flags ask for: the file, the shorthands, then `--set`.
+    fn overrides(&self) -> Result<Overrides> {
+        let mut o = Overrides {
+            file: self.config.clone(),
+            sets: Vec::new(),
+        };
+        let int = |v: usize| i64::try_from(v).context("value too large");
+        if let Some(v) = &self.preset {
+            o = o.set("model.preset", v.as_str());
+        }
+        if let Some(v) = self.epochs {
+            o = o.set("epochs", int(v)?);
+        }
+        if let Some(v) = self.image_size {
+            o = o.set("model.image_size", int(v)?);
+        }
+        if let Some(v) = self.batch_size {
+            o = o.set("batch_size", int(v)?);
+        }
+        if let Some(v) = self.learning_rate {
+            o = o.set("optimizer.learning_rate", v);
+        }
+        if let Some(v) = self.seed {
+            o = o.set("seed", i64::try_from(v).context("--seed too large")?);
+        }
+        o.sets.extend(self.set.iter().cloned());
+        Ok(o)
+    }
+
+    /// Flags that describe the data of a new run, which a resumed run cannot change.
+    fn data_flags(&self) -> Vec<&'static str> {
+        [
+            ("--data", self.data.is_some()),
+            ("--synthetic", self.synthetic.is_some()),
+            ("--synthetic-size", self.synthetic_size.is_some()),
+            ("--format", self.format.is_some()),
+            ("--images", self.images.is_some()),
+            ("--val", self.val.is_some()),
+            ("--skip-bad-images", self.skip_bad_images),
+            ("--out", self.out.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(f, given)| given.then_some(f))
+        .collect()
+    }
 }
 
 /// A labelled image set: label file, its format and the image folder.
@@ -406,51 +464,56 @@ fn run(cli: Cli) -> Result<()> {
 
 fn fit(a: FitArgs) -> Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let summary = if let Some(dir) = a.resume {
-        trainer::resume(&dir, a.epochs)?
-    } else {
-        let mut config = match &a.config {
-            Some(p) => TrainConfig::load(p)?,
-            None => TrainConfig::default(),
+    let overrides = a.overrides()?;
+    let summary = if let Some(dir) = &a.resume {
+        if let Some(flag) = a.data_flags().first() {
+            bail!(
+                "{flag} cannot be used with --resume: a run's data and directory are fixed \
+                 (see {}); start a new run with --out to train on other data",
+                dir.join("run.json").display()
+            );
+        }
+        let resume = Resume {
+            overrides,
+            backend: a.backend.clone(),
+            command,
         };
-        if let Some(v) = a.preset {
-            config.preset = v;
+        if a.print_config {
+            print!("{}", trainer::plan_resume(dir, &resume)?.config.to_toml()?);
+            return Ok(());
         }
-        if let Some(v) = a.epochs {
-            config.epochs = v;
-        }
-        if let Some(v) = a.image_size {
-            config.image_size = Some(v);
-        }
-        if let Some(v) = a.batch_size {
-            config.batch_size = v;
-        }
-        if let Some(v) = a.learning_rate {
-            config.learning_rate = v;
-        }
-        if let Some(v) = a.seed {
-            config.seed = v;
+        trainer::resume(dir, &resume)?
+    } else {
+        let config = overrides.resolve()?;
+        if a.print_config {
+            config.validate()?;
+            print!("{}", config.to_toml()?);
+            return Ok(());
         }
         let data = match (a.synthetic, a.data) {
             (Some(n), _) => DataSource::Synthetic {
                 n,
-                size: a.synthetic_size,
+                size: a.synthetic_size.unwrap_or(256),
             },
             (None, Some(path)) => DataSource::Labels {
                 path,
-                format: a.format,
+                format: a.format.unwrap_or(DatasetFormat::Native),
                 images: a.images,
                 val: a.val,
             },
-            (None, None) => bail!("give --data LABELS or --synthetic N"),
+            (None, None) => bail!("give --data LABELS or --synthetic N (or --resume RUN_DIR)"),
+        };
+        let Some(out) = a.out else {
+            bail!("give --out RUN_DIR, the directory the run writes to");
         };
         trainer::fit(FitRequest {
             data,
-            out: a.out.expect("clap requires --out"),
+            out,
             config,
-            backend: a.backend,
+            backend: a.backend.unwrap_or_else(|| "cpu".into()),
             skip_bad_images: a.skip_bad_images,
             command,
+            resumed: Vec::new(),
         })?
     };
     eprintln!(
@@ -474,7 +537,12 @@ fn pin_default_device(cli: &Cli) {
         return;
     }
     let backend = match &cli.command {
-        Command::Fit(a) => a.backend.as_str(),
+        Command::Fit(a) => match (&a.backend, &a.resume) {
+            (Some(b), _) => b.clone(),
+            // A resumed run keeps the backend in its run.json.
+            (None, Some(dir)) => trainer::recorded_backend(dir).unwrap_or_else(|| "cpu".into()),
+            (None, None) => "cpu".into(),
+        },
         _ => return,
     };
     let name = match backend.parse::<BackendChoice>() {

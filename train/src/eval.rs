@@ -6,7 +6,7 @@ use crate::dataset::{DatasetFormat, Sample, check_images, read_labels};
 use crate::metrics::{self, BinaryCounts};
 use crate::plots;
 use crate::scoring::{DecisionScore, HeadScore, score_heads};
-use crate::trainer::{EpochLog, predict_samples};
+use crate::trainer::{predict_samples, read_logs};
 use anyhow::{Result, bail};
 use retina_model::host::write_atomic;
 use retina_model::{
@@ -311,7 +311,7 @@ pub fn evaluate(
     if let Some(run) = model.parent() {
         let log = run.join("metrics.jsonl");
         if log.is_file() {
-            let logs: Vec<EpochLog> = crate::trainer::read_logs(&log)?;
+            let logs = read_logs(&log)?;
             plots::training(&out.join("training.png"), &logs)?;
             let _ = writeln!(md, "## Training curves\n\n![training](training.png)\n");
         }

@@ -186,3 +186,29 @@ fn eval_refuses_labels_for_heads_the_model_lacks() {
         "{e}"
     );
 }
+
+/// The training curves of a bundle in a run directory come from its `metrics.jsonl`, read by the
+/// trainer's own reader: a damaged line is an error at `file:line:column`, not skipped.
+#[test]
+fn eval_reports_a_damaged_training_log_where_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, labels) = setup(dir.path(), None);
+    let log = r#"{"epoch":1,"train_loss":1.0,"train_head_loss":{},"train_l2":0.1,"val":{},"learning_rate":0.002,"train_img_per_s":10.0,"seconds":1.0}"#;
+    std::fs::write(
+        dir.path().join("metrics.jsonl"),
+        format!("{log}\n{{\"epoch\": 2, \"train_loss\": }}\n"),
+    )
+    .unwrap();
+    let e = eval::evaluate(
+        &model,
+        &labels,
+        DatasetFormat::Native,
+        None,
+        &dir.path().join("report"),
+        None,
+        BackendChoice::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("metrics.jsonl:2:"), "{e}");
+}

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{data, logs, request};
-use retina_train::config::TrainConfig;
+use retina_train::config::{DataConfig, ModelSection, OptimizerConfig, TrainConfig};
 use retina_train::trainer;
 
 #[test]
@@ -11,11 +11,20 @@ fn small_preset_learns_referable_dr_on_generated_images() {
     let dir = tempfile::tempdir().unwrap();
     let labels = data(&dir.path().join("data"), 480, 128, 1);
     let config = TrainConfig {
-        image_size: Some(96),
+        model: ModelSection {
+            image_size: Some(96),
+            ..ModelSection::default()
+        },
         epochs: 8,
         batch_size: 16,
-        learning_rate: 3e-3,
-        val_fraction: 0.25,
+        optimizer: OptimizerConfig {
+            learning_rate: 3e-3,
+            ..OptimizerConfig::default()
+        },
+        data: DataConfig {
+            val_fraction: 0.25,
+            ..DataConfig::default()
+        },
         ..TrainConfig::default()
     };
     let out = dir.path().join("run");
@@ -45,23 +54,32 @@ fn small_preset_learns_referable_dr_on_generated_images() {
 fn a_config_file_with_a_typo_is_located() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("train.toml");
-    std::fs::write(&p, "preset = \"small\"\nepochs = 3\nlearnig_rate = 0.1\n").unwrap();
+    std::fs::write(&p, "epochs = 3\n[optimizer]\nlearnig_rate = 0.1\n").unwrap();
     let e = TrainConfig::load(&p).unwrap_err().to_string();
     assert!(
         e.contains("train.toml:3:1") && e.contains("learnig_rate"),
         "{e}"
     );
+    // The message names the valid keys of the section.
+    assert!(
+        e.contains("learning_rate") && e.contains("weight_decay"),
+        "{e}"
+    );
+    // The former flat layout is refused, not ignored.
+    std::fs::write(&p, "preset = \"small\"\n").unwrap();
+    let e = TrainConfig::load(&p).unwrap_err().to_string();
+    assert!(e.contains("train.toml:1:1") && e.contains("preset"), "{e}");
     std::fs::write(
         &p,
-        "preset = \"small\"\naugment = false\n[loss]\nobjective = \"screening\"\n[[loss.heads]]\nhead = \"fluid\"\nweight = 0.5\nclass_weights = [1.0, 1000.0]\n",
+        "[model]\npreset = \"small\"\n[data]\naugment = false\n[loss]\nobjective = \"screening\"\n[[loss.heads]]\nhead = \"fluid\"\nweight = 0.5\nclass_weights = [1.0, 1000.0]\n",
     )
     .unwrap();
     let c = TrainConfig::load(&p).unwrap();
-    assert_eq!(c.augment, None);
+    assert_eq!(c.data.augment, None);
     // The README's head override parses and moves the head.
     std::fs::write(
         &p,
-        "[[heads]]\nname = \"diagnosis\"\nkind = { multiclass = 5 }\nattach = \"embedding\"\n\n[[heads]]\nname = \"vessel_growth\"\nkind = \"regression\"\nattach = \"stage3\"\nhidden = 32\n",
+        "[[model.heads]]\nname = \"diagnosis\"\nkind = { multiclass = 5 }\nattach = \"embedding\"\n\n[[model.heads]]\nname = \"vessel_growth\"\nkind = \"regression\"\nattach = \"stage3\"\nhidden = 32\n",
     )
     .unwrap();
     let m = TrainConfig::load(&p).unwrap().model_config().unwrap();
@@ -92,4 +110,87 @@ fn the_readme_train_toml_parses() {
     c.validate().unwrap();
     let specs = c.model_config().unwrap().heads;
     c.loss.init(&specs, &|_| Some(vec![5, 1, 1, 1, 1])).unwrap();
+}
+
+/// `TrainConfig::to_toml` (what `fit --print-config` prints) reads back to the same config, for
+/// the defaults and for a config that sets something in every section.
+#[test]
+fn a_printed_config_loads_back_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("train.toml");
+    let full = r#"
+epochs = 5
+batch_size = 8
+seed = 7
+select_metric = "val_loss"
+
+[model]
+preset = "reference"
+image_size = 96
+
+[model.preprocess]
+graham = true
+mean = [0.4, 0.5, 0.6]
+
+[model.trunk]
+stem_width = 16
+stem_bias = false
+
+[[model.trunk.stages]]
+width = 16
+
+[[model.trunk.stages]]
+width = 32
+depth = 2
+
+[[model.heads]]
+name = "diagnosis"
+kind = { multiclass = 5 }
+attach = "embedding"
+hidden = 32
+
+[[model.heads]]
+name = "fluid"
+kind = "binary"
+attach = "stage2"
+
+[optimizer]
+kind = "sgd"
+learning_rate = 0.05
+weight_decay = 1e-4
+momentum = 0.8
+nesterov = true
+clip_grad_norm = 2.5
+
+[schedule]
+warmup_epochs = 0.5
+kind = "constant"
+final_fraction = 0.05
+
+[data]
+val_fraction = 0.3
+sampling = "balanced"
+augment = false
+cache_images = false
+
+[loss]
+l2 = 1e-5
+objective = "screening"
+
+[[loss.heads]]
+head = "fluid"
+weight = 0.5
+class_weights = [1.0, 10.0]
+"#;
+    std::fs::write(&p, full).unwrap();
+    let c = TrainConfig::load(&p).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.model_config().unwrap().trunk.stages[1].depth, 2);
+    assert!(!c.model_config().unwrap().trunk.stem_bias);
+    for config in [TrainConfig::default(), c] {
+        let text = config.to_toml().unwrap();
+        std::fs::write(&p, &text).unwrap();
+        let back = TrainConfig::load(&p).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(back, config, "{text}");
+    }
 }

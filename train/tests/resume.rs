@@ -5,8 +5,9 @@
 mod common;
 
 use common::{data, logs, request};
-use retina_train::config::TrainConfig;
-use retina_train::trainer;
+use retina_train::config::{ModelSection, Overrides, TrainConfig};
+use retina_train::trainer::{self, Resume};
+use std::path::Path;
 
 #[test]
 fn resume_and_stop_on_nan() {
@@ -14,11 +15,15 @@ fn resume_and_stop_on_nan() {
     unsafe { std::env::set_var("BURN_DEVICE", "flex") };
     resume_matches_an_uninterrupted_run();
     a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint();
+    resuming_applies_safe_changes_and_refuses_the_others();
 }
 
 fn small_config(epochs: usize) -> TrainConfig {
     TrainConfig {
-        image_size: Some(32),
+        model: ModelSection {
+            image_size: Some(32),
+            ..ModelSection::default()
+        },
         epochs,
         batch_size: 8,
         ..TrainConfig::default()
@@ -36,7 +41,7 @@ fn resume_matches_an_uninterrupted_run() {
     // A second `fit` into the same directory is refused; `resume` extends the run.
     let again = trainer::fit(request(&labels, &out, TrainConfig::default()));
     assert!(again.unwrap_err().to_string().contains("--resume"));
-    trainer::resume(&out, Some(3)).unwrap();
+    trainer::resume(&out, &Resume::new(Overrides::default().set("epochs", 3))).unwrap();
     let (a, b) = (logs(&straight), logs(&out));
     assert_eq!(b.iter().map(|l| l.epoch).collect::<Vec<_>>(), vec![1, 2, 3]);
     // Same data order, same weights, same optimizer moments: the resumed run follows the
@@ -63,13 +68,14 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let out = dir.path().join("run");
     trainer::fit(request(&labels, &out, small_config(1))).unwrap();
     let good = std::fs::read(out.join("checkpoint/model.bpk")).unwrap();
-    // Continue with an absurd learning rate: the weights blow up and the loss becomes NaN.
-    let run_json = out.join("run.json");
-    let mut req: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&run_json).unwrap()).unwrap();
-    req["config"]["learning_rate"] = serde_json::json!(1e30);
-    std::fs::write(&run_json, req.to_string()).unwrap();
-    let err = trainer::resume(&out, Some(4)).unwrap_err().to_string();
+    // Continue with an absurd learning rate (a change a resumed run may make): the weights blow
+    // up and the loss becomes NaN.
+    let absurd = Overrides::default()
+        .set("epochs", 4)
+        .set("optimizer.learning_rate", 1e30);
+    let err = trainer::resume(&out, &Resume::new(absurd))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("non-finite"), "{err}");
     assert!(err.contains("last good checkpoint (epoch 1)"), "{err}");
     let state: serde_json::Value =
@@ -87,4 +93,83 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
         &retina_model::burn::prelude::Device::flex(),
     )
     .unwrap();
+}
+
+fn run_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap()
+}
+
+/// Flags given with `--resume` are either applied and recorded in run.json, or refused with the
+/// key and the reason; never ignored.
+fn resuming_applies_safe_changes_and_refuses_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = data(&dir.path().join("data"), 24, 64, 4);
+    let out = dir.path().join("run");
+    trainer::fit(request(&labels, &out, small_config(1))).unwrap();
+    let before = std::fs::read_to_string(out.join("run.json")).unwrap();
+
+    for (key, value, why) in [
+        ("model.preset", toml::Value::from("reference"), "network"),
+        ("seed", toml::Value::from(3), "split"),
+        ("data.sampling", toml::Value::from("balanced"), "mid-run"),
+        (
+            "optimizer.kind",
+            toml::Value::from("sgd"),
+            "optimizer's state",
+        ),
+        ("loss.l2", toml::Value::from(0.5), "objective"),
+        ("data.val_fraction", toml::Value::from(0.5), "split"),
+    ] {
+        let r = Resume::new(Overrides::default().set("epochs", 2).set(key, value));
+        let e = trainer::resume(&out, &r).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("cannot change {key}")) && e.contains(why),
+            "{key}: {e}"
+        );
+    }
+    // Refused before anything was written.
+    assert_eq!(
+        std::fs::read_to_string(out.join("run.json")).unwrap(),
+        before
+    );
+    assert_eq!(logs(&out).len(), 1);
+
+    // Safe changes are applied and recorded.
+    let safe = Overrides::default()
+        .set("epochs", 2)
+        .set("optimizer.learning_rate", 1e-3)
+        .set("schedule.kind", "constant")
+        .set("data.cache_images", false)
+        .set("seed", 0); // the run's own value: no change
+    let mut r = Resume::new(safe);
+    r.command = "retina-train fit --resume run --epochs 2 ...".into();
+    trainer::resume(&out, &r).unwrap();
+    let req = run_json(&out);
+    assert_eq!(req["config"]["epochs"], 2);
+    assert_eq!(req["config"]["optimizer"]["learning_rate"], 1e-3);
+    let resumed = req["resumed"].as_array().unwrap();
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0]["after_epoch"], 1);
+    assert_eq!(resumed[0]["command"], r.command.as_str());
+    let keys: Vec<&str> = resumed[0]["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "data.cache_images",
+            "epochs",
+            "optimizer.learning_rate",
+            "schedule.kind"
+        ]
+    );
+    let log = logs(&out);
+    assert_eq!(log.len(), 2);
+    assert_eq!(
+        log[1].learning_rate, 1e-3,
+        "the constant schedule at the new peak"
+    );
 }

@@ -4,7 +4,7 @@
 use retina_train::config::TrainConfig;
 use retina_train::dataset::DatasetFormat;
 use retina_train::synth::{self, SynthOptions};
-use retina_train::trainer::{DataSource, EpochLog, FitRequest};
+use retina_train::trainer::{DataSource, EpochLog, FitRequest, read_logs};
 use std::path::Path;
 
 pub fn data(dir: &Path, count: usize, size: u32, seed: u64) -> std::path::PathBuf {
@@ -36,13 +36,10 @@ pub fn request(labels: &Path, out: &Path, config: TrainConfig) -> FitRequest {
         backend: "cpu".into(),
         skip_bad_images: false,
         command: "test".into(),
+        resumed: Vec::new(),
     }
 }
 
 pub fn logs(dir: &Path) -> Vec<EpochLog> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    read_logs(&dir.join("metrics.jsonl")).unwrap()
 }

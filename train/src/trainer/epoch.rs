@@ -1,0 +1,175 @@
+//! One training epoch: the optimizer steps over the epoch's batches, the stop on a non-finite
+//! loss, the per-head loss sums and the progress bar.
+
+use super::schedule::Schedule;
+use super::validation::targets;
+use crate::data::{LoaderSpec, Sampling, epoch_order};
+use crate::dataset::Sample;
+use crate::loss::RetinaLoss;
+use anyhow::{Context, Result, bail};
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use retina_model::RetinaNet;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What stays the same from epoch to epoch.
+pub(super) struct EpochPlan<'a> {
+    /// The objective.
+    pub loss: &'a RetinaLoss,
+    /// Training loader settings.
+    pub spec: &'a LoaderSpec,
+    /// Training samples.
+    pub samples: &'a Arc<Vec<Sample>>,
+    /// How samples are drawn.
+    pub sampling: Sampling,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Steps per epoch.
+    pub steps_per_epoch: usize,
+    /// Last epoch of the run (for the progress bar).
+    pub epochs: usize,
+    /// Learning rate of each step.
+    pub schedule: &'a Schedule,
+    /// Autodiff device.
+    pub device: &'a Device,
+    /// The run directory (named in the non-finite-loss message).
+    pub run_dir: &'a Path,
+}
+
+/// Means over one epoch's training samples.
+#[derive(Debug, Clone)]
+pub(super) struct EpochTotals {
+    /// Mean total loss.
+    pub loss: f64,
+    /// Mean loss of each head, in network order.
+    pub head_loss: Vec<f64>,
+    /// Mean L2 term.
+    pub l2: f64,
+    /// Learning rate of the last step.
+    pub learning_rate: f64,
+    /// Images per second of step time.
+    pub img_per_s: f64,
+    /// Seconds spent waiting for batches.
+    pub data_wait_s: f64,
+    /// Images skipped as unreadable.
+    pub bad_images: usize,
+}
+
+impl EpochPlan<'_> {
+    /// Trains `epoch` (1-based), advancing the global `step`. `last_good` is the epoch of the
+    /// last checkpoint, named when a non-finite loss stops the run (before the step that would
+    /// have applied it, so the weights and the checkpoint stay finite).
+    pub fn run(
+        &self,
+        epoch: usize,
+        mut model: RetinaNet,
+        optim: &mut ModuleOptimizer,
+        step: &mut usize,
+        last_good: usize,
+    ) -> Result<(RetinaNet, EpochTotals)> {
+        let s = self.spec.preprocess.image_size;
+        let heads = self.spec.heads.len();
+        let order = epoch_order(self.samples, self.sampling, self.seed, epoch);
+        let rx = self.spec.clone().spawn(
+            self.samples.clone(),
+            order,
+            self.batch_size,
+            3,
+            (epoch * self.steps_per_epoch) as u64,
+        );
+        let bar = if std::io::stderr().is_terminal() {
+            ProgressBar::new(self.steps_per_epoch as u64).with_style(
+                ProgressStyle::with_template("epoch {msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]")
+                    .expect("valid template"),
+            )
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_message(format!("{epoch}/{}", self.epochs));
+        let (mut sum_total, mut sum_l2, mut n_seen) = (0.0f64, 0.0f64, 0usize);
+        let mut sum_heads = vec![0.0f64; heads];
+        let mut step_time = 0.0f64;
+        let mut data_wait = 0.0f64;
+        let mut bad_images = 0usize;
+        let mut lr = 0.0;
+        let mut batches = rx.into_iter().enumerate();
+        loop {
+            let waiting = Instant::now();
+            let Some((b, batch)) = batches.next() else {
+                break;
+            };
+            data_wait += waiting.elapsed().as_secs_f64();
+            let batch = batch
+                .with_context(|| format!("loading training batch {} of epoch {epoch}", b + 1))?;
+            bad_images += batch.bad.len();
+            for e in &batch.bad {
+                eprintln!("skipped: {e}");
+            }
+            if batch.n == 0 {
+                continue;
+            }
+            let t0 = Instant::now();
+            let x = Tensor::<4>::from_data(
+                TensorData::new(batch.images, [batch.n, 3, s, s]),
+                self.device,
+            );
+            let t = targets(&batch.targets, self.device);
+            let out = model.forward(x);
+            let l = self.loss.forward(&model, &out, &t);
+            // One host read per step for the NaN check and the logs.
+            let mut parts = vec![l.total.clone()];
+            parts.extend(l.heads.iter().map(|(_, v)| v.clone()));
+            parts.push(l.l2_sum.clone());
+            let host: Vec<f32> = Tensor::cat(parts.iter().map(|p| p.clone().detach()).collect(), 0)
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .expect("f32 host data");
+            if !host.iter().all(|v| v.is_finite()) {
+                bar.finish_and_clear();
+                bail!(
+                    "the loss became non-finite ({}) at epoch {epoch}, batch {}: training stopped. \
+                     The last good checkpoint (epoch {last_good}) is kept in {}; lower the \
+                     learning rate (now {:.2e}) and continue with --resume {}",
+                    host[0],
+                    b + 1,
+                    self.run_dir.join("checkpoint").display(),
+                    self.schedule.peak,
+                    self.run_dir.display()
+                );
+            }
+            lr = self.schedule.at(*step);
+            let grads = GradientsParams::from_grads(l.total.backward(), &model);
+            model = optim.step(lr, model, grads);
+            *step += 1;
+            step_time += t0.elapsed().as_secs_f64();
+            let n = batch.n as f64;
+            sum_total += host[0] as f64 * n;
+            for (i, v) in host[1..=heads].iter().enumerate() {
+                sum_heads[i] += *v as f64 * n;
+            }
+            sum_l2 += *host.last().expect("l2") as f64 * self.loss.l2 as f64 * n;
+            n_seen += batch.n;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let n = n_seen.max(1) as f64;
+        Ok((
+            model,
+            EpochTotals {
+                loss: sum_total / n,
+                head_loss: sum_heads.iter().map(|v| v / n).collect(),
+                l2: sum_l2 / n,
+                learning_rate: lr,
+                img_per_s: n_seen as f64 / step_time.max(1e-9),
+                data_wait_s: data_wait,
+                bad_images,
+            },
+        ))
+    }
+}

@@ -1,0 +1,138 @@
+//! What a run trains and validates on: the samples of its data source, split, and the loader
+//! settings for both sets (augmentation, the decoded-image cache).
+
+use super::{DataSource, FitRequest};
+use crate::data::{LoaderSpec, ViewCache, split};
+use crate::dataset::{DatasetFormat, LabelFile, Sample, check_images, read_labels};
+use crate::synth::{self, SynthOptions};
+use anyhow::{Result, anyhow};
+use retina_model::{HeadSpec, RetinaConfig};
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+/// Most memory the decoded-image cache may take.
+const CACHE_BUDGET_BYTES: usize = 4 << 30;
+
+/// The samples of a run.
+pub(super) struct Samples {
+    pub train: Vec<Sample>,
+    pub val: Vec<Sample>,
+    /// Rows the label format skipped as ungradable.
+    pub ungradable: usize,
+    /// Missing image files skipped (with `skip_bad_images`).
+    pub missing: usize,
+}
+
+/// Loads the samples of a request and splits off the validation set (unless one is given).
+pub(super) fn load(req: &FitRequest, heads: &[HeadSpec]) -> Result<Samples> {
+    let cfg = &req.config;
+    match &req.data {
+        DataSource::Synthetic { n, size } => {
+            let dir = req.out.join("synthetic");
+            let label = synth::label_path(&dir, DatasetFormat::Native);
+            if !label.is_file() {
+                eprintln!(
+                    "generating {n} synthetic images ({size} px) into {}",
+                    dir.display()
+                );
+                synth::generate(&SynthOptions {
+                    out: dir.clone(),
+                    count: *n,
+                    size: *size,
+                    seed: cfg.seed,
+                    grades: synth::SCREENING_MIX,
+                    missing: 0.0,
+                    format: DatasetFormat::Native,
+                    progress: std::io::stderr().is_terminal(),
+                })?;
+            }
+            let file = read_labels(&label, DatasetFormat::Native, None, heads)?;
+            let (train, val) = split(&file.samples, cfg.data.val_fraction, cfg.seed);
+            Ok(Samples {
+                train,
+                val,
+                ungradable: 0,
+                missing: 0,
+            })
+        }
+        DataSource::Labels {
+            path,
+            format,
+            images,
+            val,
+        } => {
+            let mut file = read_labels(path, *format, images.as_deref(), heads)?;
+            let mut missing = 0;
+            let keep_present = |f: &mut LabelFile, missing: &mut usize| -> Result<()> {
+                if req.skip_bad_images {
+                    let before = f.samples.len();
+                    f.samples.retain(|s| s.image.is_file());
+                    *missing += before - f.samples.len();
+                    Ok(())
+                } else {
+                    check_images(f).map_err(|e| {
+                        anyhow!("{e}\nhint: pass --images DIR, or --skip-bad-images to skip it")
+                    })
+                }
+            };
+            keep_present(&mut file, &mut missing)?;
+            let ungradable = file.skipped_ungradable;
+            match val {
+                Some(v) => {
+                    let mut vf = read_labels(v, *format, images.as_deref(), heads)?;
+                    keep_present(&mut vf, &mut missing)?;
+                    Ok(Samples {
+                        train: file.samples,
+                        val: vf.samples,
+                        ungradable: ungradable + vf.skipped_ungradable,
+                        missing,
+                    })
+                }
+                None => {
+                    let (train, val) = split(&file.samples, cfg.data.val_fraction, cfg.seed);
+                    Ok(Samples {
+                        train,
+                        val,
+                        ungradable,
+                        missing,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Loader settings for training (augmented) and validation (not), sharing one cache of decoded
+/// views when it fits the budget.
+pub(super) fn loader_specs(
+    req: &FitRequest,
+    model: &RetinaConfig,
+    images: usize,
+) -> (LoaderSpec, LoaderSpec) {
+    let cfg = &req.config;
+    // Decoded views cost S*S*3 bytes each; past the budget, decode every epoch instead of
+    // exhausting memory on a large data set.
+    let side = model.preprocess.image_size;
+    let cache_bytes = images * side * side * 3;
+    let cache_images = cfg.data.cache_images && cache_bytes <= CACHE_BUDGET_BYTES;
+    if cfg.data.cache_images && !cache_images {
+        eprintln!(
+            "not caching decoded images: they would need {} MiB (budget {} MiB); decoding each epoch",
+            cache_bytes >> 20,
+            CACHE_BUDGET_BYTES >> 20
+        );
+    }
+    let train = LoaderSpec {
+        preprocess: model.preprocess.clone(),
+        heads: model.heads.iter().map(|h| h.name.clone()).collect(),
+        augment: cfg.data.augment,
+        skip_bad: req.skip_bad_images,
+        cache: cache_images.then(|| Arc::new(ViewCache::default())),
+        seed: cfg.seed,
+    };
+    let val = LoaderSpec {
+        augment: None,
+        ..train.clone()
+    };
+    (train, val)
+}

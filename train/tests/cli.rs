@@ -1,0 +1,105 @@
+//! The `fit` command line: `--set`, `--print-config`, and flags refused with `--resume`.
+
+use retina_train::config::TrainConfig;
+use std::process::{Command, Output};
+
+fn fit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_retina-train"))
+        .arg("fit")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `--print-config` prints the file with the flags applied, trains nothing, and what it prints
+/// loads back to the same config.
+#[test]
+fn print_config_resolves_file_and_flags_and_loads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("train.toml");
+    std::fs::write(
+        &file,
+        "epochs = 4\n[optimizer]\nweight_decay = 0.01\n[data]\naugment = false\n",
+    )
+    .unwrap();
+    let out = fit(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--set",
+        "optimizer.learning_rate=1e-3",
+        "--set",
+        "model.preset=reference",
+        "--set",
+        "data.sampling=balanced",
+        "--set",
+        "loss.objective=screening",
+        "--epochs",
+        "6",
+        "--image-size",
+        "96",
+        "--print-config",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &text).unwrap();
+    let c = TrainConfig::load(&printed).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(c.epochs, 6);
+    assert_eq!(c.optimizer.learning_rate, 1e-3);
+    assert_eq!(c.optimizer.weight_decay, 0.01);
+    assert_eq!(c.model.preset, "reference");
+    assert_eq!(c.model.image_size, Some(96));
+    assert_eq!(c.data.augment, None);
+    assert_eq!(c.data.sampling, retina_train::data::Sampling::Balanced);
+    assert_eq!(c.loss.objective, retina_train::loss::Objective::Screening);
+    // Identical: printing the loaded config gives the same text.
+    assert_eq!(c.to_toml().unwrap(), text);
+    // Nothing was trained or written.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+}
+
+#[test]
+fn an_unknown_key_names_the_valid_ones() {
+    let out = fit(&["--set", "optimizer.lr=0.1", "--print-config"]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("optimizer.lr"), "{e}");
+    assert!(
+        e.contains("learning_rate") && e.contains("clip_grad_norm"),
+        "the keys of [optimizer]: {e}"
+    );
+    let out = fit(&["--set", "modle.preset=small", "--print-config"]);
+    let e = stderr(&out);
+    assert!(
+        !out.status.success() && e.contains("modle") && e.contains("model"),
+        "{e}"
+    );
+}
+
+/// The data of a run is fixed: data flags with `--resume` are refused with the flag's name
+/// (before the run directory is even read).
+#[test]
+fn data_flags_are_refused_with_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    for flags in [
+        &["--data", "labels.csv"][..],
+        &["--synthetic", "10"],
+        &["--format", "aptos"],
+        &["--skip-bad-images"],
+        &["--out", "elsewhere"],
+    ] {
+        let mut args = vec!["--resume", dir.path().to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let out = fit(&args);
+        let e = stderr(&out);
+        assert!(!out.status.success(), "{flags:?}");
+        assert!(
+            e.contains(&format!("{} cannot be used with --resume", flags[0])),
+            "{flags:?}: {e}"
+        );
+    }
+}
