@@ -228,7 +228,7 @@ struct SynthArgs {
 
 /// Runs the CLI; errors are printed as `error: ...` with their causes.
 pub fn main() -> ExitCode {
-    retina_model::allocator::keep_freed_memory();
+    retina_kernels::allocator::keep_freed_memory();
     let cli = Cli::parse();
     pin_default_device(&cli);
     match run(cli) {
