@@ -277,7 +277,7 @@ impl Trunk {
     }
 
     /// Every convolution + batch-norm unit: the stem, then each block's.
-    pub fn units(&self) -> impl Iterator<Item = (&Conv2d, &BatchNorm)> {
+    fn units(&self) -> impl Iterator<Item = (&Conv2d, &BatchNorm)> {
         std::iter::once((&self.stem.conv, &self.stem.bn)).chain(
             self.stages
                 .iter()
