@@ -135,7 +135,7 @@ struct BenchArgs {
 
 /// Runs the CLI.
 pub fn main() -> ExitCode {
-    retina_model::allocator::keep_freed_memory();
+    retina_kernels::allocator::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Predict(a) => predict(a),

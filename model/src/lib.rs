@@ -11,26 +11,27 @@
 //! let net = config.init(&backend.device).unwrap();
 //! println!("{} parameters", net.parameter_count());
 //! ```
+//!
+//! The CPU kernels the trunk runs on, and the plan that picks them, are the `retina-kernels`
+//! crate's: this one holds no `unsafe` code.
 
-pub mod allocator;
+#![forbid(unsafe_code)]
+
 pub mod backend;
 pub mod bundle;
 pub mod config;
-pub mod conv;
 pub mod grade;
 pub mod head;
 pub mod host;
 pub mod network;
-pub mod norm;
 pub mod prediction;
 pub mod preprocess;
 pub mod torch;
 pub mod trunk;
-pub mod unit_cache;
 
 pub use backend::{BackendChoice, BackendError, SelectedBackend};
 pub use bundle::{BundleError, BundleMetadata, ModelBundle, OperatingPoint, Provenance};
-pub use config::{ConfigError, StageConfig, TrunkConfig};
+pub use config::ConfigError;
 pub use grade::{Grade, NUM_GRADES};
 pub use head::{
     AttachPoint, DIAGNOSIS, Decision, DecisionRule, FLUID, HeadKind, HeadSpec, REFERABLE,
@@ -39,6 +40,7 @@ pub use head::{
 pub use network::{PRESETS, RetinaConfig, RetinaNet, RetinaOutput};
 pub use prediction::{HeadAnswer, Prediction};
 pub use preprocess::{Prepared, PreprocessConfig, PreprocessError};
+pub use trunk::{StageConfig, TrunkConfig};
 
 /// Re-exported so downstream crates use the same burn as the model.
 pub use burn;

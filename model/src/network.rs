@@ -1,9 +1,10 @@
 //! The multi-head network: one trunk, any number of heads on any stage.
 
-use crate::config::{ConfigError, StageConfig, TrunkConfig};
+use crate::config::ConfigError;
 use crate::head::{AttachPoint, Decision, Head, HeadKind, HeadSpec};
 use crate::preprocess::PreprocessConfig;
 use crate::trunk::Trunk;
+use crate::trunk::{StageConfig, TrunkConfig};
 use burn::config::Config;
 use burn::prelude::*;
 

@@ -3,16 +3,92 @@
 //! The trunk stops before any classifier and returns every stage's output, so any number of
 //! heads can read any stage. Parameter paths are hierarchical (`trunk.stages.2.blocks.0.conv1`)
 //! and map one-to-one onto the PyTorch reference's names (see [`crate::torch`]).
+//!
+//! Its config ([`TrunkConfig`], [`StageConfig`]), their `init` and the modules sit side by side
+//! here. Each convolution + batch-norm unit runs through [`retina_kernels::Plan::unit`], along the
+//! path the plan gives it (the CPU kernels, or burn's own operations).
 
-use crate::config::{StageConfig, TrunkConfig};
-use crate::conv::channels_last;
-use crate::norm::{
-    batch_norm_channels_last, channels_last_padding, conv_bn, conv_bn_channels_last,
-};
-use crate::unit_cache::UnitCache;
+use burn::config::Config;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::prelude::*;
+use retina_kernels::{Plan, UnitCache};
+
+/// One stage of the trunk: `depth` BasicBlocks of `width` channels, the first with `stride`.
+#[derive(Config, Debug, PartialEq)]
+pub struct StageConfig {
+    /// Output channels of every block in the stage.
+    pub width: usize,
+    /// Number of BasicBlocks.
+    #[config(default = 1)]
+    pub depth: usize,
+    /// Stride of the stage's first block (1 or 2).
+    #[config(default = 2)]
+    pub stride: usize,
+}
+
+/// The shared convolutional trunk: a 3x3 stem, then stages of ResNet BasicBlocks.
+#[derive(Config, Debug, PartialEq)]
+pub struct TrunkConfig {
+    /// Output channels of the stem convolution.
+    pub stem_width: usize,
+    /// Stride of the stem convolution.
+    #[config(default = 2)]
+    pub stem_stride: usize,
+    /// Whether the stem convolution has a bias (PyTorch's default, kept for the reference net).
+    #[config(default = true)]
+    pub stem_bias: bool,
+    /// The stages, in order; heads name them `stage1`, `stage2`, ...
+    pub stages: Vec<StageConfig>,
+    /// Batch-norm epsilon.
+    #[config(default = 1e-5)]
+    pub bn_epsilon: f64,
+    /// Batch-norm running-statistics momentum (PyTorch convention).
+    #[config(default = 0.1)]
+    pub bn_momentum: f64,
+}
+
+impl TrunkConfig {
+    /// Builds the trunk on `device` with PyTorch-default initialisation.
+    pub fn init(&self, device: &Device) -> Trunk {
+        let stem = Stem {
+            conv: conv(
+                3,
+                self.stem_width,
+                3,
+                self.stem_stride,
+                self.stem_bias,
+                device,
+            ),
+            bn: batch_norm_layer(self.stem_width, self, device),
+        };
+        let mut cin = self.stem_width;
+        let stages = self
+            .stages
+            .iter()
+            .map(|s| {
+                let stage = Stage::new(cin, s, self, device);
+                cin = s.width;
+                stage
+            })
+            .collect();
+        Trunk {
+            stem,
+            stages,
+            cache: UnitCache::default(),
+        }
+    }
+
+    /// Channels of the pooled output of stage `k` (1-based).
+    pub fn stage_width(&self, k: usize) -> usize {
+        self.stages[k - 1].width
+    }
+
+    /// Total spatial downsampling of the trunk.
+    pub fn total_stride(&self) -> usize {
+        self.stem_stride * self.stages.iter().map(|s| s.stride).product::<usize>()
+    }
+}
 
 fn conv(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, device: &Device) -> Conv2d {
     let pad = k / 2;
@@ -39,17 +115,15 @@ pub struct Stem {
     pub bn: BatchNorm,
 }
 
-/// The trunk's unit, `relu?(bn(conv(x)) (+ residual))`: [`conv_bn`], or its channels-last form.
-type Unit<'a> = &'a dyn Fn(&Conv2d, &BatchNorm, Tensor<4>, Option<Tensor<4>>, bool) -> Tensor<4>;
-
 impl Stem {
     /// `[N, 3, H, W]` to `[N, stem_width, H/s, W/s]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.apply(x, &conv_bn)
+        let plan = Plan::nchw(&x);
+        self.apply(x, &plan)
     }
 
-    fn apply(&self, x: Tensor<4>, unit: Unit) -> Tensor<4> {
-        unit(&self.conv, &self.bn, x, None, true)
+    fn apply(&self, x: Tensor<4>, plan: &Plan) -> Tensor<4> {
+        plan.unit(&self.conv, &self.bn, x, None, true)
     }
 }
 
@@ -94,16 +168,17 @@ impl BasicBlock {
 
     /// Applies the block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.apply(x, &conv_bn)
+        let plan = Plan::nchw(&x);
+        self.apply(x, &plan)
     }
 
-    fn apply(&self, x: Tensor<4>, unit: Unit) -> Tensor<4> {
+    fn apply(&self, x: Tensor<4>, plan: &Plan) -> Tensor<4> {
         let shortcut = match &self.downsample {
-            Some(d) => unit(&d.conv, &d.bn, x.clone(), None, false),
+            Some(d) => plan.unit(&d.conv, &d.bn, x.clone(), None, false),
             None => x.clone(),
         };
-        let out = unit(&self.conv1, &self.bn1, x, None, true);
-        unit(&self.conv2, &self.bn2, out, Some(shortcut), true)
+        let out = plan.unit(&self.conv1, &self.bn1, x, None, true);
+        plan.unit(&self.conv2, &self.bn2, out, Some(shortcut), true)
     }
 
     fn units(&self) -> impl Iterator<Item = (&Conv2d, &BatchNorm)> {
@@ -137,11 +212,12 @@ impl Stage {
 
     /// Applies every block.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.apply(x, &conv_bn)
+        let plan = Plan::nchw(&x);
+        self.apply(x, &plan)
     }
 
-    fn apply(&self, x: Tensor<4>, unit: Unit) -> Tensor<4> {
-        self.blocks.iter().fold(x, |x, b| b.apply(x, unit))
+    fn apply(&self, x: Tensor<4>, plan: &Plan) -> Tensor<4> {
+        self.blocks.iter().fold(x, |x, b| b.apply(x, plan))
     }
 }
 
@@ -158,48 +234,17 @@ pub struct Trunk {
     cache: UnitCache,
 }
 
-impl TrunkConfig {
-    /// Builds the trunk on `device` with PyTorch-default initialisation.
-    pub fn init(&self, device: &Device) -> Trunk {
-        let stem = Stem {
-            conv: conv(
-                3,
-                self.stem_width,
-                3,
-                self.stem_stride,
-                self.stem_bias,
-                device,
-            ),
-            bn: batch_norm_layer(self.stem_width, self, device),
-        };
-        let mut cin = self.stem_width;
-        let stages = self
-            .stages
-            .iter()
-            .map(|s| {
-                let stage = Stage::new(cin, s, self, device);
-                cin = s.width;
-                stage
-            })
-            .collect();
-        Trunk {
-            stem,
-            stages,
-            cache: UnitCache::default(),
-        }
-    }
-}
-
 impl Trunk {
     /// Runs the trunk and returns the feature map of every stage, `[N, C_k, H_k, W_k]`.
     ///
     /// Only the stages up to `last` (1-based) are computed: a network whose heads all sit early
-    /// need not pay for the deep stages.
+    /// need not pay for the deep stages. The activations stay NCHW (the feature maps are NCHW).
     pub fn forward_stages(&self, x: Tensor<4>, last: usize) -> Vec<Tensor<4>> {
-        let mut x = self.stem.forward(x);
+        let plan = Plan::nchw(&x);
+        let mut x = self.stem.apply(x, &plan);
         let mut out = Vec::with_capacity(last);
         for stage in self.stages.iter().take(last) {
-            x = stage.forward(x);
+            x = stage.apply(x, &plan);
             out.push(x.clone());
         }
         out
@@ -208,57 +253,30 @@ impl Trunk {
     /// The globally average-pooled output of every stage up to `last`, `[N, C_k]`: what the
     /// heads read.
     ///
-    /// In inference on the CPU the activations stay channels-last from the stem to the pooling
-    /// (see [`crate::conv::channels_last`]); everywhere else this is [`Self::forward_stages`]
-    /// then [`global_avg_pool`].
+    /// Where every unit takes the CPU kernels' channels-last path (inference on Flex, or
+    /// training on `Autodiff<Flex>`; see [`Self::plan`]), the activations stay channels-last from
+    /// the stem to the pooling; everywhere else this is [`Self::forward_stages`] then
+    /// [`global_avg_pool`].
     pub fn forward_pooled(&self, x: Tensor<4>, last: usize) -> Vec<Tensor<2>> {
-        let infer =
-            |conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, residual: Option<Tensor<4>>, relu| {
-                match self
-                    .cache
-                    .conv_bn(conv, bn, x.clone(), residual.clone(), relu)
-                {
-                    Some(y) => y,
-                    None => conv_bn_channels_last(conv, bn, x, residual, relu)
-                        .expect("every unit was checked for the channels-last path"),
-                }
-            };
-        let train = |conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, residual, relu| {
-            let padding = crate::conv::fast_path(conv, &x)
-                .expect("every unit was checked for the channels-last path");
-            let y = channels_last::conv2d(conv, x, padding);
-            batch_norm_channels_last(bn, y, residual, relu)
-        };
-        let inference = self.runs_channels_last(&x);
-        let unit: Unit = if inference {
-            &infer
-        } else if self.trains_channels_last(&x) {
-            &train
-        } else {
-            return self
-                .forward_stages(x, last)
-                .into_iter()
-                .map(global_avg_pool)
-                .collect();
-        };
-        // Inference transposes in parallel; training keeps the differentiable permutation.
-        let x = if inference {
-            channels_last::to_channels_last_copy(x)
-        } else {
-            channels_last::to_channels_last(x)
-        };
-        let mut x = self.stem.apply(x, unit);
+        let plan = self.plan(&x);
+        let mut x = self.stem.apply(plan.enter(x), &plan);
         self.stages
             .iter()
             .take(last)
             .map(|stage| {
-                x = stage.apply(x.clone(), unit);
-                let [n, h, w, c] = x.dims();
-                x.clone().reshape([n, h * w, c]).mean_dim(1).reshape([n, c])
+                x = stage.apply(x.clone(), &plan);
+                plan.pool(x.clone())
             })
             .collect()
     }
 
+    /// The plan of a [`Self::forward_pooled`] pass on `x`: the activations' layout and each
+    /// unit's path, with this trunk's cache of packed inference kernels.
+    pub fn plan(&self, x: &Tensor<4>) -> Plan<'_> {
+        Plan::new(self.units(), x).with_cache(&self.cache)
+    }
+
+    /// Every convolution + batch-norm unit: the stem, then each block's.
     fn units(&self) -> impl Iterator<Item = (&Conv2d, &BatchNorm)> {
         std::iter::once((&self.stem.conv, &self.stem.bn)).chain(
             self.stages
@@ -271,28 +289,6 @@ impl Trunk {
     /// The folded and packed kernels that inference keeps between calls.
     pub fn inference_cache(&self) -> &UnitCache {
         &self.cache
-    }
-
-    /// Whether [`Self::forward_pooled`] keeps `x`'s activations channels-last in inference: on
-    /// the CPU, with every layer in a form the channels-last kernels take.
-    pub fn runs_channels_last(&self, x: &Tensor<4>) -> bool {
-        self.units()
-            .all(|(conv, bn)| channels_last_padding(conv, bn, x).is_some())
-    }
-
-    /// Whether [`Self::forward_pooled`] keeps `x`'s activations channels-last in training: on
-    /// the CPU (autodiff over Flex), f32, every batch norm training, every convolution in a form
-    /// the kernels take.
-    pub fn trains_channels_last(&self, x: &Tensor<4>) -> bool {
-        self.units().all(|(conv, bn)| {
-            crate::conv::fast_path(conv, x).is_some()
-                && conv.weight.val().dtype() == burn::tensor::DType::F32
-                && conv
-                    .bias
-                    .as_ref()
-                    .is_none_or(|b| b.val().dtype() == burn::tensor::DType::F32)
-                && crate::norm::fast_path(bn, x)
-        })
     }
 }
 

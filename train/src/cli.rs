@@ -288,7 +288,7 @@ struct SynthArgs {
 /// Runs the CLI; errors are printed as `error: ...` with their causes. Exit status, as for
 /// `retina-infer`: 0 done, 2 a usage or fatal error (clap's own usage errors exit 2 too).
 pub fn main() -> ExitCode {
-    retina_model::allocator::keep_freed_memory();
+    retina_kernels::allocator::keep_freed_memory();
     let cli = Cli::parse();
     pin_default_device(&cli);
     match run(cli) {

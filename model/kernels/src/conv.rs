@@ -33,6 +33,7 @@
 //! fast path on a Flex device for f32 data, and burn's own convolution everywhere else (wgpu,
 //! other dtypes, dilation or groups), so one model runs on any device with the same weights.
 
+use crate::plan::ConvStep;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -41,8 +42,7 @@ use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::{ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{DType, Dispatch, DispatchDevice, Flex, TensorData, backend_extension};
-use burn::nn::PaddingConfig2d;
+use burn::backend::{DType, Dispatch, Flex, TensorData, backend_extension};
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use gemm::Parallelism;
@@ -65,11 +65,17 @@ pub trait ConvBackend: burn::backend::Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// Applies burn's `Conv2d` module, through the im2col + gemm kernel where it applies.
+/// Applies burn's `Conv2d` module, through the im2col + gemm kernel where the plan
+/// ([`crate::plan::conv_step`]) says so, and through `Conv2d::forward` everywhere else.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let Some(padding) = fast_path(conv, &x) else {
-        return conv.forward(x);
-    };
+    match crate::plan::conv_step(conv, &x) {
+        ConvStep::Gemm { padding } => conv2d_gemm(conv, x, padding),
+        ConvStep::Burn => conv.forward(x),
+    }
+}
+
+/// [`conv2d`] through the im2col + gemm kernel, with `padding` as the plan gives it.
+pub(crate) fn conv2d_gemm(conv: &Conv2d, x: Tensor<4>, padding: [usize; 2]) -> Tensor<4> {
     let out = Tensor::from_dispatch(Dispatch::gemm_conv2d(
         x.into_dispatch(),
         conv.weight.val().into_dispatch(),
@@ -85,34 +91,9 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     }
 }
 
-/// Whether [`conv2d`] takes the im2col + gemm kernel for this layer and input; `Some(padding)`
-/// when it does.
-pub fn fast_path(conv: &Conv2d, x: &Tensor<4>) -> Option<[usize; 2]> {
-    let padding = symmetric_padding(&conv.padding)?;
-    (conv.groups == 1 && conv.dilation == [1, 1] && runs_on_flex(x) && x.dtype() == DType::F32)
-        .then_some(padding)
-}
-
-fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
-    match *padding {
-        PaddingConfig2d::Valid => Some([0, 0]),
-        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
-            Some([top, left])
-        }
-        _ => None,
-    }
-}
-
-fn runs_on_flex(x: &Tensor<4>) -> bool {
-    matches!(
-        x.device().without_autodiff().as_dispatch(),
-        DispatchDevice::Flex(_)
-    )
-}
-
 /// Shape of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geometry {
+pub(crate) struct Geometry {
     n: usize,
     cin: usize,
     h: usize,
@@ -127,7 +108,7 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(x: &[usize], weight: &[usize], stride: [usize; 2], pad: [usize; 2]) -> Self {
+    pub(crate) fn new(x: &[usize], weight: &[usize], stride: [usize; 2], pad: [usize; 2]) -> Self {
         assert!(
             x.len() == 4 && weight.len() == 4 && x[1] == weight[1],
             "gemm_conv2d: input {x:?} and weight {weight:?} do not fit ([N, C, H, W] and [C_out, C, kh, kw])"
@@ -1139,7 +1120,7 @@ impl ConvBackend for Flex {
 
 /// Inference only (Flex, never differentiated): the convolution with its batch norm folded in,
 /// `relu?(conv(x, weight) + shift[c] (+ residual))`, where the caller has already scaled
-/// `weight` by the batch norm's `gamma / sqrt(var + eps)`. See [`crate::norm::conv_bn`].
+/// `weight` by the batch norm's `gamma / sqrt(var + eps)`. See [`crate::Path::NchwFolded`].
 #[backend_extension(Flex)]
 pub trait ConvInferenceBackend: burn::backend::Backend {
     /// `relu?(conv(x, weight) + shift)`.

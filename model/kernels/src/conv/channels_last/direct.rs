@@ -24,8 +24,9 @@ use std::ops::Range;
 /// Output channels per block: two 8-lane registers.
 pub(super) const BLOCK: usize = 16;
 
-/// Whether [`forward`] takes this convolution here.
-pub(super) fn applies(g: &Geometry) -> bool {
+/// Whether [`forward`] takes this convolution here: its precondition, asserted before the
+/// `unsafe` code; the plan ([`crate::plan`]) picks the kernel from it.
+pub(crate) fn applies(g: &Geometry) -> bool {
     g.cout.is_multiple_of(BLOCK) && g.cin > 0 && cpu_has_avx2_fma()
 }
 

@@ -21,8 +21,9 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 /// Whether [`forward`] takes this convolution: 3x3, stride 1, padding 1, output channels in
-/// blocks of 16 on a CPU with AVX2 and FMA.
-pub(super) fn applies(g: &Geometry) -> bool {
+/// blocks of 16 on a CPU with AVX2 and FMA. Its precondition, asserted before the `unsafe` code;
+/// the plan ([`crate::plan`]) picks the kernel from it.
+pub(crate) fn applies(g: &Geometry) -> bool {
     g.kh == 3 && g.kw == 3 && g.stride == [1, 1] && g.pad == [1, 1] && direct::applies(g)
 }
 

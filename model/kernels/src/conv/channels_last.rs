@@ -11,7 +11,7 @@
 //! - Inference ([`ChannelsLastBackend`], Flex only): the convolution with its batch norm folded
 //!   in; the output pass applies the shift, the residual and the ReLU. Where the CPU has AVX2
 //!   and FMA and the output channels come in blocks of 16, the kernel is packed once
-//!   ([`ChannelsLastBackend::pack_kernel`], kept by [`crate::unit_cache::UnitCache`]) and the
+//!   ([`ChannelsLastBackend::pack_kernel`], kept by [`crate::UnitCache`]) and the
 //!   convolution runs as a direct register-tiled kernel (`direct`), or, for the stride-1 3x3
 //!   layers, as Winograd F(2x2, 3x3) (`winograd`) whose 16 products are that kernel's 1x1
 //!   form; elsewhere through `gemm` products.
@@ -22,26 +22,28 @@
 //!   gradient per image through `gemm`, summed over the batch); the batch norm that follows is
 //!   [`crate::norm::batch_norm_channels_last`].
 //!
-//! The trunk switches to this layout as a whole in [`crate::trunk::Trunk::forward_pooled`]
-//! (one permutation of the input, pooling straight from channels-last) wherever every layer can
-//! take it; everywhere else (wgpu, NdArray, other dtypes, `forward_stages`) it stays NCHW.
+//! A trunk switches to this layout as a whole ([`crate::Layout`], chosen by [`crate::Plan`]:
+//! one permutation of the input, pooling straight from channels-last) wherever every layer can
+//! take it; everywhere else (wgpu, NdArray, other dtypes, the kernels switched off, the trunk's
+//! per-stage feature maps) it stays NCHW.
 
 use super::{
     Geometry, Mat, flex, flip_weight, im2col_patches, matmul_into, over_batch, permute_weight,
     slice, sum_over_batch, to_channels_last as transpose_to_channels_last, with_scratch, zeros,
 };
+use crate::plan::Kernel;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{DType, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::backend::{Dispatch, Flex, backend_extension};
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-mod direct;
-mod winograd;
+pub(crate) mod direct;
+pub(crate) mod winograd;
 
 /// Convolution with a folded batch norm on channels-last tensors, for inference on Flex.
 ///
@@ -76,9 +78,9 @@ pub trait ChannelsLastBackend: burn::backend::Backend {
     /// copy of a permuted view runs on one thread, 0.4 ms of a 13 ms batch-1 pass at 224 px).
     fn nchw_to_nhwc(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// `weight · scale[c_out]` packed for the direct convolution (see [`packs`]), or with
+    /// `weight · scale[c_out]` packed for the direct convolution ([`Kernel::Direct`]), or with
     /// `winograd` transformed for Winograd F(2x2, 3x3) (3x3 kernels that run with stride 1 and
-    /// padding 1, see [`takes_winograd`]): the values in the kernel's own order, shaped
+    /// padding 1, [`Kernel::Winograd`]): the values in the kernel's own order, shaped
     /// `[C_out, kh, kw, C_in]` (`[C_out, 4, 4, C_in]` transformed). Made once, used by every
     /// call of [`conv2d_nhwc_packed`](Self::conv2d_nhwc_packed).
     fn pack_kernel(
@@ -226,39 +228,17 @@ impl ChannelsLastBackend for Flex {
     }
 }
 
-/// Whether `conv` can run from a kernel packed by [`ChannelsLastBackend::pack_kernel`] (the
-/// direct convolution: output channels in blocks of 16, a CPU with AVX2 and FMA), given that
-/// [`applies`] holds for its input.
-pub fn packs(conv: &Conv2d) -> bool {
-    let [cout, cin, kh, kw] = conv.weight.dims();
-    let g = Geometry::new(&[1, cin, kh, kw], &[cout, cin, kh, kw], [1, 1], [0, 0]);
-    conv.weight.val().dtype() == DType::F32 && direct::applies(&g)
-}
-
-/// Whether `conv`, run with `padding`, takes Winograd F(2x2, 3x3) (given [`packs`]): 3x3,
-/// stride 1, padding 1.
-pub fn takes_winograd(conv: &Conv2d, padding: [usize; 2]) -> bool {
-    let [cout, cin, kh, kw] = conv.weight.dims();
-    let g = Geometry::new(
-        &[1, cin, kh, kw],
-        &[cout, cin, kh, kw],
-        conv.stride,
-        padding,
-    );
-    winograd::applies(&g)
-}
-
 /// A kernel packed by [`pack_kernel`], with the form it was packed in.
 #[derive(Clone, Debug)]
-pub struct PackedKernel {
+pub(crate) struct PackedKernel {
     /// The packed values (see [`ChannelsLastBackend::pack_kernel`]).
-    pub values: Tensor<4>,
+    pub(crate) values: Tensor<4>,
     /// Transformed for Winograd F(2x2, 3x3).
-    pub winograd: bool,
+    pub(crate) winograd: bool,
 }
 
 /// [`conv2d_shift`] with a kernel from [`pack_kernel`].
-pub fn conv2d_packed(
+pub(crate) fn conv2d_packed(
     x: Tensor<4>,
     kernel: &PackedKernel,
     shift: Tensor<1>,
@@ -292,7 +272,7 @@ pub fn conv2d_packed(
 }
 
 /// `weight · scale` packed for [`conv2d_packed`] (see [`ChannelsLastBackend::pack_kernel`]).
-pub fn pack_kernel(weight: Tensor<4>, scale: Tensor<1>, winograd: bool) -> PackedKernel {
+pub(crate) fn pack_kernel(weight: Tensor<4>, scale: Tensor<1>, winograd: bool) -> PackedKernel {
     PackedKernel {
         values: Tensor::from_dispatch(Dispatch::pack_kernel(
             weight.into_dispatch(),
@@ -301,14 +281,6 @@ pub fn pack_kernel(weight: Tensor<4>, scale: Tensor<1>, winograd: bool) -> Packe
         )),
         winograd,
     }
-}
-
-/// Whether a tensor can take the channels-last kernels: plain (not autodiff) f32 on Flex.
-pub fn applies(x: &Tensor<4>) -> bool {
-    let device = x.device();
-    !device.is_autodiff()
-        && x.dtype() == DType::F32
-        && matches!(device.as_dispatch(), DispatchDevice::Flex(_))
 }
 
 /// `[N, C, H, W]` to `[N, H, W, C]` and back (views; the kernels copy what they read).
@@ -330,7 +302,7 @@ pub fn to_channels_first(x: Tensor<4>) -> Tensor<4> {
 /// `relu?(conv(x, weight) + shift (+ residual))` on channels-last tensors (see
 /// [`ChannelsLastBackend`]).
 #[allow(clippy::too_many_arguments)]
-pub fn conv2d_shift(
+pub(crate) fn conv2d_shift(
     x: Tensor<4>,
     weight: Tensor<4>,
     scale: Tensor<1>,
@@ -679,13 +651,11 @@ fn fold_weight(w: &[f32], scale: &[f32], g: &Geometry) -> Vec<f32> {
 fn forward(x: &[f32], wperm: &[f32], g: &Geometry, tail: Option<&Tail>) -> Vec<f32> {
     let (k, ci) = (g.k(), g.cin);
     let at = |co: usize, t: usize, c: usize| wperm[co * k + t * ci + c];
-    if winograd::applies(g) {
-        return winograd::forward(x, &winograd::pack(g, at), g, tail);
+    match crate::plan::kernel(g) {
+        Kernel::Winograd => winograd::forward(x, &winograd::pack(g, at), g, tail),
+        Kernel::Direct => direct::forward(x, &direct::pack(g, at), g, tail),
+        Kernel::Gemm => forward_gemm(x, wperm, g, tail),
     }
-    if direct::applies(g) {
-        return direct::forward(x, &direct::pack(g, at), g, tail);
-    }
-    forward_gemm(x, wperm, g, tail)
 }
 
 /// [`forward`] through `gemm` products: every shape, every CPU.
@@ -746,8 +716,8 @@ pub trait ChannelsLastConvBackend: burn::backend::Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// `conv(x)` (plus its bias) on a channels-last `x`, differentiable; `padding` as
-/// [`super::fast_path`] returns it.
+/// `conv(x)` (plus its bias) on a channels-last `x`, differentiable; `padding` as the plan
+/// gives it ([`crate::ConvStep::Gemm`]).
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>, padding: [usize; 2]) -> Tensor<4> {
     let out = Tensor::from_dispatch(Dispatch::conv2d_nhwc(
         x.into_dispatch(),

@@ -15,12 +15,14 @@
 //!
 //! Like [`crate::conv`], these are burn backend extensions ([`BatchNormBackend`] for Flex and
 //! `Autodiff<Flex>` with its own backward; [`BatchNormInferenceBackend`] for Flex alone). The
-//! entry points take burn's `BatchNorm` module: [`conv_bn`] (the trunk's unit), [`batch_norm`],
-//! [`batch_norm_relu`] and [`batch_norm_add_relu`]. They fall back to `BatchNorm::forward` and
-//! burn's operations wherever the fast paths do not apply (other devices, other dtypes, a frozen
-//! layer in a training graph), and update the running statistics exactly as burn does.
+//! entry points take burn's `BatchNorm` module: the trunk's unit (through [`crate::Plan`]),
+//! [`batch_norm`], [`batch_norm_relu`] and [`batch_norm_add_relu`]. They fall back to
+//! `BatchNorm::forward` and burn's operations wherever the plan finds that the fast paths do not
+//! apply (other devices, other dtypes, a frozen layer in a training graph, the kernels switched
+//! off), and update the running statistics exactly as burn does.
 
-use crate::conv::{ConvInferenceBackend, channels_last, conv2d, flex, slice, zeros};
+use crate::conv::{ConvInferenceBackend, channels_last, flex, slice, zeros};
+use crate::plan::NormStep;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -29,13 +31,10 @@ use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::{ActivationOps, FloatTensorOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{
-    AutodiffBackend, DType, Dispatch, DispatchDevice, DispatchTensor, Flex, backend_extension,
-};
+use burn::backend::{AutodiffBackend, DType, Dispatch, DispatchTensor, Flex, backend_extension};
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 use rayon::prelude::*;
 
 /// Batch normalisation with the batch's own statistics, optionally followed by a residual add
@@ -69,8 +68,9 @@ pub trait BatchNormBackend: burn::backend::Backend {
 
 /// Inference-mode batch norm (running statistics) as one parallel pass, optionally with the
 /// residual add and ReLU: burn's generic form is five broadcast element-wise operations, each on
-/// one thread in burn-flex. Flex only and never differentiated: [`inference_fast_path`] keeps
-/// autodiff tensors (a frozen layer inside a training graph) on burn's own operations.
+/// one thread in burn-flex. Flex only and never differentiated: the plan
+/// ([`crate::NormStep::Inference`]) keeps autodiff tensors (a frozen layer inside a training
+/// graph) on burn's own operations.
 #[backend_extension(Flex)]
 pub trait BatchNormInferenceBackend: burn::backend::Backend {
     /// `relu?(scale[c]·x + shift[c] (+ residual))` with per-channel `scale` and `shift`.
@@ -132,16 +132,6 @@ fn apply_affine(
     flex(out, shape)
 }
 
-/// Whether the inference kernel applies: burn would use the running statistics (no autodiff, or
-/// a frozen layer), the tensors are plain Flex f32 ones.
-pub fn inference_fast_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
-    let device = x.device();
-    !device.is_autodiff()
-        && x.dtype() == DType::F32
-        && bn.gamma.val().dtype() == DType::F32
-        && matches!(device.as_dispatch(), DispatchDevice::Flex(_))
-}
-
 /// Inference batch norm as `scale · x + shift` per channel, from the running statistics:
 /// burn's `forward_inference` computes `(x - mean) / sqrt(var + eps) · gamma + beta`.
 fn running_scale_shift(bn: &BatchNorm, device: &Device) -> (Tensor<1>, Tensor<1>) {
@@ -193,20 +183,20 @@ fn folded(conv: &Conv2d, bn: &BatchNorm, device: &Device) -> (Tensor<4>, Tensor<
     (conv.weight.val() * scale.reshape([c, 1, 1, 1]), shift)
 }
 
-/// [`conv_bn`] in inference on channels-last tensors (`[N, H, W, C]` in and out), for a trunk
-/// that keeps its activations so (see [`crate::conv::channels_last`]). `None` where that path
-/// does not apply (autodiff, other devices or dtypes, padding it cannot express): the caller
-/// stays on [`conv_bn`] then.
-pub fn conv_bn_channels_last(
+/// The unit `relu?(bn(conv(x)) (+ residual))` in inference on channels-last tensors (`[N, H,
+/// W, C]` in and out), for a trunk that keeps its activations so (see
+/// [`crate::conv::channels_last`]), with the batch norm folded in per call
+/// ([`crate::Path::ChannelsLastInference`] without a cache, or with the `gemm` kernel).
+pub(crate) fn conv_bn_channels_last(
     conv: &Conv2d,
     bn: &BatchNorm,
     x: Tensor<4>,
     residual: Option<Tensor<4>>,
     relu: bool,
-) -> Option<Tensor<4>> {
-    let padding = channels_last_padding(conv, bn, &x)?;
+    padding: [usize; 2],
+) -> Tensor<4> {
     let (scale, shift) = folded_scale_shift(conv, bn, &x.device());
-    Some(channels_last::conv2d_shift(
+    channels_last::conv2d_shift(
         x,
         conv.weight.val(),
         scale,
@@ -215,101 +205,102 @@ pub fn conv_bn_channels_last(
         conv.stride,
         padding,
         relu,
-    ))
+    )
 }
 
-/// The padding [`conv_bn_channels_last`] runs `conv` with on `x`, if it can.
-pub fn channels_last_padding(conv: &Conv2d, bn: &BatchNorm, x: &Tensor<4>) -> Option<[usize; 2]> {
-    let padding = crate::conv::fast_path(conv, x)?;
-    (channels_last::applies(x)
-        && inference_fast_path(bn, x)
-        && conv.weight.val().dtype() == DType::F32)
-        .then_some(padding)
-}
-
-/// `relu?(bn(conv(x)) (+ residual))`, the trunk's unit (a residual implies the ReLU).
+/// The unit `relu?(bn(conv(x)) (+ residual))` in inference on NCHW tensors
+/// ([`crate::Path::NchwFolded`]; a residual implies the ReLU).
 ///
-/// In inference on Flex the batch norm is folded into the convolution: its weights scaled per
-/// output channel by `gamma / sqrt(var + eps)`, and the shift, residual and ReLU applied in the
-/// convolution's own per-image output pass. Everywhere else (training, other devices) it is
-/// [`conv2d`] followed by [`batch_norm`], [`batch_norm_relu`] or [`batch_norm_add_relu`].
-pub fn conv_bn(
+/// The batch norm is folded into the convolution: its weights scaled per output channel by
+/// `gamma / sqrt(var + eps)`, and the shift, residual and ReLU applied in the convolution's own
+/// per-image output pass.
+pub(crate) fn conv_bn_folded(
     conv: &Conv2d,
     bn: &BatchNorm,
     x: Tensor<4>,
     residual: Option<Tensor<4>>,
     relu: bool,
+    padding: [usize; 2],
 ) -> Tensor<4> {
-    if let Some(padding) = crate::conv::fast_path(conv, &x)
-        && inference_fast_path(bn, &x)
-        && residual.as_ref().is_none_or(|r| r.dtype() == DType::F32)
-    {
-        let (weight, shift) = folded(conv, bn, &x.device());
-        let out = match residual {
-            Some(r) => Dispatch::gemm_conv2d_shift_add_relu(
-                x.into_dispatch(),
-                weight.into_dispatch(),
-                shift.into_dispatch(),
-                r.into_dispatch(),
-                conv.stride,
-                padding,
-            ),
-            None => Dispatch::gemm_conv2d_shift(
-                x.into_dispatch(),
-                weight.into_dispatch(),
-                shift.into_dispatch(),
-                conv.stride,
-                padding,
-                relu,
-            ),
-        };
-        return Tensor::from_dispatch(out);
-    }
-    let y = conv2d(conv, x);
-    match residual {
-        Some(r) => batch_norm_add_relu(bn, y, r),
-        None if relu => batch_norm_relu(bn, y),
-        None => batch_norm(bn, y),
-    }
+    let (weight, shift) = folded(conv, bn, &x.device());
+    let out = match residual {
+        Some(r) => Dispatch::gemm_conv2d_shift_add_relu(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            shift.into_dispatch(),
+            r.into_dispatch(),
+            conv.stride,
+            padding,
+        ),
+        None => Dispatch::gemm_conv2d_shift(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            shift.into_dispatch(),
+            conv.stride,
+            padding,
+            relu,
+        ),
+    };
+    Tensor::from_dispatch(out)
 }
 
-/// Applies burn's `BatchNorm` module, through the fused kernels on a Flex device.
+/// Applies burn's `BatchNorm` module, through the fused kernels where the plan
+/// ([`crate::plan::norm_step`]) says so.
 pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
-    if inference_fast_path(bn, &x) {
-        return inference(bn, x, None, false);
-    }
-    if !fast_path(bn, &x) {
-        return bn.forward(x);
-    }
-    train(bn, x, None, false, false)
+    let step = crate::plan::norm_step(bn, &x);
+    apply(step, bn, x, None, false)
 }
 
 /// `relu(bn(x))`.
 pub fn batch_norm_relu(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
-    if inference_fast_path(bn, &x) {
-        return inference(bn, x, None, true);
-    }
-    if !fast_path(bn, &x) {
-        return relu(bn.forward(x));
-    }
-    train(bn, x, None, true, false)
+    let step = crate::plan::norm_step(bn, &x);
+    apply(step, bn, x, None, true)
 }
 
 /// `relu(bn(x) + residual)`: the end of a residual block.
 pub fn batch_norm_add_relu(bn: &BatchNorm, x: Tensor<4>, residual: Tensor<4>) -> Tensor<4> {
-    let same = residual.dims() == x.dims() && residual.dtype() == DType::F32;
-    if same && inference_fast_path(bn, &x) {
-        return inference(bn, x, Some(residual), true);
+    let step = crate::plan::norm_step(bn, &x);
+    apply(step, bn, x, Some(residual), true)
+}
+
+/// `relu?(bn(x) (+ residual))` on NCHW `x` the way `step` says (a residual implies the ReLU). A
+/// residual the fused passes cannot take (another shape or dtype) goes through burn's add.
+pub(crate) fn apply(
+    step: NormStep,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    relu: bool,
+) -> Tensor<4> {
+    let fits = residual
+        .as_ref()
+        .is_none_or(|r| r.dims() == x.dims() && r.dtype() == DType::F32);
+    match step {
+        NormStep::Inference if fits => inference(bn, x, residual, relu),
+        NormStep::Training if fits => train(bn, x, residual, relu, false),
+        _ => burn_batch_norm(bn, x, residual, relu),
     }
-    if !fast_path(bn, &x) || !same {
-        return relu(bn.forward(x) + residual);
+}
+
+/// `relu?(bn(x) (+ residual))` with burn's own module and operations.
+pub(crate) fn burn_batch_norm(
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    relu: bool,
+) -> Tensor<4> {
+    let y = bn.forward(x);
+    match residual {
+        Some(r) => burn::tensor::activation::relu(y + r),
+        None if relu => burn::tensor::activation::relu(y),
+        None => y,
     }
-    train(bn, x, Some(residual), true, false)
 }
 
 /// `relu?(bn(x) (+ residual))` in training on a channels-last `x` (`[N, H, W, C]`), for a trunk
-/// that keeps its activations so (see [`crate::conv::channels_last`]). The caller checks
-/// [`fast_path`] and that `residual` is an f32 tensor shaped like `x`.
+/// that keeps its activations so (see [`crate::conv::channels_last`]). The caller (the plan,
+/// [`crate::Path::ChannelsLastTraining`]) has checked that the fused kernels apply, and
+/// `residual` is an f32 tensor shaped like `x`.
 pub fn batch_norm_channels_last(
     bn: &BatchNorm,
     x: Tensor<4>,
@@ -375,21 +366,6 @@ fn update_running(
     bn.running_mean.update(running_mean.detach());
     bn.running_var.update(running_var.detach());
     out
-}
-
-/// Whether the fused kernels apply: training mode (an autodiff device and a layer that is not
-/// frozen), on Flex, in f32.
-pub fn fast_path(bn: &BatchNorm, x: &Tensor<4>) -> bool {
-    let device = x.device();
-    device.is_autodiff()
-        && bn.training.is_enabled()
-        && x.dtype() == DType::F32
-        && bn.gamma.val().dtype() == DType::F32
-        && bn.beta.val().dtype() == DType::F32
-        && matches!(
-            device.without_autodiff().as_dispatch(),
-            DispatchDevice::Flex(_)
-        )
 }
 
 /// Per-channel layout of an `[N, C, ...]` tensor: `n` runs of `plane` values per channel.

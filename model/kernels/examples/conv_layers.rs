@@ -4,15 +4,20 @@
 //! or Winograd kernel, whose GFLOP/s count a direct convolution's arithmetic). Shows where a
 //! training step or an inference pass loses time to a kernel rather than to what is around it.
 //!
-//! `cargo run --release --example conv_layers -p retina-model -- [image_size] [batch]`
+//! `cargo run --release --example conv_layers -p retina-kernels -- [image_size] [batch]`
 
-use retina_model::RetinaConfig;
-use retina_model::burn::prelude::*;
-use retina_model::burn::tensor::Distribution;
-use retina_model::conv::conv2d;
-use retina_model::norm::conv_bn_channels_last;
-use retina_model::unit_cache::UnitCache;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use retina_kernels::{Plan, UnitCache, conv2d};
 use std::time::Instant;
+
+/// The reference trunk (retina-model's `reference` preset, the PyTorch benchmark network): a
+/// 3x3 stride-2 stem of 32 channels with a bias, then one BasicBlock per stage of these widths
+/// and strides.
+const STEM: usize = 32;
+const STAGES: [(usize, usize); 4] = [(32, 1), (64, 2), (128, 2), (256, 2)];
 
 fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -25,62 +30,61 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// A convolution of the trunk (PyTorch-default initialisation, padding `k / 2`).
+fn conv(cin: usize, cout: usize, k: usize, stride: usize, bias: bool, device: &Device) -> Conv2d {
+    let pad = k / 2;
+    Conv2dConfig::new([cin, cout], [k, k])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+        .with_bias(bias)
+        .init(device)
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let size: usize = args.next().map_or(128, |s| s.parse().expect("image size"));
     let n: usize = args.next().map_or(16, |s| s.parse().expect("batch"));
     let device = Device::flex();
     let ad = device.clone().autodiff();
-    let mut config = RetinaConfig::preset("reference").expect("preset");
-    config.preprocess.image_size = size;
-    let net = config.init(&device).expect("network");
-    let net_ad = config.init(&ad).expect("network");
-    let mut convs_ad = vec![net_ad.trunk.stem.conv.clone()];
-    for block in net_ad.trunk.stages.iter().flat_map(|s| &s.blocks) {
-        convs_ad.push(block.conv1.clone());
-        convs_ad.extend(block.downsample.as_ref().map(|d| d.conv.clone()));
-        convs_ad.push(block.conv2.clone());
-    }
-    let mut layers = vec![(
-        "stem".to_string(),
-        net.trunk.stem.conv.clone(),
-        net.trunk.stem.bn.clone(),
+    // Every unit of the trunk: name, convolution, batch norm, input channels and size.
+    let mut layers: Vec<(String, Conv2d, BatchNorm, usize, usize)> = Vec::new();
+    let bn = |c: usize| BatchNormConfig::new(c).init(&device);
+    layers.push((
+        "stem".into(),
+        conv(3, STEM, 3, 2, true, &device),
+        bn(STEM),
         3,
         size,
-    )];
-    let mut hw = size.div_ceil(2);
-    let mut cin = net.trunk.stem.conv.weight.dims()[0];
-    for (s, stage) in net.trunk.stages.iter().enumerate() {
-        for (b, block) in stage.blocks.iter().enumerate() {
-            let name = format!("stage{}.{}", s + 1, b);
+    ));
+    let (mut cin, mut hw) = (STEM, size.div_ceil(2));
+    for (s, &(width, stride)) in STAGES.iter().enumerate() {
+        let name = format!("stage{}.0", s + 1);
+        layers.push((
+            format!("{name}.conv1"),
+            conv(cin, width, 3, stride, false, &device),
+            bn(width),
+            cin,
+            hw,
+        ));
+        if stride != 1 || cin != width {
             layers.push((
-                format!("{name}.conv1"),
-                block.conv1.clone(),
-                block.bn1.clone(),
-                cin,
-                hw,
-            ));
-            let out_hw = hw.div_ceil(block.conv1.stride[0]);
-            if let Some(d) = &block.downsample {
-                layers.push((
-                    format!("{name}.down"),
-                    d.conv.clone(),
-                    d.bn.clone(),
-                    cin,
-                    hw,
-                ));
-            }
-            cin = block.conv1.weight.dims()[0];
-            hw = out_hw;
-            layers.push((
-                format!("{name}.conv2"),
-                block.conv2.clone(),
-                block.bn2.clone(),
+                format!("{name}.down"),
+                conv(cin, width, 1, stride, false, &device),
+                bn(width),
                 cin,
                 hw,
             ));
         }
+        (cin, hw) = (width, hw.div_ceil(stride));
+        layers.push((
+            format!("{name}.conv2"),
+            conv(width, width, 3, 1, false, &device),
+            bn(width),
+            width,
+            hw,
+        ));
     }
+    let convs_ad: Vec<Conv2d> = layers.iter().map(|l| l.1.clone().fork(&ad)).collect();
     println!(
         "{size} px, batch {n}: layer, shape, forward ms (GFLOP/s), forward+backward ms (GFLOP/s), \
          inference (channels-last, batch norm folded, kernel packed once) ms (GFLOP/s)"
@@ -112,13 +116,10 @@ fn main() {
         // Through the trunk's cache of folded, packed kernels (warm after the first call), as
         // repeated inference runs; the packing itself is timed apart.
         let cache = UnitCache::default();
+        let plan = Plan::new([(&conv, &bn)], &Tensor::<4>::zeros([1, cin, 1, 1], &device))
+            .with_cache(&cache);
         let infer = best_of(20, || {
-            let _ = cache
-                .conv_bn(&conv, &bn, xl.clone(), None, true)
-                .unwrap_or_else(|| {
-                    conv_bn_channels_last(&conv, &bn, xl.clone(), None, true)
-                        .expect("a channels-last unit")
-                });
+            let _ = plan.unit(&conv, &bn, xl.clone(), None, true);
         });
         tf += fwd;
         ti += infer;

@@ -14,7 +14,7 @@
 //! call re-folds that unit.
 
 use crate::conv::channels_last::{self, PackedKernel};
-use crate::norm::{channels_last_padding, folded_scale_shift};
+use crate::norm::folded_scale_shift;
 use burn::backend::DType;
 use burn::module::ParamId;
 use burn::nn::BatchNorm;
@@ -50,23 +50,22 @@ struct Folded {
 
 impl UnitCache {
     /// `relu?(bn(conv(x)) (+ residual))` in inference on a channels-last `x`, from this unit's
-    /// packed kernel (made now if the cache has none for the unit's current tensors). `None`
-    /// where the packed path does not apply (see [`channels_last::packs`]); the caller runs
-    /// [`crate::norm::conv_bn_channels_last`] then.
-    pub fn conv_bn(
+    /// packed kernel (made now if the cache has none for the unit's current tensors): the plan's
+    /// [`crate::Path::ChannelsLastInference`] with the direct or the Winograd kernel, which
+    /// checked that the unit packs.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn conv_bn(
         &self,
         conv: &Conv2d,
         bn: &BatchNorm,
         x: Tensor<4>,
         residual: Option<Tensor<4>>,
         relu: bool,
-    ) -> Option<Tensor<4>> {
-        let padding = channels_last_padding(conv, bn, &x)?;
-        if !channels_last::packs(conv) {
-            return None;
-        }
-        let folded = self.folded(conv, bn, padding, &x.device());
-        Some(channels_last::conv2d_packed(
+        padding: [usize; 2],
+        winograd: bool,
+    ) -> Tensor<4> {
+        let folded = self.folded(conv, bn, padding, winograd, &x.device());
+        channels_last::conv2d_packed(
             x,
             &folded.kernel,
             folded.shift.clone(),
@@ -74,7 +73,7 @@ impl UnitCache {
             conv.stride,
             padding,
             relu,
-        ))
+        )
     }
 
     /// Number of units held.
@@ -98,6 +97,7 @@ impl UnitCache {
         conv: &Conv2d,
         bn: &BatchNorm,
         padding: [usize; 2],
+        winograd: bool,
         device: &Device,
     ) -> Arc<Folded> {
         let weight = conv.weight.val();
@@ -109,6 +109,7 @@ impl UnitCache {
             map.get(&key)
                 .filter(|f| {
                     f.padding == padding
+                        && f.kernel.winograd == winograd
                         && same(&f.weight, &weight)
                         && f.sources.len() == sources.len()
                         && f.sources.iter().zip(&sources).all(|(a, b)| same(a, b))
@@ -120,7 +121,6 @@ impl UnitCache {
         }
         // Fold outside the lock: two threads may both fold a unit once; the last insert wins.
         let (scale, shift) = folded_scale_shift(conv, bn, device);
-        let winograd = channels_last::takes_winograd(conv, padding);
         let kernel = channels_last::pack_kernel(weight.clone(), scale, winograd);
         let folded = Arc::new(Folded {
             sources,

@@ -5,15 +5,20 @@
 //!   3-channel stem) and for batches smaller and larger than the thread pool.
 //! - The fused training-mode batch norm against `BatchNorm`: outputs, input, gamma and beta
 //!   gradients, and the running statistics it leaves behind.
+//! - The inference units (batch norm folded, NCHW and channels-last, per call and packed)
+//!   against the composition of burn's modules.
+//! - The plan's choices, and the switch that turns the kernels off.
+//!
+//! Tests that need a whole trunk are retina-model's (`model/tests/trunk_kernels.rs`).
 
-use retina_model::burn::module::{Module, Param};
-use retina_model::burn::nn::conv::{Conv2d, Conv2dConfig};
-use retina_model::burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
-use retina_model::burn::prelude::*;
-use retina_model::burn::tensor::activation::relu;
-use retina_model::conv::channels_last::{self, to_channels_first, to_channels_last};
-use retina_model::conv::{conv2d, fast_path};
-use retina_model::norm;
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use retina_kernels::conv::channels_last::{self, to_channels_first, to_channels_last};
+use retina_kernels::plan::{conv_step, norm_step};
+use retina_kernels::{ConvStep, Layout, NormStep, Path, Plan, UnitCache, conv2d, norm};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -56,6 +61,15 @@ struct Case {
     bias: bool,
 }
 
+/// The padding the plan gives the `gemm` convolution of `conv` on `x`; panics where it takes
+/// burn's.
+fn gemm_padding(conv: &Conv2d, x: &Tensor<4>) -> [usize; 2] {
+    match conv_step(conv, x) {
+        ConvStep::Gemm { padding } => padding,
+        ConvStep::Burn => panic!("the fast path must apply here"),
+    }
+}
+
 fn layer(c: &Case, device: &Device) -> Conv2d {
     Conv2dConfig::new([c.cin, c.cout], [c.k, c.k])
         .with_stride([c.stride, c.stride])
@@ -78,16 +92,13 @@ fn check(c: Case) {
             .reshape([c.n, c.cin, h, w])
             .require_grad();
         if path != 1 {
-            assert!(
-                fast_path(&conv, &x).is_some(),
-                "the fast path must apply here"
-            );
+            gemm_padding(&conv, &x);
         }
         let y = match path {
             0 => conv2d(&conv, x.clone()),
             1 => conv.forward(x.clone()),
             _ => {
-                let padding = fast_path(&conv, &x).unwrap();
+                let padding = gemm_padding(&conv, &x);
                 to_channels_first(channels_last::conv2d(
                     &conv,
                     to_channels_last(x.clone()),
@@ -288,7 +299,7 @@ fn inference_without_autodiff_matches() {
     let conv = layer(&c, &device);
     let x = Tensor::<1>::from_floats(values(2 * 4 * 100, 3).as_slice(), &device)
         .reshape([2, 4, 10, 10]);
-    assert!(fast_path(&conv, &x).is_some());
+    gemm_padding(&conv, &x);
     assert_close(
         "no autodiff",
         &host(conv2d(&conv, x.clone())),
@@ -314,7 +325,7 @@ fn other_backends_use_burns_convolution() {
     };
     let conv = layer(&c, &device).to_device(&device);
     let x = Tensor::<1>::from_floats(values(50, 5).as_slice(), &device).reshape([1, 2, 5, 5]);
-    assert!(fast_path(&conv, &x).is_none());
+    assert_eq!(conv_step(&conv, &x), ConvStep::Burn);
     assert_close(
         "ndarray",
         &host(conv2d(&conv, x.clone())),
@@ -365,7 +376,11 @@ fn batch_norm_case(
             .reshape(dims)
             .require_grad();
         if fast {
-            assert!(norm::fast_path(&bn, &x), "the fast path must apply here");
+            assert_eq!(
+                norm_step(&bn, &x),
+                NormStep::Training,
+                "the fast path must apply here"
+            );
         }
         let cl = |residual: Option<Tensor<4>>, relu: bool| {
             to_channels_first(norm::batch_norm_channels_last(
@@ -442,20 +457,24 @@ fn batch_norm_outside_training_is_burns_own() {
     let bn: BatchNorm = BatchNormConfig::new(3).init(&Device::flex());
     let x = Tensor::<1>::from_floats(values(2 * 3 * 4 * 4, 4).as_slice(), &Device::flex())
         .reshape([2, 3, 4, 4]);
-    assert!(
-        !norm::fast_path(&bn, &x),
+    assert_ne!(
+        norm_step(&bn, &x),
+        NormStep::Training,
         "inference needs no batch statistics"
     );
     let on_autodiff = Tensor::<4>::zeros([2, 3, 4, 4], &Device::flex().autodiff());
-    assert!(norm::fast_path(
-        &bn.clone().to_device(&Device::flex().autodiff()),
-        &on_autodiff
-    ));
+    assert_eq!(
+        norm_step(
+            &bn.clone().to_device(&Device::flex().autodiff()),
+            &on_autodiff
+        ),
+        NormStep::Training
+    );
 }
 
 #[test]
 fn inference_batch_norm_matches_burns_from_running_statistics() {
-    use retina_model::burn::module::RunningState;
+    use burn::module::RunningState;
     let device = Device::flex();
     let (dims, c) = ([3, 6, 5, 7], 6);
     let mut bn: BatchNorm = BatchNormConfig::new(c).with_epsilon(1e-3).init(&device);
@@ -467,8 +486,7 @@ fn inference_batch_norm_matches_burns_from_running_statistics() {
     let n: usize = dims.iter().product();
     let x = Tensor::<1>::from_floats(values(n, 35).as_slice(), &device).reshape(dims);
     let r = Tensor::<1>::from_floats(values(n, 36).as_slice(), &device).reshape(dims);
-    assert!(norm::inference_fast_path(&bn, &x));
-    assert!(!norm::fast_path(&bn, &x));
+    assert_eq!(norm_step(&bn, &x), NormStep::Inference);
     let cases = [
         (
             "plain",
@@ -493,7 +511,7 @@ fn inference_batch_norm_matches_burns_from_running_statistics() {
 
 #[test]
 fn inference_conv_with_folded_batch_norm_matches_the_composition() {
-    use retina_model::burn::module::RunningState;
+    use burn::module::RunningState;
     let device = Device::flex();
     // Shifted windows (both orientations), strided 3x3 through patches, strided 1x1, with and
     // without a conv bias.
@@ -596,43 +614,53 @@ fn inference_conv_with_folded_batch_norm_matches_the_composition() {
         let y = conv.forward(x.clone());
         let r = Tensor::<1>::from_floats(values(y.dims().iter().product(), 46).as_slice(), &device)
             .reshape(y.dims());
-        // The same unit on channels-last tensors, brought back to NCHW to compare.
-        let channels_last = |residual: Option<Tensor<4>>, relu: bool| {
-            let x = to_channels_last(x.clone());
-            let out =
-                norm::conv_bn_channels_last(&conv, &bn, x, residual.map(to_channels_last), relu)
-                    .expect("the channels-last path applies on Flex");
-            to_channels_first(out)
+        // The unit as the plan runs it on NCHW tensors: the batch norm folded in.
+        let nchw = Plan::nchw(&x);
+        assert!(matches!(nchw.path(&conv, &bn), Path::NchwFolded { .. }));
+        let folded = |residual: Option<Tensor<4>>, relu: bool| {
+            nchw.unit(&conv, &bn, x.clone(), residual, relu)
+        };
+        // The same unit on channels-last tensors, brought back to NCHW to compare: folded per
+        // call (no cache), and packed once (through a cache, where the unit packs).
+        let plan = Plan::new([(&conv, &bn)], &x);
+        assert_eq!(plan.layout(), Layout::ChannelsLastInference);
+        let cache = UnitCache::default();
+        let packed = plan.with_cache(&cache);
+        let channels_last = |plan: &Plan, residual: Option<Tensor<4>>, relu: bool| {
+            let x = plan.enter(x.clone());
+            to_channels_first(plan.unit(&conv, &bn, x, residual.map(to_channels_last), relu))
         };
         let forms = [
-            (
-                "shift",
-                norm::conv_bn(&conv, &bn, x.clone(), None, false),
-                bn.forward(y.clone()),
-            ),
+            ("shift", folded(None, false), bn.forward(y.clone())),
             (
                 "channels-last shift",
-                channels_last(None, false),
+                channels_last(&plan, None, false),
                 bn.forward(y.clone()),
             ),
             (
                 "channels-last relu",
-                channels_last(None, true),
+                channels_last(&plan, None, true),
                 relu(bn.forward(y.clone())),
             ),
             (
                 "channels-last add relu",
-                channels_last(Some(r.clone()), true),
+                channels_last(&plan, Some(r.clone()), true),
                 relu(bn.forward(y.clone()) + r.clone()),
             ),
             (
-                "relu",
-                norm::conv_bn(&conv, &bn, x.clone(), None, true),
-                relu(bn.forward(y.clone())),
+                "channels-last packed shift",
+                channels_last(&packed, None, false),
+                bn.forward(y.clone()),
             ),
             (
+                "channels-last packed add relu",
+                channels_last(&packed, Some(r.clone()), true),
+                relu(bn.forward(y.clone()) + r.clone()),
+            ),
+            ("relu", folded(None, true), relu(bn.forward(y.clone()))),
+            (
                 "add relu",
-                norm::conv_bn(&conv, &bn, x.clone(), Some(r.clone()), true),
+                folded(Some(r.clone()), true),
                 relu(bn.forward(y.clone()) + r),
             ),
         ];
@@ -643,152 +671,82 @@ fn inference_conv_with_folded_batch_norm_matches_the_composition() {
     }
 }
 
-/// The trunk's channels-last inference (`forward_pooled`) against its NCHW path
-/// (`forward_stages`, then pooling), at batches of 1 and 3 `size`-pixel inputs from `seed`.
-fn assert_trunk_matches_nchw(trunk: &retina_model::trunk::Trunk, size: usize, seed: u64) {
-    use retina_model::trunk::global_avg_pool;
-    let device = Device::flex();
-    let stages = trunk.stages.len();
-    for n in [1, 3] {
-        let x = Tensor::<1>::from_floats(
-            values(n * 3 * size * size, seed + n as u64).as_slice(),
-            &device,
-        )
-        .reshape([n, 3, size, size]);
-        assert!(trunk.runs_channels_last(&x));
-        let fast = trunk.forward_pooled(x.clone(), stages);
-        let nchw: Vec<_> = trunk
-            .forward_stages(x, stages)
-            .into_iter()
-            .map(global_avg_pool)
-            .collect();
-        assert_eq!(fast.len(), nchw.len());
-        for (k, (a, b)) in fast.into_iter().zip(nchw).enumerate() {
-            assert_eq!(a.dims(), b.dims(), "stage {}", k + 1);
-            assert_close(
-                &format!("batch {n}, stage {}", k + 1),
-                &host(a),
-                &host(b),
-                1e-4,
-            );
+/// One unit on every device the plan knows, with the kernels on and off: the paths it picks.
+#[test]
+#[allow(deprecated)]
+fn the_plan_picks_one_path_per_unit_and_the_switch_turns_the_kernels_off() {
+    let flex = Device::flex();
+    let ad = flex.clone().autodiff();
+    let c = Case {
+        n: 1,
+        cin: 16,
+        cout: 32,
+        hw: [8, 8],
+        k: 3,
+        stride: 1,
+        pad: 1,
+        bias: false,
+    };
+    let unit = |device: &Device| {
+        let conv = layer(&c, device);
+        let bn: BatchNorm = BatchNormConfig::new(c.cout).init(device);
+        let x = Tensor::<4>::zeros([1, c.cin, 8, 8], device);
+        (conv, bn, x)
+    };
+    let (conv, bn, x) = unit(&flex);
+    let plan = Plan::new([(&conv, &bn)], &x);
+    assert_eq!(plan.layout(), Layout::ChannelsLastInference);
+    assert!(matches!(
+        plan.path(&conv, &bn),
+        Path::ChannelsLastInference {
+            padding: [1, 1],
+            ..
         }
-    }
-}
-
-#[test]
-fn channels_last_trunk_matches_the_nchw_trunk() {
-    use retina_model::RetinaConfig;
-    let device = Device::flex();
-    device.seed(3);
-    let mut config = RetinaConfig::preset("reference").unwrap();
-    config.preprocess.image_size = 40;
-    let net = config.init(&device).unwrap();
-    // Away from the initial running statistics, so the folded batch norms matter.
-    let net = {
-        use retina_model::burn::module::RunningState;
-        let mut net = net;
-        for block in net
-            .trunk
-            .stages
-            .iter_mut()
-            .flat_map(|s| s.blocks.iter_mut())
-        {
-            let c = block.bn2.gamma.dims()[0];
-            let t = |seed: u64| Tensor::<1>::from_floats(values(c, seed).as_slice(), &device);
-            block.bn2.running_mean = RunningState::new(t(51).mul_scalar(0.3));
-            block.bn2.running_var = RunningState::new(t(52).abs().add_scalar(0.5));
-            block.bn2.beta = Param::from_tensor(t(53));
-        }
-        net
-    };
-    let ad = Tensor::<4>::zeros([1, 3, 40, 40], &device.clone().autodiff());
-    assert!(!net.trunk.runs_channels_last(&ad), "training keeps NCHW");
-    assert_trunk_matches_nchw(&net.trunk, 40, 50);
-}
-
-#[test]
-fn inference_reuses_its_folded_kernels_until_a_weight_changes() {
-    use retina_model::RetinaConfig;
-    use retina_model::conv::channels_last::packs;
-    use retina_model::trunk::global_avg_pool;
-    let device = Device::flex();
-    device.seed(4);
-    let mut config = RetinaConfig::preset("reference").unwrap();
-    config.preprocess.image_size = 40;
-    let mut net = config.init(&device).unwrap();
-    if !packs(&net.trunk.stem.conv) {
-        eprintln!("no AVX2/FMA: the packed path (and its cache) is not used on this CPU");
-        return;
-    }
-    let stages = net.trunk.stages.len();
-    let x = Tensor::<1>::from_floats(values(3 * 40 * 40, 60).as_slice(), &device)
-        .reshape([1, 3, 40, 40]);
-    let pooled = |net: &retina_model::RetinaNet| -> Vec<Vec<f32>> {
-        net.trunk
-            .forward_pooled(x.clone(), stages)
-            .into_iter()
-            .map(host)
-            .collect()
-    };
-    let reference = |net: &retina_model::RetinaNet| -> Vec<Vec<f32>> {
-        net.trunk
-            .forward_stages(x.clone(), stages)
-            .into_iter()
-            .map(|t| host(global_avg_pool(t)))
-            .collect()
-    };
-    // The stem, two convolutions a block and the projection shortcuts.
-    let units = 1 + net
-        .trunk
-        .stages
-        .iter()
-        .flat_map(|s| &s.blocks)
-        .map(|b| 2 + usize::from(b.downsample.is_some()))
-        .sum::<usize>();
-    let first = pooled(&net);
-    assert_eq!(net.trunk.inference_cache().folds(), units);
-    assert_eq!(net.trunk.inference_cache().len(), units);
-    // Again, and through a clone (which shares the cache): nothing is folded again.
-    assert_eq!(pooled(&net), first);
-    assert_eq!(pooled(&net.clone()), first);
-    assert_eq!(net.trunk.inference_cache().folds(), units);
-
-    // A changed weight (same parameter id, new values) and a changed batch-norm scale: those two
-    // units are folded again, and the outputs follow the new values.
-    let block = &mut net.trunk.stages[1].blocks[0];
-    block.conv2.weight = block.conv2.weight.clone().map(|w| w.mul_scalar(-1.5));
-    block.bn1.gamma = block.bn1.gamma.clone().map(|g| g.mul_scalar(0.5));
-    let second = pooled(&net);
-    assert_eq!(net.trunk.inference_cache().folds(), units + 2);
-    assert_eq!(net.trunk.inference_cache().len(), units);
-    assert_ne!(second, first);
-    for (k, (a, b)) in second.iter().zip(reference(&net)).enumerate() {
-        assert_close(&format!("after the change, stage {}", k + 1), a, &b, 1e-4);
-    }
-}
-
-#[test]
-fn a_trunk_mixing_packed_and_gemm_units_matches_the_nchw_trunk() {
-    use retina_model::{RetinaConfig, StageConfig, TrunkConfig};
-    let device = Device::flex();
-    device.seed(5);
-    let mut config = RetinaConfig::preset("small").unwrap();
-    // 24 output channels are not a whole number of 16-channel blocks: those units run through
-    // the `gemm` kernels, the others through the packed (direct, Winograd) ones.
-    config.trunk = TrunkConfig::new(
-        16,
-        vec![
-            StageConfig::new(24).with_stride(1),
-            StageConfig::new(32).with_stride(2),
-            StageConfig::new(48).with_stride(2),
-        ],
+    ));
+    assert_eq!(
+        Plan::nchw(&x).path(&conv, &bn),
+        Path::NchwFolded { padding: [1, 1] }
     );
-    config.preprocess.image_size = 36;
-    let net = config.init(&device).unwrap();
-    assert_trunk_matches_nchw(&net.trunk, 36, 70);
-    if retina_model::conv::channels_last::packs(&net.trunk.stem.conv) {
-        // The stem (16) and stages 2 and 3 (two convolutions and a shortcut each) are packed;
-        // stage 1 (24 channels) is not.
-        assert_eq!(net.trunk.inference_cache().len(), 7);
+    let (conv_ad, bn_ad, x_ad) = unit(&ad);
+    assert_eq!(
+        Plan::new([(&conv_ad, &bn_ad)], &x_ad).path(&conv_ad, &bn_ad),
+        Path::ChannelsLastTraining { padding: [1, 1] }
+    );
+    // A frozen batch norm in a training graph: the convolution's kernel, burn's batch norm.
+    let frozen = bn_ad.clone().valid().fork(&ad);
+    assert_eq!(
+        Plan::new([(&conv_ad, &frozen)], &x_ad).path(&conv_ad, &frozen),
+        Path::Nchw {
+            conv: ConvStep::Gemm { padding: [1, 1] },
+            norm: NormStep::Burn
+        }
+    );
+    let nd = Device::ndarray();
+    let (conv_nd, bn_nd, x_nd) = unit(&nd);
+    let plan = Plan::new([(&conv_nd, &bn_nd)], &x_nd);
+    assert_eq!(plan.layout(), Layout::Nchw);
+    assert_eq!(plan.path(&conv_nd, &bn_nd), Path::Burn);
+
+    // Off: burn's operations everywhere, and the same values as burn's modules.
+    {
+        let _off = retina_kernels::scoped(false);
+        assert!(!retina_kernels::enabled());
+        for (conv, bn, x) in [(&conv, &bn, &x), (&conv_ad, &bn_ad, &x_ad)] {
+            let plan = Plan::new([(conv, bn)], x);
+            assert_eq!(plan.layout(), Layout::Nchw);
+            assert_eq!(plan.path(conv, bn), Path::Burn);
+            assert_eq!(conv_step(conv, x), ConvStep::Burn);
+            assert_eq!(norm_step(bn, x), NormStep::Burn);
+        }
+        let x =
+            Tensor::<1>::from_floats(values(16 * 64, 80).as_slice(), &flex).reshape([1, 16, 8, 8]);
+        assert_eq!(
+            host(Plan::nchw(&x).unit(&conv, &bn, x.clone(), None, true)),
+            host(relu(bn.forward(conv.forward(x))))
+        );
     }
+    assert!(matches!(
+        Plan::new([(&conv, &bn)], &x).path(&conv, &bn),
+        Path::ChannelsLastInference { .. }
+    ));
 }
