@@ -5,8 +5,9 @@ use crate::data::LoaderSpec;
 use crate::dataset::{DatasetFormat, Sample, check_images, read_labels};
 use crate::metrics::{self, BinaryCounts};
 use crate::plots;
+use crate::scoring::predict;
 use crate::scoring::{DecisionScore, HeadScore, score_heads};
-use crate::trainer::{predict_samples, read_logs};
+use crate::trainer::read_logs;
 use anyhow::{Result, bail};
 use retina_model::host::write_atomic;
 use retina_model::{
@@ -74,7 +75,7 @@ pub fn score(
         seed: 0,
     };
     let samples = Arc::new(file.samples);
-    let (preds, _) = predict_samples(&bundle.model, None, &spec, &samples, 16, &backend.device)?;
+    let (preds, _) = predict(&bundle.model, None, &spec, &samples, 16, &backend.device)?;
     Ok(Scored {
         bundle,
         samples: Arc::try_unwrap(samples).unwrap_or_else(|a| (*a).clone()),

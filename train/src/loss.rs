@@ -271,6 +271,15 @@ pub struct HeadTargets {
 }
 
 impl HeadTargets {
+    /// One batch's targets, a [`HeadTargets`] per head, from the data pipeline's per-head
+    /// optional labels.
+    pub fn batch(per_head: &[Vec<Option<f32>>], device: &Device) -> Vec<HeadTargets> {
+        per_head
+            .iter()
+            .map(|v| HeadTargets::from_options(v, device))
+            .collect()
+    }
+
     /// Builds targets from optional host values (`None` = missing).
     pub fn from_options(values: &[Option<f32>], device: &Device) -> HeadTargets {
         let v: Vec<f32> = values.iter().map(|x| x.unwrap_or(0.0)).collect();

@@ -7,13 +7,56 @@
 //! from its spec alone ([`metric_names`]), so a run can check its selection metric before the
 //! first epoch.
 
+use crate::data::LoaderSpec;
 use crate::dataset::Sample;
+use crate::loss::{HeadTargets, RetinaLoss};
 use crate::metrics::{self, BinaryCounts};
-use retina_model::{Decision, HeadKind, HeadSpec, OperatingPoint, Prediction};
+use anyhow::Result;
+use burn::prelude::*;
+use retina_model::{Decision, HeadKind, HeadSpec, OperatingPoint, Prediction, RetinaNet};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// The validation loss's name among the metrics.
 pub const VAL_LOSS: &str = "val_loss";
+
+/// Runs the model over `samples` (in order, through the data pipeline of `spec`); returns the
+/// predictions and, given a loss, its mean over the samples: what validation and `eval` score.
+pub fn predict(
+    model: &RetinaNet,
+    loss: Option<&RetinaLoss>,
+    spec: &LoaderSpec,
+    samples: &Arc<Vec<Sample>>,
+    batch_size: usize,
+    device: &Device,
+) -> Result<(Vec<Prediction>, Option<f64>)> {
+    let s = spec.preprocess.image_size;
+    let rx = spec.clone().spawn(
+        samples.clone(),
+        (0..samples.len()).collect(),
+        batch_size,
+        2,
+        0,
+    );
+    let mut preds = Vec::with_capacity(samples.len());
+    let (mut loss_sum, mut n_loss) = (0.0, 0usize);
+    for batch in rx {
+        let b = batch?;
+        if b.n == 0 {
+            continue;
+        }
+        let x = Tensor::<4>::from_data(TensorData::new(b.images, [b.n, 3, s, s]), device);
+        let out = model.forward(x);
+        if let Some(l) = loss {
+            let t = HeadTargets::batch(&b.targets, device);
+            let v: f32 = l.forward(model, &out, &t).total.into_scalar::<f32>();
+            loss_sum += v as f64 * b.n as f64;
+            n_loss += b.n;
+        }
+        preds.extend(Prediction::from_output(&out, &model.specs));
+    }
+    Ok((preds, (n_loss > 0).then(|| loss_sum / n_loss as f64)))
+}
 
 /// One yes/no decision scored over the samples that carry its head's label.
 #[derive(Debug, Clone)]

@@ -2,10 +2,9 @@
 //! loss, the per-head loss sums and the progress bar.
 
 use super::schedule::Schedule;
-use super::validation::targets;
 use crate::data::{LoaderSpec, Sampling, epoch_order};
 use crate::dataset::Sample;
-use crate::loss::RetinaLoss;
+use crate::loss::{HeadTargets, RetinaLoss};
 use anyhow::{Context, Result, bail};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
@@ -119,7 +118,7 @@ impl EpochPlan<'_> {
                 TensorData::new(batch.images, [batch.n, 3, s, s]),
                 self.device,
             );
-            let t = targets(&batch.targets, self.device);
+            let t = HeadTargets::batch(&batch.targets, self.device);
             let out = model.forward(x);
             let l = self.loss.forward(&model, &out, &t);
             // One host read per step for the NaN check and the logs.

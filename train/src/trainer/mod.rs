@@ -21,7 +21,7 @@ mod validation;
 
 pub use run_dir::{EpochLog, read_logs};
 pub use schedule::learning_rate;
-pub use validation::{predict_samples, validation_metrics};
+pub use validation::validation_metrics;
 
 use crate::config::overrides::{Change, changes, check_resume};
 use crate::config::{Overrides, TrainConfig};
@@ -292,7 +292,7 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         bad_images += totals.bad_images;
 
         // Validation on the inference snapshot (batch norm in eval mode, no autodiff).
-        let (preds, val_loss) = predict_samples(
+        let (preds, val_loss) = scoring::predict(
             &model.valid(),
             Some(&loss),
             &val_spec,
