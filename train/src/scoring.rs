@@ -259,6 +259,15 @@ pub fn metric_names(specs: &[HeadSpec]) -> Vec<String> {
     names
 }
 
+/// Whether a metric is one a person watches during training: the loss, a multiclass head's
+/// kappa, every decision's AUC, a regression's MAE.
+pub fn is_headline(metric: &str) -> bool {
+    metric == VAL_LOSS
+        || metric.ends_with("auc")
+        || metric.ends_with(".quadratic_kappa")
+        || metric.ends_with(".mae")
+}
+
 /// Whether a metric is better when smaller (losses and errors).
 pub fn minimised(metric: &str) -> bool {
     metric.ends_with("loss") || metric.ends_with(".mae") || metric.ends_with(".rmse")

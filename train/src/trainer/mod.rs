@@ -7,9 +7,9 @@
 //! and select the exported epoch by a screening metric (referable-DR AUC). It uses burn's
 //! optimizer, its optimizer-state records and burn-store for weights.
 //!
-//! This file wires the pieces: [`samples`] (what the run trains on), [`epoch`] (the steps of
-//! one epoch), [`validation`], [`select`] (the exported epoch), [`schedule`] (the learning
-//! rate), [`run_dir`] (everything written to the run directory) and [`provenance`].
+//! This file wires the pieces: `samples` (what the run trains on), `epoch` (the steps of
+//! one epoch), `validation`, `select` (the exported epoch), `schedule` (the learning
+//! rate), `run_dir` (everything written to the run directory) and `provenance`.
 
 mod epoch;
 mod provenance;
@@ -370,8 +370,14 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
 }
 
 /// The epoch's line on stderr.
+/// One line per epoch on the terminal: the headline metrics (all of them are in metrics.jsonl).
 fn report(log: &EpochLog, epochs: usize) {
-    let shown: Vec<String> = log.val.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+    let shown: Vec<String> = log
+        .val
+        .iter()
+        .filter(|(k, _)| scoring::is_headline(k))
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect();
     eprintln!(
         "epoch {}/{epochs}: loss {:.4} (l2 {:.4}), {:.1} img/s, {:.0} s (data wait {:.1} s) | val: {}",
         log.epoch,
