@@ -218,6 +218,33 @@ fn a_head_no_code_knows_trains_evaluates_predicts_and_serves() {
         ],
     );
     assert!(out.status.success(), "calibrate failed");
+    // An explicit default, and a point the bundle lacks refused with the ones it has.
+    let out = run(
+        "retina-train",
+        &[
+            "calibrate",
+            "--model",
+            &s(&model),
+            "--data",
+            &s(&labels),
+            "--target",
+            "sensitivity=0.9",
+            "--default",
+            "nope",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no operating point `nope`") && err.contains("youden"),
+        "{err}"
+    );
+    let unchanged: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    assert!(
+        unchanged["operating_points"].get("screening").is_none(),
+        "nothing written"
+    );
     let meta: Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
     assert!(

@@ -219,6 +219,11 @@ struct CalibrateArgs {
     /// for a specificity target, youden).
     #[arg(long)]
     name: Option<String>,
+    /// Afterwards make this operating point the bundle's default (the one used when none is
+    /// named). Without it, the first calibrated point of a bundle that has only the
+    /// uncalibrated one becomes the default.
+    #[arg(long, value_name = "NAME")]
+    default: Option<String>,
     /// Backend: cpu, wgpu, auto.
     #[arg(long, default_value = "cpu")]
     backend: BackendChoice,
@@ -321,6 +326,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Calibrate(a) => {
+            // Check `--default` before anything is written: a run that fails changes nothing.
+            if let Some(d) = &a.default {
+                let writes = a.name.as_deref().unwrap_or(a.target.default_name());
+                if d != writes {
+                    BundleMetadata::load(&a.model)?.point(Some(d))?;
+                }
+            }
             let (name, _, report) = crate::eval::calibrate(
                 &a.model,
                 &a.set.data,
@@ -333,9 +345,14 @@ fn run(cli: Cli) -> Result<()> {
             for line in report {
                 println!("{line}");
             }
+            if let Some(d) = &a.default {
+                crate::eval::set_default_point(&a.model, d)?;
+            }
+            let meta = BundleMetadata::load(&a.model)?;
             eprintln!(
-                "operating point `{name}` written into {}",
-                a.model.display()
+                "operating point `{name}` written into {}; its default point is `{}`",
+                a.model.display(),
+                meta.default_point
             );
             Ok(())
         }

@@ -230,6 +230,16 @@ pub fn calibrate(
     Ok((name, point, report))
 }
 
+/// Makes the operating point `name` the bundle's default (what `predict`, `serve` and `eval` use
+/// when no point is named); the error lists the points the bundle has.
+pub fn set_default_point(model: &Path, name: &str) -> Result<()> {
+    let mut meta = BundleMetadata::load(model)?;
+    let (name, _) = meta.point(Some(name))?;
+    meta.default_point = name;
+    meta.save_in_place(model)?;
+    Ok(())
+}
+
 fn num(v: Option<f64>) -> Value {
     v.filter(|x| x.is_finite())
         .map(Value::from)

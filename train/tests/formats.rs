@@ -92,6 +92,12 @@ a.png,1,1.5
     assert!(e.contains(":2:3:") && e.contains("must lie in 0..1"), "{e}");
     let e = err(d.path(), DatasetFormat::Native, "");
     assert!(e.contains(":1:1: the file is empty"), "{e}");
+    // A header alone is named as such, not found later as "no training samples".
+    let e = err(d.path(), DatasetFormat::Native, "image,diagnosis\n\n");
+    assert!(
+        e.contains("labels.csv:") && e.contains("a header but no rows"),
+        "{e}"
+    );
     let e = err(d.path(), DatasetFormat::Aptos, "id_code\nabc\n");
     assert!(e.contains("missing column `diagnosis`"), "{e}");
 }

@@ -205,6 +205,14 @@ pub fn read_labels(
     } else {
         read_csv(&text, &loc, &image_dir, heads, &mut out)?;
     }
+    if out.samples.is_empty() && out.skipped_ungradable == 0 {
+        let what = if format == DatasetFormat::Ddr {
+            "the file has no rows: expected one `image label` line per image"
+        } else {
+            "the file has a header but no rows: expected one line per image under it"
+        };
+        return Err(loc.err(text.lines().count().max(1), 1, what));
+    }
     // Duplicate images would leak between the splits and count twice.
     let mut seen: HashMap<&Path, usize> = HashMap::new();
     for s in &out.samples {
