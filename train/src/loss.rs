@@ -453,21 +453,37 @@ impl HeadLoss {
                 let classes = t.values.clone().int().reshape([n, 1]);
                 let logp = log_softmax(output, 1);
                 let nll = logp.clone().gather(1, classes.clone()).reshape([n]).neg();
+                let class_weights = self
+                    .class_weights
+                    .as_ref()
+                    .map(|cw| Tensor::<1>::from_floats(cw.as_slice(), &device));
+                let w = match &class_weights {
+                    Some(cw) => cw.clone().gather(0, classes.reshape([n])),
+                    None => t.mask.ones_like(),
+                };
                 let mut per = nll.clone();
                 if self.label_smoothing > 0.0 {
+                    // As PyTorch's CrossEntropyLoss(weight, label_smoothing): each class's
+                    // smoothing term carries that class's weight, and the batch is normalised by
+                    // the weights of the true classes. `per` is divided by the true class's
+                    // weight here because `masked_mean` multiplies it back.
                     let a = self.label_smoothing;
-                    let uniform = logp.clone().mean_dim(1).reshape([n]).neg();
+                    let uniform = match &class_weights {
+                        Some(cw) => {
+                            (logp.clone() * cw.clone().reshape([1, width]))
+                                .mean_dim(1)
+                                .reshape([n])
+                                .neg()
+                                / w.clone()
+                        }
+                        None => logp.clone().mean_dim(1).reshape([n]).neg(),
+                    };
                     per = nll.clone() * (1.0 - a) + uniform * a;
                 }
                 if let LossKind::Focal { gamma } = self.loss {
                     let p_true = nll.neg().exp().detach();
                     per = per * (p_true.neg() + 1.0).powf_scalar(gamma);
                 }
-                let w = match &self.class_weights {
-                    Some(cw) => Tensor::<1>::from_floats(cw.as_slice(), &device)
-                        .gather(0, classes.reshape([n])),
-                    None => t.mask.ones_like(),
-                };
                 masked_mean(per, w * t.mask.clone())
             }
             LossKind::Bce | LossKind::Focal { .. } => {

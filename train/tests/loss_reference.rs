@@ -255,3 +255,41 @@ fn class_weights_by_hand_and_from_frequencies() {
         .unwrap_err();
     assert!(e.to_string().contains("`edema` is not a head"), "{e}");
 }
+
+/// Cross entropy with class weights *and* label smoothing, as PyTorch's
+/// `CrossEntropyLoss(weight=w, label_smoothing=e)` computes it (aten's
+/// `cross_entropy_loss_label_smoothing`, mean reduction): each class's smoothing term carries
+/// that class's weight, and the sum is divided by the weights of the true classes,
+/// `[(1-e) sum_i w[y_i] nll_i + e/C sum_i sum_c w[c] (-log p_ic)] / sum_i w[y_i]`.
+/// Computed here in f64 from the definition.
+#[test]
+fn label_smoothing_with_class_weights_weights_each_class_term_as_torch_does() {
+    let (w, e) = ([1.0f64, 2.0, 2.0, 4.0, 4.0], 0.1f64);
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for (z, y) in LOGITS.iter().zip(LABELS) {
+        let z: Vec<f64> = z.iter().map(|v| *v as f64).collect();
+        let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
+        let y = y as usize;
+        let smooth: f64 = (0..5).map(|c| w[c] * (lse - z[c])).sum::<f64>() / 5.0;
+        num += (1.0 - e) * w[y] * (lse - z[y]) + e * smooth;
+        den += w[y];
+    }
+    let want = (num / den) as f32;
+    let loss = LossConfig::new()
+        .with_heads(vec![
+            HeadLossConfig::new("diagnosis".into())
+                .with_class_weights(ClassWeights::Manual(w.map(|v| v as f32).to_vec()))
+                .with_label_smoothing(Some(e as f32)),
+        ])
+        .init(&specs(), &|_| None)
+        .unwrap();
+    let device = Device::flex();
+    let z = Tensor::<2>::from_data(LOGITS, &device);
+    let t = HeadTargets::from_options(&LABELS.map(Some), &device);
+    let got = host(loss.heads[0].forward(z, &t))[0];
+    assert!(
+        (got - want).abs() < 1e-5,
+        "got {got}, torch's definition gives {want}"
+    );
+}
