@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{bin, json_lines, run, synth};
+use common::{bin, json_lines, run, run_in, synth};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -148,8 +148,9 @@ fn a_head_no_code_knows_trains_evaluates_predicts_and_serves() {
     let run_dir = dir.path().join("run");
     let s = |p: &Path| p.to_str().unwrap().to_string();
 
-    // Train.
-    let out = run(
+    // Train, started outside any repository: the provenance still names the code's revision.
+    let out = run_in(
+        dir.path(),
         "retina-train",
         &[
             "fit",
@@ -177,6 +178,24 @@ fn a_head_no_code_knows_trains_evaluates_predicts_and_serves() {
     );
     assert!(last["train_head_loss"]["laser_scars"].is_number(), "{last}");
     let model = run_dir.join("model");
+    let built_from = Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short=12",
+            "HEAD",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if let Some(rev) = built_from {
+        let meta: Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap())
+                .unwrap();
+        assert_eq!(meta["provenance"]["git_revision"], rev.as_str(), "{meta}");
+    }
 
     // Evaluate.
     let eval_dir = dir.path().join("eval");

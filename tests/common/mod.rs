@@ -25,7 +25,16 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn run(name: &str, args: &[&str]) -> Output {
-    let out = Command::new(bin(name)).args(args).output().unwrap();
+    run_in(Path::new("."), name, args)
+}
+
+/// [`run`] with `dir` as the working directory.
+pub fn run_in(dir: &Path, name: &str, args: &[&str]) -> Output {
+    let out = Command::new(bin(name))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
     eprintln!(
         "$ {name} {}\n{}{}",
         args.join(" "),

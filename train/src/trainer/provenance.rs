@@ -27,15 +27,10 @@ pub(super) fn dataset_hash(samples: &[Sample]) -> String {
     format!("fnv1a64:{h:016x}")
 }
 
-/// The short git revision of the working directory, when there is one.
+/// The short git revision this binary was built from (recorded by `build.rs`), when it was
+/// built from a git checkout: the directory a run starts in says nothing about the code.
 pub(super) fn git_revision() -> Option<String> {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
+    option_env!("RETINA_GIT_REVISION").map(str::to_string)
 }
 
 /// The provenance of the model of `epoch`, validated with `metrics`.
