@@ -73,11 +73,18 @@ fn relabel(dir: &Path) {
     std::fs::write(&path, out).unwrap();
 }
 
-fn post_image(addr: &str, body: &[u8]) -> (u16, Value) {
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// One HTTP/1.1 exchange over a fresh connection: the request line, `body` (with its length)
+/// and `Connection: close`; answers the status and the JSON body.
+fn exchange(addr: &str, request_line: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let head = format!(
-        "POST /v1/predict HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/png\r\n\
+        "{request_line}\r\nHost: {addr}\r\nContent-Type: {content_type}\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
@@ -95,23 +102,12 @@ fn post_image(addr: &str, body: &[u8]) -> (u16, Value) {
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+fn post_image(addr: &str, png: &[u8]) -> (u16, Value) {
+    exchange(addr, "POST /v1/predict HTTP/1.1", "image/png", png)
+}
+
 fn get(addr: &str, path: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    let _ = s.read_to_string(&mut raw);
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    exchange(addr, &format!("GET {path} HTTP/1.1"), "text/plain", b"")
 }
 
 /// Checks one answer's new heads: a ratio inside the head's range under its answer key, a
@@ -191,9 +187,7 @@ fn a_head_no_code_knows_trains_evaluates_predicts_and_serves() {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     if let Some(rev) = built_from {
-        let meta: Value =
-            serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap())
-                .unwrap();
+        let meta: Value = read_json(&model.join("model.json"));
         assert_eq!(meta["provenance"]["git_revision"], rev.as_str(), "{meta}");
     }
 
@@ -212,9 +206,7 @@ fn a_head_no_code_knows_trains_evaluates_predicts_and_serves() {
         ],
     );
     assert!(out.status.success(), "eval failed");
-    let m: Value =
-        serde_json::from_str(&std::fs::read_to_string(eval_dir.join("metrics.json")).unwrap())
-            .unwrap();
+    let m: Value = read_json(&eval_dir.join("metrics.json"));
     assert!(m["cup_disc_ratio"]["mae"].is_number(), "{m}");
     assert_eq!(m["cup_disc_ratio"]["missing"], 3, "{m}"); // rows 3, 10 and 17 are blank
     assert!(m["laser_scars"]["sensitivity"].is_number(), "{m}");
@@ -258,14 +250,12 @@ fn a_head_no_code_knows_trains_evaluates_predicts_and_serves() {
         err.contains("no operating point `nope`") && err.contains("youden"),
         "{err}"
     );
-    let unchanged: Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    let unchanged: Value = read_json(&model.join("model.json"));
     assert!(
         unchanged["operating_points"].get("screening").is_none(),
         "nothing written"
     );
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    let meta: Value = read_json(&model.join("model.json"));
     assert!(
         meta["operating_points"]["youden"]["thresholds"]["laser_scars"].is_number(),
         "{meta}"
