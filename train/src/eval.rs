@@ -283,11 +283,30 @@ pub fn evaluate(
     root.insert("backend".into(), json!(s.backend));
     let mut curves = Vec::new();
     let mut md = String::new();
+    // The report names the model and the data by what they are, not by where they sat on the
+    // machine that wrote it (a report travels; `metrics.json` keeps the paths).
+    let file_name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| p.display().to_string())
+    };
+    let trained = [
+        Some(format!("`{}` preset", meta.config.preset)),
+        meta.provenance
+            .dataset
+            .as_ref()
+            .map(|d| format!("trained on {d}")),
+        meta.provenance.epochs.map(|e| format!("epoch {e}")),
+    ];
+    let trained: Vec<String> = trained.into_iter().flatten().collect();
+    let data_hash = crate::dataset::content_hash(&s.samples);
+    root.insert("data_hash".into(), json!(data_hash));
     let _ = writeln!(
         md,
-        "# Evaluation report\n\n- model: `{}`\n- data: `{}` ({} images)\n- operating point: `{pname}` ({})\n- backend: {}\n",
-        model.display(),
-        data.display(),
+        "# Evaluation report\n\n- model: `{}` ({})\n- data: `{}` ({format} format, {} images, {data_hash})\n- operating point: `{pname}` ({})\n- backend: {}\n",
+        file_name(model),
+        trained.join(", "),
+        file_name(data),
         s.samples.len(),
         point.method,
         s.backend

@@ -129,6 +129,17 @@ fn eval_writes_stable_keys_report_and_figures_and_calibrate_adds_a_point() {
     assert!(png.width() > 100);
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("operating point: `default`"), "{report}");
+    // The report names the data by what it is, not by the folder it sat in on this machine.
+    let here = dir.path().to_str().unwrap();
+    assert!(!report.contains(here), "{report}");
+    assert!(
+        report.contains("- data: `labels.csv` (native format, 16 images, fnv1a64:"),
+        "{report}"
+    );
+    assert!(
+        report.contains("- model: `model` (`small` preset"),
+        "{report}"
+    );
 
     // Calibrate a screening point, then evaluate at it.
     let (name, point, _) = eval::calibrate(

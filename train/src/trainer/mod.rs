@@ -223,7 +223,7 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
     if data.train.is_empty() {
         bail!("no training samples left after the split");
     }
-    let hash = provenance::dataset_hash(&data.train);
+    let hash = crate::dataset::content_hash(&data.train);
     let head_names: Vec<String> = model_config.heads.iter().map(|h| h.name.clone()).collect();
     let counts = |h: &str| {
         model_config
