@@ -411,3 +411,28 @@ fn one_bad_argument_does_not_cost_the_others_their_answers() {
     assert!(last["image"].as_str().unwrap().ends_with("synth_00001.png"));
     assert!(last["diagnosis"]["grade"].is_u64(), "{last}");
 }
+
+/// `auto` on a machine without a hardware GPU (CI has only Mesa's software Vulkan driver) takes
+/// the CPU without starting the wgpu runtime: nothing on stderr but Retina's own words (the GL
+/// probe printed `XDG_RUNTIME_DIR` errors).
+#[test]
+fn auto_without_a_hardware_gpu_is_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = synth(dir.path(), 1);
+    let out = Command::new(bin("retina-infer"))
+        .args(["predict", images.join("synth_00000.png").to_str().unwrap()])
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let backend_line = err.lines().find(|l| l.starts_with("model: ")).unwrap_or("");
+    if backend_line.contains("wgpu") {
+        return; // a real GPU here: auto rightly took it
+    }
+    let foreign: Vec<&str> = err.lines().filter(|l| !l.starts_with("model: ")).collect();
+    assert!(
+        foreign.is_empty(),
+        "stderr beyond Retina's own line: {foreign:?}"
+    );
+}

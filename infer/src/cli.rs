@@ -136,6 +136,7 @@ struct BenchArgs {
 /// Runs the CLI.
 pub fn main() -> ExitCode {
     retina_kernels::allocator::keep_freed_memory();
+    retina_kernels::startup::quiet_vulkan_layers();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Predict(a) => predict(a),

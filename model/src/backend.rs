@@ -116,6 +116,35 @@ pub fn probe_gpu() -> Result<GpuInfo, BackendError> {
         .clone()
 }
 
+/// Whether the primary graphics APIs (Vulkan, Metal, DX12) list a hardware adapter, asked
+/// without starting the wgpu runtime: `None` when the answer is not immediate.
+///
+/// `auto` asks this first because starting the runtime also probes OpenGL, which on a machine
+/// without a display prints `XDG_RUNTIME_DIR` errors on stderr and costs 0.1-0.2 s, all to find
+/// nothing `auto` would use (a software rasteriser, or no adapter at all).
+fn hardware_adapter_listed() -> Option<bool> {
+    use burn::tensor::wgpu::wgpu;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let backends = wgpu::Backends::PRIMARY;
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    // Native adapter enumeration completes on the first poll.
+    let mut adapters = std::pin::pin!(instance.enumerate_adapters(backends));
+    match adapters
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(list) => Some(
+            list.iter()
+                .any(|a| a.get_info().device_type != wgpu::DeviceType::Cpu),
+        ),
+        Poll::Pending => None,
+    }
+}
+
 #[allow(deprecated)] // ndarray is deprecated upstream; we keep it selectable for comparison.
 fn ndarray_device() -> Device {
     Device::ndarray()
@@ -147,6 +176,9 @@ impl BackendChoice {
                     description: format!("wgpu ({}, {})", gpu.adapter, gpu.api),
                 })
             }
+            Self::Auto if hardware_adapter_listed() == Some(false) => Ok(flex(
+                " [auto: no hardware GPU adapter through Vulkan, Metal or DX12]".into(),
+            )),
             Self::Auto => match probe_gpu() {
                 Ok(gpu) if !gpu.software => Ok(SelectedBackend {
                     device: gpu.device.clone(),

@@ -294,6 +294,7 @@ struct SynthArgs {
 /// `retina-infer`: 0 done, 2 a usage or fatal error (clap's own usage errors exit 2 too).
 pub fn main() -> ExitCode {
     retina_kernels::allocator::keep_freed_memory();
+    retina_kernels::startup::quiet_vulkan_layers();
     let cli = Cli::parse();
     pin_default_device(&cli);
     match run(cli) {

@@ -33,6 +33,7 @@ pub mod allocator;
 pub mod conv;
 pub mod norm;
 pub mod plan;
+pub mod startup;
 mod switch;
 mod unit_cache;
 
