@@ -126,23 +126,29 @@ fn hardware_adapter_listed() -> Option<bool> {
     use burn::tensor::wgpu::wgpu;
     use std::future::Future;
     use std::task::{Context, Poll, Waker};
-    let backends = wgpu::Backends::PRIMARY;
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-        backends,
-        ..wgpu::InstanceDescriptor::new_without_display_handle()
-    });
-    // Native adapter enumeration completes on the first poll.
-    let mut adapters = std::pin::pin!(instance.enumerate_adapters(backends));
-    match adapters
-        .as_mut()
-        .poll(&mut Context::from_waker(Waker::noop()))
-    {
-        Poll::Ready(list) => Some(
-            list.iter()
-                .any(|a| a.get_info().device_type != wgpu::DeviceType::Cpu),
-        ),
-        Poll::Pending => None,
-    }
+    // Drivers have been seen to panic while listing adapters (see `probe_gpu`): that is "no
+    // answer", and the full probe decides.
+    std::panic::catch_unwind(|| {
+        let backends = wgpu::Backends::PRIMARY;
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends,
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
+        // Native adapter enumeration completes on the first poll.
+        let mut adapters = std::pin::pin!(instance.enumerate_adapters(backends));
+        match adapters
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready(list) => Some(
+                list.iter()
+                    .any(|a| a.get_info().device_type != wgpu::DeviceType::Cpu),
+            ),
+            Poll::Pending => None,
+        }
+    })
+    .ok()
+    .flatten()
 }
 
 #[allow(deprecated)] // ndarray is deprecated upstream; we keep it selectable for comparison.

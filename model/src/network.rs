@@ -1,7 +1,7 @@
 //! The multi-head network: one trunk, any number of heads on any stage.
 
 use crate::config::ConfigError;
-use crate::head::{AttachPoint, Decision, Head, HeadKind, HeadSpec};
+use crate::head::{AttachPoint, Decision, Head, HeadSpec};
 use crate::preprocess::PreprocessConfig;
 use crate::trunk::Trunk;
 use crate::trunk::{StageConfig, TrunkConfig};
@@ -273,11 +273,6 @@ impl RetinaNet {
         self.visit(&mut v);
         v.count
     }
-
-    /// The kind of each head, in order.
-    pub fn head_kinds(&self) -> Vec<HeadKind> {
-        self.specs.iter().map(|s| s.kind).collect()
-    }
 }
 
 /// Visits trainable parameters only: burn hands batch-norm running statistics to visitors as
@@ -328,6 +323,7 @@ impl burn::module::ModuleVisitor for TrainableVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::head::HeadKind;
 
     #[test]
     fn presets_validate() {

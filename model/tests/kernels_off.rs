@@ -15,6 +15,8 @@
 //! not measured against itself. A kernel that is wrong (a misplaced index, a missing term, a wrong
 //! statistic) differs by the order of the values themselves.
 
+mod common;
+
 use retina_kernels::Layout;
 use retina_model::burn::module::{Module, ModuleVisitor, Param, RunningState};
 use retina_model::burn::prelude::*;
@@ -25,24 +27,9 @@ use std::path::Path;
 const SIZE: usize = 32;
 const BATCH: usize = 2;
 
-/// Deterministic values in [-1, 1), independent of any backend's RNG.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 fn tensor<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
     let n = shape.iter().product();
-    Tensor::from_data(TensorData::new(values(n, seed), shape), device)
+    Tensor::from_data(TensorData::new(common::lcg_values(n, seed), shape), device)
 }
 
 fn host<const D: usize>(t: &Tensor<D>) -> Vec<f32> {

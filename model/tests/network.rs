@@ -1,5 +1,7 @@
 //! The network, bundles and backends, on small inputs (32 px) so the suite stays fast.
 
+mod common;
+
 use retina_model::bundle::{BUNDLE_FORMAT_VERSION, METADATA_FILE, WEIGHTS_FILE};
 use retina_model::burn::prelude::*;
 use retina_model::*;
@@ -12,18 +14,7 @@ fn small(size: usize) -> RetinaConfig {
 }
 
 fn input(n: usize, size: usize, seed: u64, device: &Device) -> Tensor<4> {
-    // Deterministic pseudo-random input, independent of any backend's RNG.
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let data: Vec<f32> = (0..n * 3 * size * size)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect();
+    let data = common::lcg_values(n * 3 * size * size, seed);
     Tensor::from_data(TensorData::new(data, [n, 3, size, size]), device)
 }
 

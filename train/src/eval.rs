@@ -84,21 +84,6 @@ pub fn score(
     })
 }
 
-/// Scores of one yes/no decision over the samples that carry its head's label.
-pub fn decision_scores(s: &Scored, decision: &str) -> (Vec<f32>, Vec<bool>) {
-    let Some(d) = s.bundle.metadata.config.decision(decision) else {
-        return (Vec::new(), Vec::new());
-    };
-    s.samples
-        .iter()
-        .zip(&s.preds)
-        .filter_map(|(sample, p)| {
-            let label = sample.labels.get(&d.head)?;
-            Some((p.decision_probability(&d.name)?, d.truth(*label)))
-        })
-        .unzip()
-}
-
 /// What a calibration aims for.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Target {
@@ -198,8 +183,14 @@ pub fn calibrate(
         method: format!("{target:?} on {} (n={})", data.display(), s.samples.len()),
     };
     let mut report = Vec::new();
-    for d in retina_model::bundle::decisions(&s.bundle.metadata.config) {
-        let (scores, truth) = decision_scores(&s, &d);
+    let heads = &s.bundle.metadata.config.heads;
+    // Only the scores are used here; the point's thresholds do not matter.
+    let at_half = OperatingPoint::default_for(&[]);
+    for decision in score_heads(heads, &s.samples, &s.preds, &at_half)
+        .into_iter()
+        .filter_map(|h| h.decision)
+    {
+        let (d, scores, truth) = (decision.decision.name, decision.scores, decision.truth);
         let Some(t) = choose_threshold(&scores, &truth, target) else {
             report.push(format!(
                 "{d}: not calibrated (the set needs positives and negatives)"

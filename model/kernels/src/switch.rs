@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 /// The environment variable read once for the process-wide setting: `off`, `0`, `false` or `no`
 /// (any case) turn the kernels off; unset, empty, `on`, `1`, `true` or `yes` leave them on.
-/// Any other value is refused with a panic at the first plan, naming the variable.
+/// Any other value is reported once on stderr, naming the variable, and the kernels stay on.
 pub const ENV: &str = "RETINA_KERNELS";
 
 const UNSET: u8 = 0;
@@ -78,13 +78,19 @@ impl Drop for Scoped {
 fn from_env() -> bool {
     match std::env::var(ENV) {
         Err(std::env::VarError::NotPresent) => true,
-        Ok(v) => parse(&v).unwrap_or_else(|| {
-            panic!("{ENV}={v:?}: use `off` (burn's own operations) or `on` (the CPU kernels)")
-        }),
-        Err(std::env::VarError::NotUnicode(v)) => {
-            panic!("{ENV}={v:?}: use `off` (burn's own operations) or `on` (the CPU kernels)")
-        }
+        Ok(v) => parse(&v).unwrap_or_else(|| unknown(&v)),
+        Err(std::env::VarError::NotUnicode(v)) => unknown(&v.to_string_lossy()),
     }
+}
+
+/// A value the switch does not know: said on stderr (a bad setting must not stop a run or a
+/// server), and the default kept.
+fn unknown(v: &str) -> bool {
+    eprintln!(
+        "warning: {ENV}={v:?} is not a setting: use `off` (burn's own operations) or `on` (the \
+         CPU kernels); the kernels stay on"
+    );
+    true
 }
 
 fn parse(v: &str) -> Option<bool> {
