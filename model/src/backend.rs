@@ -151,6 +151,26 @@ fn hardware_adapter_listed() -> Option<bool> {
     .flatten()
 }
 
+/// Whether the kernel exposes any GPU device node. On Linux a hardware adapter needs one
+/// (`/dev/dri/renderD*` for Mesa and AMD, `/dev/nvidia*`, `/dev/dxg` under WSL), so where there
+/// is none `auto` can answer "CPU" without loading a Vulkan loader and its drivers, which alone
+/// costs ~30 ms. Elsewhere the answer is "maybe", and the adapter listing decides.
+fn gpu_device_nodes_present() -> bool {
+    if !cfg!(target_os = "linux") {
+        return true;
+    }
+    let has = |dir: &str, prefixes: &[&str]| {
+        std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                prefixes.iter().any(|p| name.starts_with(p))
+            })
+        })
+    };
+    has("/dev/dri", &["renderD", "card"]) || has("/dev", &["nvidia", "dxg", "kfd"])
+}
+
 #[allow(deprecated)] // ndarray is deprecated upstream; we keep it selectable for comparison.
 fn ndarray_device() -> Device {
     Device::ndarray()
@@ -182,6 +202,9 @@ impl BackendChoice {
                     description: format!("wgpu ({}, {})", gpu.adapter, gpu.api),
                 })
             }
+            Self::Auto if !gpu_device_nodes_present() => {
+                Ok(flex(" [auto: no GPU device in /dev]".into()))
+            }
             Self::Auto if hardware_adapter_listed() == Some(false) => Ok(flex(
                 " [auto: no hardware GPU adapter through Vulkan, Metal or DX12]".into(),
             )),
@@ -197,6 +220,24 @@ impl BackendChoice {
                 ))),
                 Err(e) => Ok(flex(format!(" [auto: no GPU adapter: {}]", e.0))),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `auto` trusts the absence of GPU device nodes to mean "no hardware adapter": check that
+    /// against the real adapter listing wherever the shortcut would be taken.
+    #[test]
+    fn no_device_nodes_means_no_hardware_adapter() {
+        if !gpu_device_nodes_present() {
+            assert_ne!(
+                hardware_adapter_listed(),
+                Some(true),
+                "a hardware adapter is listed though /dev has no GPU node"
+            );
         }
     }
 }

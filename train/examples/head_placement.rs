@@ -98,6 +98,7 @@ fn main() -> Result<()> {
             skip_bad: false,
             cache: None,
             seed: 0,
+            hashes: Default::default(),
         };
         let (mut channels, mut fluid_p, mut truth): (Vec<Vec<f32>>, Vec<f32>, Vec<bool>) =
             (Vec::new(), Vec::new(), Vec::new());

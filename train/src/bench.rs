@@ -257,6 +257,7 @@ pub fn run_pipeline(
         skip_bad: false,
         cache: None,
         seed: 0,
+        hashes: Default::default(),
     };
     let order: Vec<usize> = (0..labels.samples.len()).collect();
     let t0 = Instant::now();

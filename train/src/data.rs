@@ -1,6 +1,6 @@
 //! Feeding the trainer: splits, sampling, augmentation and a parallel background loader.
 
-use crate::dataset::Sample;
+use crate::dataset::{ImageHashes, Sample};
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -237,6 +237,8 @@ pub struct LoaderSpec {
     pub cache: Option<Arc<ViewCache>>,
     /// Seed for augmentation.
     pub seed: u64,
+    /// Content hashes of the files decoded, shared by the loaders of one run.
+    pub hashes: Arc<ImageHashes>,
 }
 
 /// A batch or the error that stopped the loader.
@@ -249,7 +251,13 @@ impl LoaderSpec {
         {
             return Ok(v.clone());
         }
-        let img = self.preprocess.load(&s.image)?;
+        let name = s.image.display().to_string();
+        let bytes = std::fs::read(&s.image).map_err(|source| PreprocessError::Io {
+            name: name.clone(),
+            source,
+        })?;
+        self.hashes.record(&s.image, &bytes);
+        let img = self.preprocess.decode(&bytes, &name)?;
         let view = Arc::new(self.preprocess.crop_and_resize(&img.to_rgb8()));
         if let Some(c) = &self.cache {
             c.views

@@ -28,6 +28,8 @@ pub struct Scored {
     pub preds: Vec<Prediction>,
     /// Backend description.
     pub backend: String,
+    /// Content hashes of the images, recorded as they were decoded.
+    pub hashes: Arc<crate::dataset::ImageHashes>,
 }
 
 /// Loads the bundle and labels, checks they describe the same heads, and predicts.
@@ -73,6 +75,7 @@ pub fn score(
         skip_bad: false,
         cache: None,
         seed: 0,
+        hashes: Default::default(),
     };
     let samples = Arc::new(file.samples);
     let (preds, _) = predict(&bundle.model, None, &spec, &samples, 16, &backend.device)?;
@@ -81,6 +84,7 @@ pub fn score(
         samples: Arc::try_unwrap(samples).unwrap_or_else(|a| (*a).clone()),
         preds,
         backend: backend.description,
+        hashes: spec.hashes,
     })
 }
 
@@ -290,7 +294,7 @@ pub fn evaluate(
         meta.provenance.epochs.map(|e| format!("epoch {e}")),
     ];
     let trained: Vec<String> = trained.into_iter().flatten().collect();
-    let data_hash = crate::dataset::content_hash(&s.samples);
+    let data_hash = crate::dataset::content_hash(&s.samples, &s.hashes);
     root.insert("data_hash".into(), json!(data_hash));
     let _ = writeln!(
         md,

@@ -133,7 +133,7 @@ fn eval_writes_stable_keys_report_and_figures_and_calibrate_adds_a_point() {
     let here = dir.path().to_str().unwrap();
     assert!(!report.contains(here), "{report}");
     assert!(
-        report.contains("- data: `labels.csv` (native format, 16 images, fnv1a64:"),
+        report.contains("- data: `labels.csv` (native format, 16 images, xxh3-128:"),
         "{report}"
     );
     assert!(

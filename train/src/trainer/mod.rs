@@ -223,7 +223,6 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
     if data.train.is_empty() {
         bail!("no training samples left after the split");
     }
-    let hash = crate::dataset::content_hash(&data.train);
     let head_names: Vec<String> = model_config.heads.iter().map(|h| h.name.clone()).collect();
     let counts = |h: &str| {
         model_config
@@ -256,6 +255,8 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
 
     let (train_spec, val_spec) =
         samples::loader_specs(&req, &model_config, data.train.len() + data.val.len());
+    // Named by the images' bytes, hashed as the first epoch decodes them.
+    let mut hash = None;
     let train = Arc::new(data.train);
     let val = Arc::new(data.val);
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
@@ -324,7 +325,9 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
             .get(&cfg.select_metric)
             .copied()
             .or_else(|| val_metrics.get(scoring::VAL_LOSS).copied());
-        metadata.provenance = provenance::provenance(&req, &hash, epoch, &val_metrics);
+        let hash =
+            hash.get_or_insert_with(|| crate::dataset::content_hash(&train, &train_spec.hashes));
+        metadata.provenance = provenance::provenance(&req, hash, epoch, &val_metrics);
         if select::improves(
             &cfg.select_metric,
             current,
@@ -363,7 +366,8 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         best_metric: state.best_metric.unwrap_or(f64::NAN),
         best_val,
         seconds: started.elapsed().as_secs_f64(),
-        dataset_hash: hash,
+        dataset_hash: hash
+            .unwrap_or_else(|| crate::dataset::content_hash(&train, &train_spec.hashes)),
     };
     run.write_summary(&summary)?;
     Ok(summary)

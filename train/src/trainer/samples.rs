@@ -129,6 +129,7 @@ pub(super) fn loader_specs(
         skip_bad: req.skip_bad_images,
         cache: cache_images.then(|| Arc::new(ViewCache::default())),
         seed: cfg.seed,
+        hashes: Default::default(),
     };
     let val = LoaderSpec {
         augment: None,
