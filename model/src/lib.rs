@@ -39,7 +39,7 @@ pub use head::{
 };
 pub use network::{PRESETS, RetinaConfig, RetinaNet, RetinaOutput};
 pub use prediction::{HeadAnswer, Prediction};
-pub use preprocess::{Prepared, PreprocessConfig, PreprocessError};
+pub use preprocess::{Prepared, PreprocessConfig, PreprocessError, View};
 pub use trunk::{StageConfig, TrunkConfig};
 
 /// Re-exported so downstream crates use the same burn as the model.

@@ -110,6 +110,73 @@ pub struct Prepared {
     pub view: RgbImage,
     /// The normalised input, channel-major `[3, S, S]`.
     pub input: Vec<f32>,
+    /// Width and height of the photograph itself.
+    pub source_size: (u32, u32),
+}
+
+/// A photograph turned into the network's view (steps 1-3).
+#[derive(Debug, Clone)]
+pub struct View {
+    /// The square view, `image_size` pixels a side.
+    pub image: RgbImage,
+    /// Width and height of the photograph.
+    pub source_size: (u32, u32),
+    /// Width and height it was decoded at: smaller than `source_size` where a JPEG was decoded
+    /// at a reduced DCT scale.
+    pub decoded_size: (u32, u32),
+}
+
+/// A JPEG decoded at `eighths`/8 of its size by libjpeg-turbo (through mozjpeg), as RGB.
+/// `None` for colour spaces it does not convert to RGB (CMYK, YCCK): the full decoder does.
+fn decode_jpeg_scaled(
+    bytes: &[u8],
+    name: &str,
+    eighths: u8,
+) -> Result<Option<RgbImage>, PreprocessError> {
+    use mozjpeg::ColorSpace;
+    let run = || -> std::io::Result<Option<RgbImage>> {
+        let mut d = mozjpeg::Decompress::builder().from_mem(bytes)?;
+        if matches!(d.color_space(), ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK) {
+            return Ok(None);
+        }
+        d.scale(eighths);
+        let mut started = d.rgb()?;
+        let (w, h) = (started.width() as u32, started.height() as u32);
+        let pixels: Vec<u8> = started.read_scanlines()?;
+        started.finish()?;
+        Ok(RgbImage::from_raw(w, h, pixels))
+    };
+    // libjpeg reports a fatal error by unwinding out of the decoder (the mozjpeg crate's
+    // error manager): catch it as the image's error.
+    let corrupt = |reason: String| PreprocessError::Corrupt {
+        name: name.into(),
+        reason,
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok(img)) => Ok(img),
+        Ok(Err(e)) => Err(corrupt(e.to_string())),
+        Err(panic) => Err(corrupt(
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the JPEG decoder failed".into()),
+        )),
+    }
+}
+
+/// What an image's bytes declare, read before decoding.
+struct Header {
+    format: image::ImageFormat,
+    width: u32,
+    height: u32,
+}
+
+fn corrupt(name: &str, e: image::ImageError) -> PreprocessError {
+    PreprocessError::Corrupt {
+        name: name.into(),
+        reason: e.to_string(),
+    }
 }
 
 /// A pixel rectangle `[x0, x1) x [y0, y1)`.
@@ -163,21 +230,21 @@ impl PreprocessConfig {
         Ok(())
     }
 
-    /// Decodes image bytes; `name` is used in error messages.
-    pub fn decode(&self, bytes: &[u8], name: &str) -> Result<DynamicImage, PreprocessError> {
+    /// Checks what the bytes are before anything is decoded: a format we read, a JPEG that is
+    /// not cut short, a declared size within the limits.
+    fn inspect(&self, bytes: &[u8], name: &str) -> Result<Header, PreprocessError> {
         let reader = || {
             ImageReader::new(Cursor::new(bytes))
                 .with_guessed_format()
                 .expect("reading from memory cannot fail")
         };
-        let format = reader().format();
-        if format.is_none() {
+        let Some(format) = reader().format() else {
             return Err(PreprocessError::NotAnImage { name: name.into() });
-        }
+        };
         // The JPEG decoder fills a truncated scan with grey instead of failing, which would turn a
         // half-copied file into a confident prediction. A complete JPEG ends with the EOI marker
         // (FF D9), which cannot occur inside entropy-coded data; allow trailing padding.
-        if format == Some(image::ImageFormat::Jpeg) {
+        if format == image::ImageFormat::Jpeg {
             let tail = &bytes[bytes.len().saturating_sub(4096)..];
             if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
                 return Err(PreprocessError::Corrupt {
@@ -188,12 +255,8 @@ impl PreprocessConfig {
                 });
             }
         }
-        let corrupt = |e: image::ImageError| PreprocessError::Corrupt {
-            name: name.into(),
-            reason: e.to_string(),
-        };
         // Read the declared size first, so a bomb is refused before anything is allocated.
-        let (width, height) = reader().into_dimensions().map_err(corrupt)?;
+        let (width, height) = reader().into_dimensions().map_err(|e| corrupt(name, e))?;
         if width > self.max_dimension || height > self.max_dimension {
             return Err(PreprocessError::TooLarge {
                 name: name.into(),
@@ -205,19 +268,88 @@ impl PreprocessConfig {
         if width == 0 || height == 0 {
             return Err(PreprocessError::Empty { name: name.into() });
         }
+        Ok(Header {
+            format,
+            width,
+            height,
+        })
+    }
+
+    /// Decodes image bytes at full size; `name` is used in error messages.
+    pub fn decode(&self, bytes: &[u8], name: &str) -> Result<DynamicImage, PreprocessError> {
+        self.inspect(bytes, name)?;
+        self.decode_full(bytes, name)
+    }
+
+    fn decode_full(&self, bytes: &[u8], name: &str) -> Result<DynamicImage, PreprocessError> {
         let mut limits = Limits::default();
         limits.max_image_width = Some(self.max_dimension);
         limits.max_image_height = Some(self.max_dimension);
         limits.max_alloc = Some(2 << 30);
-        let mut r = reader();
+        let mut r = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .expect("reading from memory cannot fail");
         r.limits(limits);
         r.decode().map_err(|e| match e {
             image::ImageError::Unsupported(_) => PreprocessError::NotAnImage { name: name.into() },
-            e => corrupt(e),
+            e => corrupt(name, e),
         })
     }
 
-    /// Reads and decodes an image file.
+    /// Decodes so that the shorter side is at least `short_side` pixels, as cheaply as the
+    /// format allows: a JPEG at the smallest DCT scale n/8 that still covers it (libjpeg-turbo's
+    /// scaled decoding, which skips most of the inverse DCT and leaves up to a 64x smaller image
+    /// to crop and resize); anything else in full. Returns the image and whether it is the
+    /// full-size one.
+    fn decode_covering(
+        &self,
+        bytes: &[u8],
+        name: &str,
+        header: &Header,
+        short_side: u32,
+    ) -> Result<(DynamicImage, bool), PreprocessError> {
+        let shorter = header.width.min(header.height) as u64;
+        let eighths = (1..8u8).find(|&n| (shorter * n as u64).div_ceil(8) >= short_side as u64);
+        if header.format == image::ImageFormat::Jpeg
+            && let Some(n) = eighths
+            && let Some(img) = decode_jpeg_scaled(bytes, name, n)?
+        {
+            return Ok((DynamicImage::ImageRgb8(img), false));
+        }
+        Ok((self.decode_full(bytes, name)?, true))
+    }
+
+    /// Decodes, disc-crops and resizes image bytes to the network's view (steps 1-3), decoding
+    /// JPEGs only as finely as the view needs. Returns the view and the photograph's own size.
+    ///
+    /// The first decode assumes the disc spans the photograph's shorter side, as it does in
+    /// fundus photographs; when the disc found is smaller than the view, the photograph is
+    /// decoded again at the next finer scale, so the view is never upsampled where the full
+    /// decode would not have been.
+    pub fn view_from_bytes(&self, bytes: &[u8], name: &str) -> Result<View, PreprocessError> {
+        let header = self.inspect(bytes, name)?;
+        let side = self.image_size as u32;
+        let mut short_side = side;
+        loop {
+            let (img, full) = self.decode_covering(bytes, name, &header, short_side)?;
+            let rgb = img.to_rgb8();
+            let disc = self.disc_rect(&rgb);
+            if full || disc.width().max(disc.height()) >= side {
+                return Ok(View {
+                    image: self.square_and_resize(&rgb, disc),
+                    source_size: (header.width, header.height),
+                    decoded_size: rgb.dimensions(),
+                });
+            }
+            // Decode as finely as this disc needs: its share of the shorter side stays the same.
+            let decoded_short = rgb.width().min(rgb.height());
+            let disc_side = disc.width().max(disc.height()).max(1);
+            let needed = (side as u64 * decoded_short as u64).div_ceil(disc_side as u64);
+            short_side = (needed as u32).max(decoded_short + 1);
+        }
+    }
+
+    /// Reads and decodes an image file at full size.
     pub fn load(&self, path: &Path) -> Result<DynamicImage, PreprocessError> {
         let name = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|source| PreprocessError::Io {
@@ -229,12 +361,23 @@ impl PreprocessConfig {
 
     /// Reads a file and prepares it for the network.
     pub fn prepare_path(&self, path: &Path) -> Result<Prepared, PreprocessError> {
-        Ok(self.prepare(&self.load(path)?))
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| PreprocessError::Io {
+            name: name.clone(),
+            source,
+        })?;
+        self.prepare_bytes(&bytes, &name)
     }
 
     /// Decodes bytes and prepares them for the network.
     pub fn prepare_bytes(&self, bytes: &[u8], name: &str) -> Result<Prepared, PreprocessError> {
-        Ok(self.prepare(&self.decode(bytes, name)?))
+        let v = self.view_from_bytes(bytes, name)?;
+        let input = self.normalise(&v.image);
+        Ok(Prepared {
+            view: v.image,
+            input,
+            source_size: v.source_size,
+        })
     }
 
     /// Crops, resizes and normalises a decoded image.
@@ -242,25 +385,36 @@ impl PreprocessConfig {
         let rgb = img.to_rgb8();
         let view = self.crop_and_resize(&rgb);
         let input = self.normalise(&view);
-        Prepared { view, input }
+        Prepared {
+            view,
+            input,
+            source_size: rgb.dimensions(),
+        }
     }
 
-    /// Steps 2 and 3: square crop around the disc, then resize.
-    pub fn crop_and_resize(&self, rgb: &RgbImage) -> RgbImage {
+    /// The rectangle step 2 squares: the disc, or the whole frame when cropping is off or no
+    /// disc is found.
+    fn disc_rect(&self, rgb: &RgbImage) -> Rect {
+        let found = self
+            .crop_to_disc
+            .then(|| find_disc(rgb, self.disc_threshold))
+            .flatten();
+        found.unwrap_or_else(|| full_rect(rgb))
+    }
+
+    fn square_and_resize(&self, rgb: &RgbImage, rect: Rect) -> RgbImage {
         let s = self.image_size as u32;
-        let square = if self.crop_to_disc {
-            match find_disc(rgb, self.disc_threshold) {
-                Some(r) => square_around(rgb, r),
-                None => square_around(rgb, full_rect(rgb)),
-            }
-        } else {
-            square_around(rgb, full_rect(rgb))
-        };
+        let square = square_around(rgb, rect);
         if square.dimensions() == (s, s) {
             square
         } else {
             image::imageops::resize(&square, s, s, FilterType::Triangle)
         }
+    }
+
+    /// Steps 2 and 3: square crop around the disc, then resize.
+    pub fn crop_and_resize(&self, rgb: &RgbImage) -> RgbImage {
+        self.square_and_resize(rgb, self.disc_rect(rgb))
     }
 
     /// Step 4: Graham (optional) and per-channel normalisation to `[3, S, S]`.
@@ -558,5 +712,77 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, PreprocessError::Io { .. }));
         assert!(e.to_string().contains("/nonexistent/eye.png"));
+    }
+
+    /// A fundus-like photograph: a shaded disc with dark vessel-like arcs and small bright dots
+    /// (a few pixels wide, like exudates), on black.
+    fn textured_disc(w: u32, h: u32, cx: f32, cy: f32, r: f32) -> RgbImage {
+        ImageBuffer::from_fn(w, h, |x, y| {
+            let (dx, dy) = (x as f32 - cx, y as f32 - cy);
+            let d = (dx * dx + dy * dy).sqrt();
+            if d > r {
+                return Rgb([2, 1, 1]);
+            }
+            let shade = 1.0 - 0.4 * d / r;
+            let vessel = ((dx * 0.02).sin() * 40.0 - dy).abs() % (r / 3.0) < r / 60.0;
+            let dot = (x * 7 + y * 13) % 97 == 0;
+            let base = [200.0 * shade, 90.0 * shade, 40.0 * shade];
+            let k = if vessel { 0.45 } else { 1.0 };
+            let px = |c: f32| if dot { 250.0 } else { c * k };
+            Rgb([px(base[0]) as u8, px(base[1]) as u8, px(base[2]) as u8])
+        })
+    }
+
+    fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
+        assert_eq!(a.dimensions(), b.dimensions());
+        let sum: f64 = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| (*x as f64 - *y as f64).abs())
+            .sum();
+        sum / a.as_raw().len() as f64
+    }
+
+    /// Scaled decoding: the smallest DCT scale whose disc still covers the view, and a view
+    /// within a grey level or two of the one from the full decode.
+    #[test]
+    fn jpegs_decode_at_the_smallest_scale_that_covers_the_view() {
+        let photo = DynamicImage::ImageRgb8(textured_disc(1600, 1200, 800.0, 600.0, 590.0));
+        let jpeg = encode(&photo, image::ImageFormat::Jpeg);
+        // 600 px: the disc (1180 px across) is 590 px at 4/8, so 5/8.
+        for (side, decoded) in [(128, (200, 150)), (224, (400, 300)), (600, (1000, 750))] {
+            let c = cfg(side);
+            let v = c.view_from_bytes(&jpeg, "p.jpg").unwrap();
+            assert_eq!(v.source_size, (1600, 1200));
+            assert_eq!(v.decoded_size, decoded, "{side}-px view");
+            let full = c.crop_and_resize(&c.decode(&jpeg, "p.jpg").unwrap().to_rgb8());
+            let d = mean_abs_diff(&v.image, &full);
+            assert!(
+                d < 2.0,
+                "{side}-px view: {d:.2} grey levels from the full decode"
+            );
+        }
+    }
+
+    /// A disc much smaller than the frame would be upsampled at the scale the frame suggests:
+    /// the decoder must go finer until the disc covers the view.
+    #[test]
+    fn a_small_disc_is_decoded_finely_enough() {
+        let photo = DynamicImage::ImageRgb8(textured_disc(1600, 1200, 700.0, 650.0, 150.0));
+        let jpeg = encode(&photo, image::ImageFormat::Jpeg);
+        let c = cfg(128);
+        let v = c.view_from_bytes(&jpeg, "p.jpg").unwrap();
+        // The disc is 300 px across: 37 at 1/8, 75 at 1/4, 150 at 1/2.
+        assert_eq!(v.decoded_size, (800, 600));
+        let full = c.crop_and_resize(&c.decode(&jpeg, "p.jpg").unwrap().to_rgb8());
+        let d = mean_abs_diff(&v.image, &full);
+        assert!(d < 3.0, "{d:.2} grey levels from the full decode");
+        // Other formats have no scaled decoding.
+        let png = encode(&photo, image::ImageFormat::Png);
+        assert_eq!(
+            c.view_from_bytes(&png, "p.png").unwrap().decoded_size,
+            (1600, 1200)
+        );
     }
 }

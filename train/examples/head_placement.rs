@@ -99,6 +99,7 @@ fn main() -> Result<()> {
             cache: None,
             seed: 0,
             hashes: Default::default(),
+            store: None,
         };
         let (mut channels, mut fluid_p, mut truth): (Vec<Vec<f32>>, Vec<f32>, Vec<bool>) =
             (Vec::new(), Vec::new(), Vec::new());

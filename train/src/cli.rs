@@ -3,6 +3,7 @@
 use crate::bench;
 use crate::config::{Overrides, Set};
 use crate::dataset::DatasetFormat;
+use crate::store::{self, ViewStore};
 use crate::synth::{self, SynthOptions};
 use crate::trainer::{self, DataSource, FitRequest, Resume};
 use crate::util::parse_grade_mix;
@@ -27,6 +28,9 @@ pub struct Cli {
 enum Command {
     /// Train a model on a labelled data set (or on generated images with --synthetic N).
     Fit(Box<FitArgs>),
+    /// Decode, disc-crop and resize every photograph of a label file once, into a store that
+    /// `fit --data STORE` trains from without decoding again (resumes if interrupted).
+    Prepare(PrepareArgs),
     /// Time full training steps (forward, losses, backward, optimizer).
     Bench(BenchArgs),
     /// Evaluate a model bundle on a labelled set: metrics.json, report.md and figures.
@@ -60,7 +64,7 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct FitArgs {
-    /// Label file of the training data.
+    /// Label file of the training data, or a store made by `retina-train prepare`.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Format of the label file: native, aptos, eyepacs, idrid, messidor2, ddr [default: native].
@@ -69,7 +73,7 @@ struct FitArgs {
     /// Image folder (default: the format's usual folder beside the label file).
     #[arg(long)]
     images: Option<PathBuf>,
-    /// A separate validation label file (instead of splitting the training data).
+    /// A separate validation label file, or store (instead of splitting the training data).
     #[arg(long)]
     val: Option<PathBuf>,
     /// Train on N generated images instead of a data set (the embedded default).
@@ -183,6 +187,31 @@ struct LabelSet {
     /// Image folder (default: the format's usual folder beside the label file).
     #[arg(long)]
     images: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct PrepareArgs {
+    /// The photographs and their labels.
+    #[command(flatten)]
+    set: LabelSet,
+    /// Store folder (resumed when it holds an interrupted run of the same command).
+    #[arg(long)]
+    out: PathBuf,
+    /// Training config (TOML) whose [model] section sets the preprocessing and heads.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Set a config key, as for `fit` (`--set model.preprocess.crop_to_disc=false`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<Set>,
+    /// Network preset whose preprocessing to use (`--set model.preset=...`).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Input size in pixels: the side of the stored views (`--set model.image_size=...`).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Leave out unreadable photographs (listed in the store with reasons) instead of stopping.
+    #[arg(long)]
+    skip_bad_images: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -312,6 +341,7 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fit(a) => fit(*a),
+        Command::Prepare(a) => prepare(a),
         Command::Eval(a) => {
             let m = crate::eval::evaluate(
                 &a.model,
@@ -368,8 +398,17 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "data pipeline: {:.1} img/s ({} JPEGs of {} px to {} px, augmentation on, no cache, {} threads)",
-                    r.pipeline_img_per_s, r.images, r.source_size, r.image_size, r.threads
+                    "data pipeline: {:.1} img/s from the photographs ({:.1} decoding them in \
+                     full), {:.1} img/s from a prepared store made at {:.1} photographs/s ({} \
+                     JPEGs of {} px to {} px, augmentation on, no cache, {} threads)",
+                    r.pipeline_img_per_s,
+                    r.full_decode_img_per_s,
+                    r.store_pipeline_img_per_s,
+                    r.prepare_img_per_s,
+                    r.images,
+                    r.source_size,
+                    r.image_size,
+                    r.threads
                 );
             }
             Ok(())
@@ -513,12 +552,43 @@ fn fit(a: FitArgs) -> Result<()> {
                 n,
                 size: a.synthetic_size.unwrap_or(256),
             },
-            (None, Some(path)) => DataSource::Labels {
-                path,
-                format: a.format.unwrap_or(DatasetFormat::Native),
-                images: a.images,
-                val: a.val,
-            },
+            (None, Some(path)) if ViewStore::is_store(&path) => {
+                if a.format.is_some() || a.images.is_some() {
+                    bail!(
+                        "{} is a prepared store: it carries its labels and views, so --format and --images do not apply",
+                        path.display()
+                    );
+                }
+                if let Some(v) = &a.val
+                    && !ViewStore::is_store(v)
+                {
+                    bail!(
+                        "--val {} must be a prepared store too when --data is one (`retina-train prepare --data {} --out VAL_STORE`)",
+                        v.display(),
+                        v.display()
+                    );
+                }
+                DataSource::Prepared {
+                    dir: path,
+                    val: a.val,
+                }
+            }
+            (None, Some(path)) => {
+                if let Some(v) = &a.val
+                    && ViewStore::is_store(v)
+                {
+                    bail!(
+                        "--val {} is a prepared store but --data is a label file: give both as stores or both as label files",
+                        v.display()
+                    );
+                }
+                DataSource::Labels {
+                    path,
+                    format: a.format.unwrap_or(DatasetFormat::Native),
+                    images: a.images,
+                    val: a.val,
+                }
+            }
             (None, None) => bail!("give --data LABELS or --synthetic N (or --resume RUN_DIR)"),
         };
         let Some(out) = a.out else {
@@ -534,15 +604,71 @@ fn fit(a: FitArgs) -> Result<()> {
             resumed: Vec::new(),
         })?
     };
+    // Where the validation set cannot score the selection metric (one class only), the
+    // validation loss chose the epoch: name what was used.
+    let chosen_by = if summary.best_val.contains_key(&summary.select_metric) {
+        summary.select_metric.as_str()
+    } else {
+        crate::scoring::VAL_LOSS
+    };
     eprintln!(
-        "done in {:.0} s: best epoch {} ({} {:.4}); model bundle: {}",
+        "done in {:.0} s: best epoch {} ({chosen_by} {:.4}); model bundle: {}",
         summary.seconds,
         summary.best_epoch,
-        summary.select_metric,
         summary.best_metric,
         summary.out.join("model").display()
     );
     println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn prepare(a: PrepareArgs) -> Result<()> {
+    let int = |v: usize| i64::try_from(v).context("value too large");
+    let mut o = Overrides {
+        file: a.config.clone(),
+        sets: Vec::new(),
+    };
+    if let Some(v) = &a.preset {
+        o = o.set("model.preset", v.as_str());
+    }
+    if let Some(v) = a.image_size {
+        o = o.set("model.image_size", int(v)?);
+    }
+    o.sets.extend(a.sets.iter().cloned());
+    let model = o.resolve()?.model_config()?;
+    let s = store::prepare(&store::PrepareOptions {
+        labels: a.set.data,
+        format: a.set.format,
+        images: a.set.images,
+        out: a.out,
+        preprocess: model.preprocess.clone(),
+        heads: model.heads.clone(),
+        skip_bad_images: a.skip_bad_images,
+        progress: std::io::stderr().is_terminal(),
+    })?;
+    for l in &s.left_out {
+        eprintln!(
+            "left out {} (line {}): {}",
+            l.image.display(),
+            l.line,
+            l.reason
+        );
+    }
+    eprintln!(
+        "stored {} views of {} px in {} ({:.0} MiB){}; {:.1} photographs/s; train with `retina-train fit --data {}`",
+        s.stored,
+        model.preprocess.image_size,
+        s.out.display(),
+        s.bytes as f64 / (1 << 20) as f64,
+        if s.resumed > 0 {
+            format!(", {} of them done by the interrupted run", s.resumed)
+        } else {
+            String::new()
+        },
+        s.img_per_s,
+        s.out.display()
+    );
+    println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(())
 }
 

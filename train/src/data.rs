@@ -239,6 +239,8 @@ pub struct LoaderSpec {
     pub seed: u64,
     /// Content hashes of the files decoded, shared by the loaders of one run.
     pub hashes: Arc<ImageHashes>,
+    /// A prepared store to read views from instead of decoding photographs.
+    pub store: Option<Arc<crate::store::ViewStore>>,
 }
 
 /// A batch or the error that stopped the loader.
@@ -246,6 +248,15 @@ pub type LoadResult = Result<HostBatch, PreprocessError>;
 
 impl LoaderSpec {
     fn view(&self, s: &Sample) -> Result<Arc<RgbImage>, PreprocessError> {
+        if let Some(store) = &self.store {
+            return store
+                .view(&s.image)
+                .map(Arc::new)
+                .map_err(|reason| PreprocessError::Corrupt {
+                    name: s.image.display().to_string(),
+                    reason,
+                });
+        }
         if let Some(c) = &self.cache
             && let Some(v) = c.views.lock().expect("cache lock").get(&s.image)
         {
@@ -257,8 +268,7 @@ impl LoaderSpec {
             source,
         })?;
         self.hashes.record(&s.image, &bytes);
-        let img = self.preprocess.decode(&bytes, &name)?;
-        let view = Arc::new(self.preprocess.crop_and_resize(&img.to_rgb8()));
+        let view = Arc::new(self.preprocess.view_from_bytes(&bytes, &name)?.image);
         if let Some(c) = &self.cache {
             c.views
                 .lock()

@@ -76,6 +76,7 @@ pub fn score(
         cache: None,
         seed: 0,
         hashes: Default::default(),
+        store: None,
     };
     let samples = Arc::new(file.samples);
     let (preds, _) = predict(&bundle.model, None, &spec, &samples, 16, &backend.device)?;

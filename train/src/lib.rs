@@ -15,6 +15,7 @@ pub mod loss;
 pub mod metrics;
 pub mod plots;
 pub mod scoring;
+pub mod store;
 pub mod synth;
 pub mod trainer;
 pub mod util;

@@ -103,3 +103,80 @@ fn data_flags_are_refused_with_resume() {
         );
     }
 }
+
+/// `prepare` through the binary: its settings come from the same flags as `fit`'s, it names a
+/// bad photograph by line and exits 2, and `fit --data STORE` refuses flags that do not apply.
+#[test]
+fn prepare_and_fit_from_a_store_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_retina-train");
+    let data = dir.path().join("data");
+    let synth = Command::new(bin)
+        .args(["synth", "--out", data.to_str().unwrap(), "--count", "6"])
+        .args(["--size", "96", "--format", "eyepacs"])
+        .output()
+        .unwrap();
+    assert!(synth.status.success(), "{}", stderr(&synth));
+    let labels = data.join("trainLabels.csv");
+    let store = dir.path().join("store");
+    let prepare = |extra: &[&str]| {
+        Command::new(bin)
+            .args(["prepare", "--data", labels.to_str().unwrap()])
+            .args(["--format", "eyepacs", "--out", store.to_str().unwrap()])
+            .args(["--image-size", "32"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // The third row's photograph is cut short.
+    let third = std::fs::read_to_string(&labels)
+        .unwrap()
+        .lines()
+        .nth(3)
+        .unwrap()
+        .to_string();
+    let photo = data
+        .join("train")
+        .join(format!("{}.jpeg", third.split(',').next().unwrap()));
+    let good = std::fs::read(&photo).unwrap();
+    std::fs::write(&photo, &good[..good.len() / 2]).unwrap();
+    let out = prepare(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("trainLabels.csv:4: "),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(&photo, &good).unwrap();
+    let out = prepare(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["stored"], 6);
+    assert_eq!(
+        summary["resumed"], 2,
+        "the rows before the bad one were kept"
+    );
+
+    let run = dir.path().join("run");
+    let out = fit(&["--data", store.to_str().unwrap(), "--format", "aptos"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("is a prepared store"),
+        "{}",
+        stderr(&out)
+    );
+    let out = fit(&[
+        "--data",
+        store.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--image-size",
+        "64",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("image_size: store 32, model 64"),
+        "{}",
+        stderr(&out)
+    );
+}

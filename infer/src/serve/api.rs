@@ -461,11 +461,11 @@ async fn read_parts(req: Request) -> Result<Vec<(String, Bytes)>, Response> {
 type Decoded = (String, Vec<f32>, String);
 
 fn decode(pre: &PreprocessConfig, name: String, bytes: &[u8]) -> Result<Decoded, ImageError> {
-    let img = pre
-        .decode(bytes, &name)
+    let p = pre
+        .prepare_bytes(bytes, &name)
         .map_err(|e| image_error(name.clone(), e))?;
-    let size = format!("{}x{}", img.width(), img.height());
-    Ok((name, pre.prepare(&img).input, size))
+    let size = format!("{}x{}", p.source_size.0, p.source_size.1);
+    Ok((name, p.input, size))
 }
 
 /// 415 when the bytes are no image format we read; 422 when they are one but cannot be used.

@@ -27,6 +27,14 @@ impl ImageHashes {
             .insert(path.to_path_buf(), h);
     }
 
+    /// Records a hash computed elsewhere (a prepared store's).
+    pub fn insert(&self, path: &Path, hash: u128) {
+        self.0
+            .lock()
+            .expect("hash lock")
+            .insert(path.to_path_buf(), hash);
+    }
+
     /// The hash of `path`'s bytes, reading the file when it was not recorded; `None` when it
     /// cannot be read (a skipped bad image).
     pub fn get_or_read(&self, path: &Path) -> Option<u128> {

@@ -54,6 +54,14 @@ pub enum DataSource {
         /// A separate validation label file (same format and image folder).
         val: Option<PathBuf>,
     },
+    /// A store made by `retina-train prepare` (views decoded once), with an optional separate
+    /// validation store.
+    Prepared {
+        /// The store folder.
+        dir: PathBuf,
+        /// A separate validation store.
+        val: Option<PathBuf>,
+    },
     /// `n` generated images (written into the run directory).
     Synthetic {
         /// Number of images.
@@ -219,7 +227,7 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
     device.seed(cfg.seed);
     let ad = device.clone().autodiff();
 
-    let data = samples::load(&req, &model_config.heads)?;
+    let data = samples::load(&req, &model_config)?;
     if data.train.is_empty() {
         bail!("no training samples left after the split");
     }
@@ -253,8 +261,7 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         state = st;
     }
 
-    let (train_spec, val_spec) =
-        samples::loader_specs(&req, &model_config, data.train.len() + data.val.len());
+    let (train_spec, val_spec) = samples::loader_specs(&req, &model_config, &data);
     // Named by the images' bytes, hashed as the first epoch decodes them.
     let mut hash = None;
     let train = Arc::new(data.train);

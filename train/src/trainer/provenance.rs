@@ -21,6 +21,7 @@ pub(super) fn provenance(
     Provenance {
         dataset: Some(match &req.data {
             DataSource::Labels { path, format, .. } => format!("{} ({format})", path.display()),
+            DataSource::Prepared { dir, .. } => format!("{} (prepared store)", dir.display()),
             DataSource::Synthetic { n, size } => {
                 format!(
                     "{n} synthetic images at {size} px (seed {})",

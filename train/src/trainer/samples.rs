@@ -3,11 +3,13 @@
 
 use super::{DataSource, FitRequest};
 use crate::data::{LoaderSpec, ViewCache, split};
-use crate::dataset::{DatasetFormat, LabelFile, Sample, check_images, read_labels};
+use crate::dataset::{DatasetFormat, ImageHashes, LabelFile, Sample, check_images, read_labels};
+use crate::store::ViewStore;
 use crate::synth::{self, SynthOptions};
 use anyhow::{Result, anyhow};
-use retina_model::{HeadSpec, RetinaConfig};
+use retina_model::RetinaConfig;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Most memory the decoded-image cache may take.
@@ -21,12 +23,49 @@ pub(super) struct Samples {
     pub ungradable: usize,
     /// Missing image files skipped (with `skip_bad_images`).
     pub missing: usize,
+    /// The prepared stores the sets come from, if they do.
+    pub stores: Option<(Arc<ViewStore>, Arc<ViewStore>)>,
 }
 
 /// Loads the samples of a request and splits off the validation set (unless one is given).
-pub(super) fn load(req: &FitRequest, heads: &[HeadSpec]) -> Result<Samples> {
+pub(super) fn load(req: &FitRequest, model: &RetinaConfig) -> Result<Samples> {
     let cfg = &req.config;
+    let heads = &model.heads;
     match &req.data {
+        DataSource::Prepared { dir, val } => {
+            let open = |d: &PathBuf| -> Result<Arc<ViewStore>> {
+                let s = ViewStore::open(d)?;
+                s.check(&model.preprocess)?;
+                Ok(Arc::new(s))
+            };
+            let store = open(dir)?;
+            let file = store.label_file(heads)?;
+            let ungradable = file.skipped_ungradable;
+            let left_out = store.manifest().left_out.len();
+            match val {
+                Some(v) => {
+                    let val_store = open(v)?;
+                    let vf = val_store.label_file(heads)?;
+                    Ok(Samples {
+                        train: file.samples,
+                        val: vf.samples,
+                        ungradable: ungradable + vf.skipped_ungradable,
+                        missing: left_out + val_store.manifest().left_out.len(),
+                        stores: Some((store, val_store)),
+                    })
+                }
+                None => {
+                    let (train, val) = split(&file.samples, cfg.data.val_fraction, cfg.seed);
+                    Ok(Samples {
+                        train,
+                        val,
+                        ungradable,
+                        missing: left_out,
+                        stores: Some((store.clone(), store)),
+                    })
+                }
+            }
+        }
         DataSource::Synthetic { n, size } => {
             let dir = req.out.join("synthetic");
             let label = synth::label_path(&dir, DatasetFormat::Native);
@@ -53,6 +92,7 @@ pub(super) fn load(req: &FitRequest, heads: &[HeadSpec]) -> Result<Samples> {
                 val,
                 ungradable: 0,
                 missing: 0,
+                stores: None,
             })
         }
         DataSource::Labels {
@@ -86,6 +126,7 @@ pub(super) fn load(req: &FitRequest, heads: &[HeadSpec]) -> Result<Samples> {
                         val: vf.samples,
                         ungradable: ungradable + vf.skipped_ungradable,
                         missing,
+                        stores: None,
                     })
                 }
                 None => {
@@ -95,6 +136,7 @@ pub(super) fn load(req: &FitRequest, heads: &[HeadSpec]) -> Result<Samples> {
                         val,
                         ungradable,
                         missing,
+                        stores: None,
                     })
                 }
             }
@@ -107,9 +149,33 @@ pub(super) fn load(req: &FitRequest, heads: &[HeadSpec]) -> Result<Samples> {
 pub(super) fn loader_specs(
     req: &FitRequest,
     model: &RetinaConfig,
-    images: usize,
+    data: &Samples,
 ) -> (LoaderSpec, LoaderSpec) {
     let cfg = &req.config;
+    let images = data.train.len() + data.val.len();
+    if let Some((train_store, val_store)) = &data.stores {
+        // Stored views are read from disk each time (the OS caches what fits): no decoding to
+        // save, and no memory to spend on a cache.
+        let hashes = Arc::new(ImageHashes::default());
+        train_store.record_hashes(&hashes);
+        val_store.record_hashes(&hashes);
+        let train = LoaderSpec {
+            preprocess: model.preprocess.clone(),
+            heads: model.heads.iter().map(|h| h.name.clone()).collect(),
+            augment: cfg.data.augment,
+            skip_bad: req.skip_bad_images,
+            cache: None,
+            seed: cfg.seed,
+            hashes,
+            store: Some(train_store.clone()),
+        };
+        let val = LoaderSpec {
+            augment: None,
+            store: Some(val_store.clone()),
+            ..train.clone()
+        };
+        return (train, val);
+    }
     // Decoded views cost S*S*3 bytes each; past the budget, decode every epoch instead of
     // exhausting memory on a large data set.
     let side = model.preprocess.image_size;
@@ -130,6 +196,7 @@ pub(super) fn loader_specs(
         cache: cache_images.then(|| Arc::new(ViewCache::default())),
         seed: cfg.seed,
         hashes: Default::default(),
+        store: None,
     };
     let val = LoaderSpec {
         augment: None,
