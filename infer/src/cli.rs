@@ -24,7 +24,8 @@ enum Command {
     Predict(PredictArgs),
     /// Time inference: batch-1 latency and batch-16 throughput.
     Bench(BenchArgs),
-    /// Serve predictions over HTTP (POST /v1/predict), batching concurrent requests.
+    /// Serve predictions over HTTP (POST /v1/predict, the Open Inference Protocol under /v2,
+    /// GET /metrics), batching concurrent requests; SIGHUP reloads the model.
     Serve(ServeArgs),
     /// Send a bounded load to a running `serve` and report throughput and latency.
     Loadtest(LoadtestArgs),
@@ -65,6 +66,9 @@ struct ServeArgs {
     /// Log JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// The name clients address the model by (`/v2/models/NAME/infer`).
+    #[arg(long, default_value = "retina")]
+    model_name: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -84,6 +88,13 @@ struct LoadtestArgs {
     /// Seconds before one request counts as failed.
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
+    /// Route to load: v1 (`POST /v1/predict`) or v2 (the Open Inference Protocol's infer, with
+    /// the image as binary tensor data).
+    #[arg(long, default_value = "v1", value_parser = ["v1", "v2"])]
+    protocol: String,
+    /// The model name for --protocol v2.
+    #[arg(long, default_value = "retina")]
+    model_name: String,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -150,6 +161,12 @@ pub fn main() -> ExitCode {
             requests: a.requests,
             timeout: Duration::from_secs(a.timeout_s),
             json: a.json,
+            protocol: match a.protocol.as_str() {
+                "v2" => crate::loadtest::Protocol::V2 {
+                    model: a.model_name.clone(),
+                },
+                _ => crate::loadtest::Protocol::V1,
+            },
         })
         .map(|()| ExitCode::SUCCESS),
     };
@@ -182,6 +199,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         drain: Duration::from_secs(a.drain_s),
         decode_threads: a.decode_threads.unwrap_or(cores).max(1),
         log_json: a.log_json,
+        model_name: a.model_name,
     })
 }
 

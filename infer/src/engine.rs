@@ -137,6 +137,17 @@ pub struct Engine {
     pub backend: SelectedBackend,
     /// Model name for the output (`embedded:default` or the bundle path).
     pub model_name: String,
+    /// The bundle's version: 16 hex digits of the XXH3 hash of its metadata and weights, so a
+    /// retrained or recalibrated bundle gets a new one.
+    pub version: String,
+}
+
+fn bundle_version(metadata: &[u8], weights: &[u8]) -> String {
+    use xxhash_rust::xxh3::Xxh3;
+    let mut h = Xxh3::new();
+    h.update(metadata);
+    h.update(weights);
+    format!("{:016x}", h.digest())
 }
 
 /// The answer for one image.
@@ -167,11 +178,20 @@ impl Engine {
     /// Loads `model` (a bundle directory) or the embedded default.
     pub fn load(model: Option<&Path>, backend: BackendChoice) -> Result<Engine> {
         let backend = backend.select()?;
-        let (bundle, model_name) = match model {
-            Some(dir) => (
-                ModelBundle::load(dir, &backend.device)?,
-                dir.display().to_string(),
-            ),
+        let (bundle, model_name, version) = match model {
+            Some(dir) => {
+                // Read once for the version; the bundle loader reports what is missing.
+                let read = |f: &str| std::fs::read(dir.join(f)).unwrap_or_default();
+                let version = bundle_version(
+                    &read(retina_model::bundle::METADATA_FILE),
+                    &read(retina_model::bundle::WEIGHTS_FILE),
+                );
+                (
+                    ModelBundle::load(dir, &backend.device)?,
+                    dir.display().to_string(),
+                    version,
+                )
+            }
             None => (
                 ModelBundle::from_bytes(
                     "embedded:default",
@@ -180,12 +200,14 @@ impl Engine {
                     &backend.device,
                 )?,
                 DEFAULT_MODEL_NAME.to_string(),
+                bundle_version(DEFAULT_METADATA.as_bytes(), DEFAULT_WEIGHTS),
             ),
         };
         Ok(Engine {
             bundle,
             backend,
             model_name,
+            version,
         })
     }
 
@@ -258,6 +280,7 @@ impl Engine {
                 image: &r.image,
                 backend: self.backend.name,
                 model: &self.model_name,
+                model_version: &self.version,
                 point,
                 point_name,
                 elapsed_ms: r.elapsed_ms,
@@ -275,6 +298,8 @@ pub struct Answered<'a> {
     pub backend: &'a str,
     /// Model name.
     pub model: &'a str,
+    /// The bundle's version (content hash).
+    pub model_version: &'a str,
     /// The operating point the decisions use.
     pub point: &'a OperatingPoint,
     /// Its name.
@@ -291,6 +316,7 @@ pub fn prediction_json(p: &Prediction, heads: &[HeadSpec], a: &Answered) -> Valu
         "image": a.image,
         "backend": a.backend,
         "model": a.model,
+        "model_version": a.model_version,
         "operating_point": a.point_name,
         "elapsed_ms": (a.elapsed_ms * 1000.0).round() / 1000.0,
     });

@@ -1,8 +1,10 @@
 //! `retina-infer loadtest`: a bounded load against a running `serve`.
 //!
-//! A fixed number of clients send a fixed number of `POST /v1/predict` requests (the images
-//! given, round robin), then the run reports throughput, latency percentiles, errors and the
-//! mean batch size the server achieved over the run (from `GET /v1/stats` before and after).
+//! A fixed number of clients send a fixed number of requests, one image each (the images given,
+//! round robin): `POST /v1/predict`, or with `--protocol v2` the Open Inference Protocol's
+//! `POST /v2/models/{name}/infer` with the image as binary tensor data, as `tritonclient` sends
+//! it. Then the run reports throughput, latency percentiles, errors and the mean batch size the
+//! server achieved over the run (from `GET /v1/stats` before and after).
 
 use crate::serve::quantile;
 use anyhow::{Context, Result, bail};
@@ -32,6 +34,62 @@ pub struct LoadOptions {
     pub timeout: Duration,
     /// Print one JSON object instead of text.
     pub json: bool,
+    /// Which route to load.
+    pub protocol: Protocol,
+}
+
+/// The route a load test sends its images to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Protocol {
+    /// `POST /v1/predict`, the image as the raw body.
+    V1,
+    /// `POST /v2/models/{model}/infer`, the image as binary tensor data, binary outputs.
+    V2 {
+        /// The model name the server serves.
+        model: String,
+    },
+}
+
+/// One request's body and extra header.
+#[derive(Clone)]
+struct Prepared {
+    body: Bytes,
+    inference_header: Option<usize>,
+}
+
+impl Protocol {
+    fn path(&self) -> String {
+        match self {
+            Protocol::V1 => "/v1/predict".into(),
+            Protocol::V2 { model } => format!("/v2/models/{model}/infer"),
+        }
+    }
+
+    fn prepare(&self, image: Vec<u8>) -> Prepared {
+        match self {
+            Protocol::V1 => Prepared {
+                body: Bytes::from(image),
+                inference_header: None,
+            },
+            Protocol::V2 { .. } => {
+                let header = json!({
+                    "inputs": [{
+                        "name": "image", "shape": [1], "datatype": "BYTES",
+                        "parameters": {"binary_data_size": image.len() + 4},
+                    }],
+                    "parameters": {"binary_data_output": true},
+                })
+                .to_string();
+                let mut body = header.clone().into_bytes();
+                body.extend_from_slice(&(image.len() as u32).to_le_bytes());
+                body.extend_from_slice(&image);
+                Prepared {
+                    body: Bytes::from(body),
+                    inference_header: Some(header.len()),
+                }
+            }
+        }
+    }
 }
 
 /// Runs the load and prints the report. Fails if any request failed.
@@ -56,11 +114,12 @@ pub fn run(o: LoadOptions) -> Result<()> {
         println!("{report}");
     } else {
         println!(
-            "{} requests, {} clients, {:.2} s: {:.1} req/s\n\
+            "{} requests to {}, {} clients, {:.2} s: {:.1} req/s\n\
              latency ms: p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1}\n\
              errors: {}\n\
              server: mean batch {:.2}, largest {}, mean forward {:.1} ms",
             report["requests"],
+            report["route"].as_str().unwrap_or("?"),
             report["concurrency"],
             report["wall_s"].as_f64().unwrap_or(0.0),
             report["throughput_rps"].as_f64().unwrap_or(0.0),
@@ -98,7 +157,8 @@ async fn load(o: &LoadOptions, images: Vec<Vec<u8>>) -> Result<Value> {
         .with_context(|| {
             format!("cannot reach {base}/v1/stats: is `retina-infer serve` running there?")
         })?;
-    let images: Arc<Vec<Bytes>> = Arc::new(images.into_iter().map(Bytes::from).collect());
+    let images: Arc<Vec<Prepared>> =
+        Arc::new(images.into_iter().map(|i| o.protocol.prepare(i)).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let total = o.requests;
     let t0 = Instant::now();
@@ -108,7 +168,7 @@ async fn load(o: &LoadOptions, images: Vec<Vec<u8>>) -> Result<Value> {
             client.clone(),
             images.clone(),
             next.clone(),
-            format!("{base}/v1/predict"),
+            format!("{base}{}", o.protocol.path()),
         );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -118,10 +178,10 @@ async fn load(o: &LoadOptions, images: Vec<Vec<u8>>) -> Result<Value> {
                 if i >= total {
                     break;
                 }
-                let body = images[i % images.len()].clone();
+                let p = images[i % images.len()].clone();
                 let t = Instant::now();
                 // A request is done when its whole answer has arrived.
-                match exchange(&client, "POST", &url, body, timeout).await {
+                match exchange(&client, "POST", &url, p.body, p.inference_header, timeout).await {
                     Ok((status, _)) if status.is_success() => {
                         lat.push(t.elapsed().as_secs_f64() * 1e3)
                     }
@@ -155,6 +215,7 @@ async fn load(o: &LoadOptions, images: Vec<Vec<u8>>) -> Result<Value> {
     let ok = latencies.len();
     Ok(json!({
         "url": base,
+        "route": o.protocol.path(),
         "requests": total,
         "concurrency": o.concurrency,
         "ok": ok,
@@ -182,12 +243,17 @@ async fn exchange(
     method: &str,
     url: &str,
     body: Bytes,
+    inference_header: Option<usize>,
     timeout: Duration,
 ) -> Result<(hyper::StatusCode, String)> {
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
         .uri(url)
-        .header("content-type", "application/octet-stream")
+        .header("content-type", "application/octet-stream");
+    if let Some(n) = inference_header {
+        req = req.header("inference-header-content-length", n);
+    }
+    let req = req
         .body(Full::new(body))
         .with_context(|| format!("invalid URL {url}"))?;
     let answer = async {
@@ -203,7 +269,7 @@ async fn exchange(
 
 async fn get_stats(client: &Http, base: &str, timeout: Duration) -> Result<Value> {
     let url = format!("{base}/v1/stats");
-    let (status, text) = exchange(client, "GET", &url, Bytes::new(), timeout).await?;
+    let (status, text) = exchange(client, "GET", &url, Bytes::new(), None, timeout).await?;
     if !status.is_success() {
         bail!("{url} answered {status}");
     }

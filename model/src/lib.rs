@@ -44,3 +44,6 @@ pub use trunk::{StageConfig, TrunkConfig};
 
 /// Re-exported so downstream crates use the same burn as the model.
 pub use burn;
+
+/// The git revision (12 hex digits) the binaries were built from, where the build could tell.
+pub const GIT_REVISION: Option<&str> = option_env!("RETINA_GIT_REVISION");

@@ -9,10 +9,12 @@
 #![allow(clippy::result_large_err)]
 
 use super::batcher::{BatchError, Batcher, LatencyWindow};
+use super::metrics::{Metrics, RequestLabels, RouteLabels};
+use super::oip;
 use crate::engine::{Answered, ImageError, error_json, image_error, prediction_json};
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Multipart, Query, Request, State};
+use axum::extract::{FromRequest, MatchedPath, Multipart, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +23,7 @@ use retina_model::{BundleMetadata, OperatingPoint, PreprocessConfig};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// What `GET /v1/model` describes; known once the model thread has loaded the bundle.
@@ -29,6 +31,14 @@ use std::time::{Duration, Instant};
 pub struct ModelInfo {
     /// Bundle path or `embedded:default ...`.
     pub name: String,
+    /// The name clients address it by (`--model-name`; the Open Inference Protocol's name).
+    pub served_name: String,
+    /// Content hash of the bundle (changes when a reload brings other weights or metadata).
+    pub version: String,
+    /// How many reloads ago it was loaded: 0 at start, one more per reload.
+    pub generation: u64,
+    /// Seconds loading and warming it up took.
+    pub load_seconds: f64,
     /// Backend name.
     pub backend: &'static str,
     /// Backend with adapter and fallback reason.
@@ -60,10 +70,16 @@ pub struct Limits {
 
 /// Everything the handlers share.
 pub struct AppState {
-    /// Set once the model is loaded and warmed up.
-    pub model: OnceLock<Arc<ModelInfo>>,
+    /// Set once the model is loaded and warmed up; replaced on reload.
+    model: RwLock<Option<Arc<ModelInfo>>>,
     /// Queue to the model thread.
-    pub batcher: Batcher,
+    pub batcher: Batcher<ModelInfo>,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// One reload at a time.
+    pub reloading: tokio::sync::Mutex<()>,
+    /// Tells the SIGHUP task to end (at shutdown).
+    pub reload_stop: tokio::sync::watch::Sender<bool>,
     /// Request limits.
     pub limits: Limits,
     /// Set when SIGTERM arrived: `/readyz` turns 503 so load balancers stop sending.
@@ -77,10 +93,13 @@ pub struct AppState {
 
 impl AppState {
     /// Shared state for a batcher and limits.
-    pub fn new(batcher: Batcher, limits: Limits) -> Self {
+    pub fn new(batcher: Batcher<ModelInfo>, limits: Limits, metrics: Metrics) -> Self {
         Self {
-            model: OnceLock::new(),
+            model: RwLock::new(None),
             batcher,
+            metrics,
+            reloading: tokio::sync::Mutex::new(()),
+            reload_stop: tokio::sync::watch::Sender::new(false),
             limits,
             draining: AtomicBool::new(false),
             started: Instant::now(),
@@ -92,14 +111,41 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// The model serving now, once loaded.
+    pub fn current(&self) -> Option<Arc<ModelInfo>> {
+        self.model.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes `info` the model serving now.
+    pub fn set_current(&self, info: Arc<ModelInfo>) {
+        self.metrics
+            .set_model(&info.served_name, &info.version, info.load_seconds);
+        *self.model.write().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+
+    /// Ends the SIGHUP task.
+    pub fn stop_reloads(&self) {
+        self.reload_stop.send_replace(true);
+    }
+
+    /// Whether SIGTERM has arrived.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
 /// What a handler did, read by the request log.
 #[derive(Debug, Clone, Default)]
-struct Outcome {
-    images: usize,
-    body_bytes: usize,
+pub struct Outcome {
+    /// Images in the request.
+    pub images: usize,
+    /// Body size.
+    pub body_bytes: usize,
     /// Decoded sizes, `WxH`, of the images.
-    sizes: Vec<String>,
-    kind: &'static str,
+    pub sizes: Vec<String>,
+    /// `ok` or the error kind.
+    pub kind: &'static str,
 }
 
 /// The routes, with request logging around them.
@@ -110,6 +156,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v2", get(oip::server_metadata))
+        .route("/v2/health/live", get(oip::live))
+        .route("/v2/health/ready", get(oip::ready))
+        .route("/v2/models/{name}", get(oip::model_metadata))
+        .route("/v2/models/{name}/ready", get(oip::model_ready))
+        .route("/v2/models/{name}/infer", post(oip::infer))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(oip::model_version_metadata),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(oip::model_version_ready),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(oip::infer_version),
+        )
+        .route("/v2/repository/models/{name}/load", post(oip::load))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -133,15 +199,26 @@ async fn healthz() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.encode(),
+    )
+        .into_response()
+}
+
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
-    if st.draining.load(Ordering::Relaxed) {
+    if st.is_draining() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "draining"})),
         )
             .into_response();
     }
-    match st.model.get() {
+    match st.current() {
         Some(_) => axum::Json(json!({"status": "ready"})).into_response(),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -152,12 +229,14 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn model(State(st): State<Arc<AppState>>) -> Response {
-    let Some(m) = st.model.get() else {
+    let Some(m) = st.current() else {
         return not_ready();
     };
     let meta = &m.metadata;
     axum::Json(json!({
         "model": m.name,
+        "model_name": m.served_name,
+        "model_version": m.version,
         "backend": m.backend,
         "backend_description": m.backend_description,
         "format_version": meta.format_version,
@@ -203,7 +282,7 @@ async fn not_found(req: Request) -> Response {
         StatusCode::NOT_FOUND,
         "not_found",
         format!(
-            "no route {} {}; routes: POST /v1/predict, GET /v1/model, GET /v1/stats, GET /healthz, GET /readyz",
+            "no route {} {}; routes: POST /v1/predict, GET /v1/model, GET /v1/stats, GET /healthz, GET /readyz, GET /metrics, and the Open Inference Protocol's under /v2 (GET /v2/models/{{name}}, POST /v2/models/{{name}}/infer, ...)",
             req.method(),
             req.uri().path()
         ),
@@ -232,7 +311,7 @@ struct PredictQuery {
 /// `POST /v1/predict`: one image as the raw body, or several as `multipart/form-data`.
 async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let t0 = Instant::now();
-    let Some(model) = st.model.get().cloned() else {
+    let Some(model) = st.current() else {
         return not_ready();
     };
     let query = match Query::<PredictQuery>::try_from_uri(req.uri()) {
@@ -266,7 +345,7 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
         .into_iter()
         .map(|(name, bytes)| {
             let pre = pre.clone();
-            tokio::task::spawn_blocking(move || decode(&pre, name, &bytes))
+            tokio::task::spawn_blocking(move || decode_for_model(&pre, name, &bytes))
         })
         .collect();
     let mut pending = Vec::with_capacity(decodes.len());
@@ -285,7 +364,7 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
         match decoded {
             Ok((name, input, size)) => {
                 sizes.push(size);
-                match st.batcher.submit(input) {
+                match st.batcher.submit(input, model.generation) {
                     Ok(rx) => pending.push(Ok((name, rx))),
                     Err(e) => return batch_error(e),
                 }
@@ -302,18 +381,21 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
         match p {
             Ok((name, rx)) => match rx.await {
                 Ok(Ok(prediction)) => {
-                    let v = prediction_json(
+                    let mut v = prediction_json(
                         &prediction,
                         &model.metadata.config.heads,
                         &Answered {
                             image: &name,
                             backend: model.backend,
                             model: &model.name,
+                            model_version: &model.version,
                             point,
                             point_name: &point_name,
                             elapsed_ms: t0.elapsed().as_secs_f64() * 1e3,
                         },
                     );
+                    // The name clients address it by, which `predict --json` has no use for.
+                    v["model_name"] = json!(model.served_name);
                     answers.push(v);
                     statuses.push(StatusCode::OK);
                 }
@@ -366,7 +448,11 @@ fn is_multipart(h: &HeaderMap) -> bool {
 
 /// Reads the whole body, refusing it early (by its declared length) or as soon as it grows
 /// past the limit, and giving up on clients that stall.
-async fn read_body(body: Body, headers: &HeaderMap, limits: Limits) -> Result<Bytes, Response> {
+pub(super) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limits: Limits,
+) -> Result<Bytes, Response> {
     let too_large = || {
         api_error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -458,9 +544,14 @@ async fn read_parts(req: Request) -> Result<Vec<(String, Bytes)>, Response> {
     Ok(out)
 }
 
-type Decoded = (String, Vec<f32>, String);
+pub(super) type Decoded = (String, Vec<f32>, String);
 
-fn decode(pre: &PreprocessConfig, name: String, bytes: &[u8]) -> Result<Decoded, ImageError> {
+/// Decodes and prepares one image for the model whose preprocessing is `pre`.
+pub(super) fn decode_for_model(
+    pre: &PreprocessConfig,
+    name: String,
+    bytes: &[u8],
+) -> Result<Decoded, ImageError> {
     let p = pre
         .prepare_bytes(bytes, &name)
         .map_err(|e| image_error(name.clone(), e))?;
@@ -469,7 +560,7 @@ fn decode(pre: &PreprocessConfig, name: String, bytes: &[u8]) -> Result<Decoded,
 }
 
 /// 415 when the bytes are no image format we read; 422 when they are one but cannot be used.
-fn image_status(e: &ImageError) -> StatusCode {
+pub(super) fn image_status(e: &ImageError) -> StatusCode {
     match e.kind {
         "not_an_image" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         _ => StatusCode::UNPROCESSABLE_ENTITY,
@@ -480,6 +571,7 @@ fn batch_error(e: BatchError) -> Response {
     let (status, kind) = match e {
         BatchError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         BatchError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        BatchError::Replaced => (StatusCode::SERVICE_UNAVAILABLE, "replaced"),
         BatchError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     };
     let mut r = api_error(status, kind, e.to_string());
@@ -507,6 +599,12 @@ async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> R
         .unwrap_or_else(|| format!("{:08x}", st.next_id.fetch_add(1, Ordering::Relaxed)));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // The route template, so that the metrics' label values stay few.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
     let mut resp = next.run(req).await;
     if resp.status() == StatusCode::METHOD_NOT_ALLOWED
         && !resp.headers().contains_key(header::CONTENT_TYPE)
@@ -536,6 +634,18 @@ async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> R
     if path == "/v1/predict" && status.is_success() {
         st.latency.record(latency_ms);
     }
+    st.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: route.clone(),
+            method: method.to_string(),
+            status: status.as_u16().to_string(),
+        })
+        .inc();
+    st.metrics
+        .latency
+        .get_or_create(&RouteLabels { route })
+        .observe(latency_ms / 1e3);
     // Names and sizes only: image bytes never reach the log.
     tracing::info!(
         request_id = %id,

@@ -5,6 +5,11 @@
 //! `max_batch` images or `max_wait` has passed since the first one, and runs them as one batch.
 //! While a batch runs, new images queue up and form the next one, so under load the batch
 //! fills without waiting at all, and throughput approaches the batch-16 figure.
+//!
+//! Reloading: the same thread loads the new bundle between two batches, so no batch is cut off.
+//! A request is decoded for the model it saw when it arrived (its *generation*); the thread keeps
+//! the model it replaced, so images decoded for it before the swap are still answered by it,
+//! and a bundle that fails to load leaves the old model serving.
 
 use crate::engine::Engine;
 use retina_model::Prediction;
@@ -38,12 +43,26 @@ pub enum BatchError {
     /// The forward pass panicked; the model thread survives and serves the next batch.
     #[error("the forward pass failed: {0}")]
     Failed(String),
+    /// The image was prepared for a model that has been replaced twice since; send it again.
+    #[error("the model was reloaded while this image waited; send it again")]
+    Replaced,
 }
 
 struct Job {
     input: Vec<f32>,
+    generation: u64,
     reply: oneshot::Sender<Result<Prediction, BatchError>>,
 }
+
+/// What the model thread is asked to do.
+enum Msg<T> {
+    Predict(Job),
+    /// Load the bundle again; the answer is the new model's info, or why it was refused.
+    Reload(oneshot::Sender<anyhow::Result<T>>),
+}
+
+/// Observes each forward pass's size (the Prometheus batch-size histogram).
+pub type BatchObserver = Arc<dyn Fn(usize) + Send + Sync>;
 
 /// Counters for `/v1/stats` and the load test.
 #[derive(Debug, Default)]
@@ -73,32 +92,46 @@ impl BatchStats {
 }
 
 /// Handle for submitting images; cheap to clone.
-#[derive(Clone)]
-pub struct Batcher {
-    tx: SyncSender<Job>,
+pub struct Batcher<T> {
+    tx: SyncSender<Msg<T>>,
     capacity: usize,
     /// Counters shared with the model thread.
     pub stats: Arc<BatchStats>,
 }
 
-impl Batcher {
-    /// Starts the model thread. `load` runs on it (so the engine never crosses threads); its
+impl<T> Clone for Batcher<T> {
+    fn clone(&self) -> Self {
+        Batcher {
+            tx: self.tx.clone(),
+            capacity: self.capacity,
+            stats: self.stats.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static> Batcher<T> {
+    /// Starts the model thread. `load` runs on it (so the engine never crosses threads), at
+    /// start and on every reload, with the generation the loaded model will be; the first
     /// result, after a warm-up pass, is sent to `ready`.
-    pub fn start<T: Send + 'static>(
+    pub fn start(
         policy: BatchPolicy,
-        load: impl FnOnce() -> anyhow::Result<(Engine, T)> + Send + 'static,
+        load: impl Fn(u64) -> anyhow::Result<(Engine, T)> + Send + 'static,
         ready: oneshot::Sender<anyhow::Result<T>>,
-    ) -> std::io::Result<(Batcher, std::thread::JoinHandle<()>)> {
-        let (tx, rx) = sync_channel::<Job>(policy.queue_capacity);
+        observe: BatchObserver,
+    ) -> std::io::Result<(Batcher<T>, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = sync_channel::<Msg<T>>(policy.queue_capacity);
         let stats = Arc::new(BatchStats::default());
         let thread_stats = stats.clone();
         let handle = std::thread::Builder::new()
             .name("retina-model".into())
             .spawn(move || {
-                let (engine, info) = match load().and_then(|(engine, info)| {
-                    warm_up(&engine, policy.max_batch)?;
-                    Ok((engine, info))
-                }) {
+                let warm = |generation| {
+                    load(generation).and_then(|(engine, info)| {
+                        warm_up(&engine, policy.max_batch)?;
+                        Ok((engine, info))
+                    })
+                };
+                let (engine, info) = match warm(0) {
                     Ok(v) => v,
                     Err(e) => {
                         let _ = ready.send(Err(e));
@@ -106,7 +139,11 @@ impl Batcher {
                     }
                 };
                 let _ = ready.send(Ok(info));
-                run(&engine, &rx, policy, &thread_stats);
+                let mut models = Models {
+                    current: (0, engine),
+                    previous: None,
+                };
+                run(&mut models, &rx, policy, &thread_stats, &observe, &warm);
             })?;
         Ok((
             Batcher {
@@ -118,13 +155,30 @@ impl Batcher {
         ))
     }
 
+    /// Asks the model thread to load the bundle again, after the batches already queued.
+    /// Waits for queue room (call it off the async reactor).
+    pub fn reload(&self) -> anyhow::Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Reload(reply))
+            .map_err(|_| anyhow::anyhow!("{}", BatchError::Stopped))?;
+        rx.blocking_recv()
+            .map_err(|_| anyhow::anyhow!("{}", BatchError::Stopped))?
+    }
+
     /// Queues one prepared input; the answer arrives on the returned receiver.
+    /// `generation` is the model the input was prepared for.
     pub fn submit(
         &self,
         input: Vec<f32>,
+        generation: u64,
     ) -> Result<oneshot::Receiver<Result<Prediction, BatchError>>, BatchError> {
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Job { input, reply }) {
+        match self.tx.try_send(Msg::Predict(Job {
+            input,
+            generation,
+            reply,
+        })) {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(BatchError::Busy(self.capacity)),
             Err(TrySendError::Disconnected(_)) => Err(BatchError::Stopped),
@@ -149,56 +203,138 @@ fn warm_up(engine: &Engine, max_batch: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(engine: &Engine, rx: &Receiver<Job>, policy: BatchPolicy, stats: &BatchStats) {
+/// The model serving now and the one it replaced, each with its generation.
+struct Models {
+    current: (u64, Engine),
+    previous: Option<(u64, Engine)>,
+}
+
+impl Models {
+    fn for_generation(&self, g: u64) -> Option<&Engine> {
+        if self.current.0 == g {
+            return Some(&self.current.1);
+        }
+        self.previous
+            .as_ref()
+            .filter(|(pg, _)| *pg == g)
+            .map(|(_, e)| e)
+    }
+}
+
+fn run<T>(
+    models: &mut Models,
+    rx: &Receiver<Msg<T>>,
+    policy: BatchPolicy,
+    stats: &BatchStats,
+    observe: &BatchObserver,
+    load: &dyn Fn(u64) -> anyhow::Result<(Engine, T)>,
+) {
     let max_batch = policy.max_batch.max(1);
-    // Ends when every sender is gone: the server has drained and dropped its handles.
-    while let Ok(first) = rx.recv() {
+    // Jobs of another generation than the batch being formed wait here for the next one.
+    let mut held: std::collections::VecDeque<Job> = Default::default();
+    loop {
+        let first = match held.pop_front() {
+            Some(job) => job,
+            // Ends when every sender is gone: the server has drained and dropped its handles.
+            None => match rx.recv() {
+                Ok(Msg::Predict(job)) => job,
+                Ok(Msg::Reload(reply)) => {
+                    reload(models, load, reply);
+                    continue;
+                }
+                Err(_) => break,
+            },
+        };
+        let generation = first.generation;
         let deadline = Instant::now() + policy.max_wait;
         let mut jobs = vec![first];
-        while jobs.len() < max_batch {
+        let mut reload_after = None;
+        while jobs.len() < max_batch && reload_after.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(job) => jobs.push(job),
+                Ok(Msg::Predict(job)) if job.generation == generation => jobs.push(job),
+                Ok(Msg::Predict(job)) => held.push_back(job),
+                // This batch runs first: a reload never cuts one off.
+                Ok(Msg::Reload(reply)) => reload_after = Some(reply),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        // A client that hung up no longer needs its image predicted.
-        let before = jobs.len();
-        jobs.retain(|j| !j.reply.is_closed());
-        stats
-            .abandoned
-            .fetch_add((before - jobs.len()) as u64, Ordering::Relaxed);
-        if jobs.is_empty() {
-            continue;
+        run_batch(models, jobs, generation, stats, observe);
+        if let Some(reply) = reload_after {
+            reload(models, load, reply);
         }
-        let t0 = Instant::now();
-        let inputs: Vec<&[f32]> = jobs.iter().map(|j| j.input.as_slice()).collect();
-        let outcome = catch_unwind(AssertUnwindSafe(|| engine.forward(&inputs)));
-        let n = jobs.len();
-        match outcome {
-            Ok(predictions) if predictions.len() == n => {
-                stats.batches.fetch_add(1, Ordering::Relaxed);
-                stats.images.fetch_add(n as u64, Ordering::Relaxed);
-                stats.largest.fetch_max(n as u64, Ordering::Relaxed);
-                stats
-                    .forward_us
-                    .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                for (job, prediction) in jobs.into_iter().zip(predictions) {
-                    let _ = job.reply.send(Ok(prediction));
-                }
+    }
+}
+
+fn reload<T>(
+    models: &mut Models,
+    load: &dyn Fn(u64) -> anyhow::Result<(Engine, T)>,
+    reply: oneshot::Sender<anyhow::Result<T>>,
+) {
+    let generation = models.current.0 + 1;
+    match load(generation) {
+        Ok((engine, info)) => {
+            let old = std::mem::replace(&mut models.current, (generation, engine));
+            models.previous = Some(old);
+            let _ = reply.send(Ok(info));
+        }
+        Err(e) => {
+            let _ = reply.send(Err(e));
+        }
+    }
+}
+
+fn run_batch(
+    models: &Models,
+    mut jobs: Vec<Job>,
+    generation: u64,
+    stats: &BatchStats,
+    observe: &BatchObserver,
+) {
+    // A client that hung up no longer needs its image predicted.
+    let before = jobs.len();
+    jobs.retain(|j| !j.reply.is_closed());
+    stats
+        .abandoned
+        .fetch_add((before - jobs.len()) as u64, Ordering::Relaxed);
+    if jobs.is_empty() {
+        return;
+    }
+    let Some(engine) = models.for_generation(generation) else {
+        // Prepared for a model two reloads ago: its input may not fit the one serving now.
+        for job in jobs {
+            let _ = job.reply.send(Err(BatchError::Replaced));
+        }
+        return;
+    };
+    let t0 = Instant::now();
+    let inputs: Vec<&[f32]> = jobs.iter().map(|j| j.input.as_slice()).collect();
+    let outcome = catch_unwind(AssertUnwindSafe(|| engine.forward(&inputs)));
+    let n = jobs.len();
+    match outcome {
+        Ok(predictions) if predictions.len() == n => {
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats.images.fetch_add(n as u64, Ordering::Relaxed);
+            stats.largest.fetch_max(n as u64, Ordering::Relaxed);
+            stats
+                .forward_us
+                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            observe(n);
+            for (job, prediction) in jobs.into_iter().zip(predictions) {
+                let _ = job.reply.send(Ok(prediction));
             }
-            Ok(predictions) => {
-                let why = format!("{} answers for {n} images", predictions.len());
-                for job in jobs {
-                    let _ = job.reply.send(Err(BatchError::Failed(why.clone())));
-                }
+        }
+        Ok(predictions) => {
+            let why = format!("{} answers for {n} images", predictions.len());
+            for job in jobs {
+                let _ = job.reply.send(Err(BatchError::Failed(why.clone())));
             }
-            Err(panic) => {
-                let why = panic_message(&panic);
-                tracing::error!(error = %why, images = n, "forward pass panicked");
-                for job in jobs {
-                    let _ = job.reply.send(Err(BatchError::Failed(why.clone())));
-                }
+        }
+        Err(panic) => {
+            let why = panic_message(&panic);
+            tracing::error!(error = %why, images = n, "forward pass panicked");
+            for job in jobs {
+                let _ = job.reply.send(Err(BatchError::Failed(why.clone())));
             }
         }
     }

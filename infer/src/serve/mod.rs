@@ -4,10 +4,17 @@
 //! loads and warms the model, and `/readyz` turns 200 when it is done. Requests are decoded on
 //! tokio's blocking pool and batched dynamically on the one model thread ([`batcher`]).
 //! SIGTERM (or Ctrl-C) stops accepting, lets in-flight requests finish (up to `--drain-s`),
-//! stops the model thread and exits 0.
+//! stops the model thread and exits 0. SIGHUP (or `POST /v2/repository/models/{name}/load`)
+//! loads the bundle from disk again without dropping a request; a bundle that fails to load is
+//! refused and the old model keeps serving.
+//!
+//! Routes: `/v1` (this project's own), the Open Inference Protocol under `/v2` ([`oip`]), and
+//! `/metrics` for Prometheus ([`metrics`]).
 
 pub mod api;
 pub mod batcher;
+pub mod metrics;
+pub mod oip;
 
 use crate::engine::Engine;
 use anyhow::{Context, Result, anyhow};
@@ -16,6 +23,7 @@ use batcher::{BatchPolicy, Batcher};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use metrics::Metrics;
 use retina_model::BackendChoice;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,6 +52,8 @@ pub struct ServeOptions {
     pub decode_threads: usize,
     /// Log as JSON lines instead of text.
     pub log_json: bool,
+    /// The name clients address the model by (`/v2/models/{name}`).
+    pub model_name: String,
 }
 
 /// Runs the service until SIGTERM or Ctrl-C.
@@ -82,12 +92,20 @@ async fn serve(opts: ServeOptions) -> Result<()> {
 
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let (model, backend) = (opts.model.clone(), opts.backend);
+    let served_name = opts.model_name.clone();
+    let metrics = Metrics::new(retina_model::GIT_REVISION.unwrap_or("unknown"));
+    let (batch_size, images) = (metrics.batch_size.clone(), metrics.images.clone());
     let (batcher, model_thread) = Batcher::start(
         opts.policy,
-        move || {
+        move |generation| {
+            let t0 = std::time::Instant::now();
             let engine = Engine::load(model.as_deref(), backend)?;
             let info = ModelInfo {
                 name: engine.model_name.clone(),
+                served_name: served_name.clone(),
+                version: engine.version.clone(),
+                generation,
+                load_seconds: t0.elapsed().as_secs_f64(),
                 backend: engine.backend.name,
                 backend_description: engine.backend.description.clone(),
                 metadata: engine.bundle.metadata.clone(),
@@ -95,6 +113,10 @@ async fn serve(opts: ServeOptions) -> Result<()> {
             Ok((engine, info))
         },
         ready_tx,
+        Arc::new(move |n| {
+            batch_size.observe(n as f64);
+            images.inc_by(n as u64);
+        }),
     )
     .context("cannot start the model thread")?;
     let state = Arc::new(AppState::new(
@@ -103,7 +125,9 @@ async fn serve(opts: ServeOptions) -> Result<()> {
             max_body: opts.max_body,
             body_timeout: opts.client_timeout,
         },
+        metrics,
     ));
+    tokio::spawn(reload_on_sighup(state.clone()));
     let app = api::router(state.clone());
 
     // Scripts and tests read the port from this line (it matters with port 0).
@@ -148,8 +172,14 @@ async fn serve(opts: ServeOptions) -> Result<()> {
                 loading = false;
                 match loaded {
                     Ok(Ok(info)) => {
-                        tracing::info!(model = %info.name, backend = %info.backend_description, "ready");
-                        let _ = state.model.set(Arc::new(info));
+                        tracing::info!(
+                            model = %info.name,
+                            version = %info.version,
+                            backend = %info.backend_description,
+                            load_s = info.load_seconds,
+                            "ready"
+                        );
+                        state.set_current(Arc::new(info));
                     }
                     Ok(Err(e)) => return Err(e.context("cannot load the model")),
                     Err(_) => return Err(anyhow!("the model thread stopped while loading")),
@@ -160,6 +190,8 @@ async fn serve(opts: ServeOptions) -> Result<()> {
     }
 
     state.draining.store(true, Ordering::Relaxed);
+    // The SIGHUP task holds a handle on the state: without it the model thread could not end.
+    state.stop_reloads();
     drop(listener);
     tracing::info!(
         connections = graceful.count(),
@@ -181,6 +213,69 @@ async fn serve(opts: ServeOptions) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Loads the bundle from disk again on the model thread, between batches, and makes it the model
+/// serving; on failure the old one keeps serving and the error is returned.
+pub async fn reload(state: Arc<AppState>) -> Result<Arc<ModelInfo>> {
+    let _one_at_a_time = state.reloading.lock().await;
+    let batcher = state.batcher.clone();
+    let loaded = tokio::task::spawn_blocking(move || batcher.reload())
+        .await
+        .map_err(|e| anyhow!("the reload task failed: {e}"))?;
+    let result = |r: &str| metrics::ReloadLabels { result: r.into() };
+    match loaded {
+        Ok(info) => {
+            let info = Arc::new(info);
+            tracing::info!(
+                model = %info.name,
+                version = %info.version,
+                load_s = info.load_seconds,
+                "reloaded"
+            );
+            state.metrics.reloads.get_or_create(&result("ok")).inc();
+            state.set_current(info.clone());
+            Ok(info)
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "reload refused; the old model keeps serving");
+            state
+                .metrics
+                .reloads
+                .get_or_create(&result("refused"))
+                .inc();
+            Err(e)
+        }
+    }
+}
+
+async fn reload_on_sighup(state: Arc<AppState>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload through the API");
+                return;
+            }
+        };
+        let mut stop = state.reload_stop.subscribe();
+        loop {
+            tokio::select! {
+                got = hup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    tracing::info!("SIGHUP: reloading the model");
+                    let _ = reload(state.clone()).await;
+                }
+                _ = stop.changed() => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(state);
 }
 
 async fn shutdown_signal() {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 /// The short git revision this binary was built from (recorded by `build.rs`), when it was
 /// built from a git checkout: the directory a run starts in says nothing about the code.
 pub(super) fn git_revision() -> Option<String> {
-    option_env!("RETINA_GIT_REVISION").map(str::to_string)
+    retina_model::GIT_REVISION.map(str::to_string)
 }
 
 /// The provenance of the model of `epoch`, validated with `metrics`.

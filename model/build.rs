@@ -1,5 +1,6 @@
-//! Records the git revision the binary is built from, for the provenance of the models it
-//! trains: the directory a run is started in may be another repository, or none.
+//! Records the git revision the binaries are built from (`retina_model::GIT_REVISION`), for
+//! the provenance of the models they train and the build info they report: the directory a
+//! program is started in may be another repository, or none.
 
 use std::process::Command;
 
