@@ -1,6 +1,6 @@
 //! Command-line interface of `retina-infer`: every flag in one place.
 
-use crate::engine::{Engine, collect_inputs, error_json};
+use crate::engine::{Engine, Input, collect_inputs, error_json};
 use crate::heatmap;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -117,9 +117,13 @@ struct PredictArgs {
     /// One JSON object per image (JSON Lines).
     #[arg(long)]
     json: bool,
-    /// Write a Grad-CAM overlay per image into this folder.
+    /// Write a Grad-CAM panel per image into this folder (NAME_heatmap.png): the photograph and
+    /// the heat drawn over it at the photograph's resolution, a colour scale and the answer.
     #[arg(long)]
     heatmap: Option<PathBuf>,
+    /// Longest side of the photographs in a heat map panel.
+    #[arg(long, default_value_t = heatmap::DEFAULT_MAX_SIDE, value_parser = clap::value_parser!(u32).range(64..=8192))]
+    heatmap_max_side: u32,
     /// Images per forward pass.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -219,7 +223,7 @@ fn predict(a: PredictArgs) -> Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut failed = 0;
-    for r in engine.predict(&inputs, a.batch_size) {
+    for (input, r) in inputs.iter().zip(engine.predict(&inputs, a.batch_size)) {
         match r {
             Ok(r) => {
                 if a.json {
@@ -228,18 +232,35 @@ fn predict(a: PredictArgs) -> Result<ExitCode> {
                     write_human(&mut out, &engine, &r, point, &point_name)?;
                 }
                 if let Some(dir) = &a.heatmap {
-                    let input = engine.bundle.metadata.config.preprocess.normalise(&r.view);
-                    let heat = heatmap::grad_cam(&engine.bundle, &input, &engine.backend.device)?;
                     let stem = std::path::Path::new(&r.image)
                         .file_stem()
                         .and_then(|s| s.to_str())
                         .filter(|s| *s != "-")
                         .unwrap_or("stdin")
                         .to_string();
-                    let path = dir.join(format!("{stem}_gradcam.png"));
-                    heatmap::overlay(&r.view, &heat)
-                        .save(&path)
-                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    let bytes = match input {
+                        Input::File(p) => std::fs::read(p)
+                            .with_context(|| format!("cannot read {} again", p.display()))?,
+                        Input::Bytes { bytes, .. } => bytes.clone(),
+                        Input::Unusable(_) => continue,
+                    };
+                    let pre = &engine.bundle.metadata.config.preprocess;
+                    let heat = heatmap::grad_cam(
+                        &engine.bundle,
+                        &pre.normalise(&r.view),
+                        &engine.backend.device,
+                    )?;
+                    let photo = heatmap::Photo {
+                        bytes: &bytes,
+                        name: &r.image,
+                        crop: r.crop,
+                        source: r.source_size,
+                    };
+                    let caption =
+                        heatmap::caption(engine.heads(), &r.prediction, point, &point_name);
+                    let png = heatmap::panel_png(pre, photo, &heat, &caption, a.heatmap_max_side)?;
+                    let path = dir.join(format!("{stem}_heatmap.png"));
+                    retina_model::host::write_atomic(&path, &png)?;
                 }
             }
             Err(e) => {

@@ -159,6 +159,10 @@ pub struct ImageResult {
     pub prediction: Prediction,
     /// The cropped, resized image the network saw.
     pub view: image::RgbImage,
+    /// Where that view sits in the photograph.
+    pub crop: retina_model::CropBox,
+    /// The photograph's size.
+    pub source_size: (u32, u32),
     /// Milliseconds for this image's share of decoding and its batch's forward pass.
     pub elapsed_ms: f64,
 }
@@ -253,6 +257,8 @@ impl Engine {
                     image: input.name(),
                     prediction: preds.next().expect("one prediction per decoded image"),
                     view: prep.view,
+                    crop: prep.crop,
+                    source_size: prep.source_size,
                     elapsed_ms: per_image,
                 }));
             }

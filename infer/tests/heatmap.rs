@@ -50,3 +50,109 @@ fn heat_concentrates_on_rendered_lesions() {
         "{ratios:?}"
     );
 }
+
+/// At photograph size: a generated eye placed off-centre in a larger, non-square black frame
+/// (so the disc crop is far from the identity), shown at half size. The heat mapped back
+/// through the crop must lie on the lesions where they are in the photograph, and the panel has
+/// the photograph twice and the strip under it.
+#[test]
+fn photo_size_heat_lands_on_the_lesions_in_photo_coordinates() {
+    use image::{ImageFormat, RgbImage};
+    use retina_model::explain::{PANEL_GAP, PANEL_STRIP, PhotoHeat, explanation_panel};
+    let engine = Engine::load(None, BackendChoice::Cpu).unwrap();
+    let pre = &engine.bundle.metadata.config.preprocess;
+    let (fw, fh, ox, oy) = (700u32, 500u32, 250u32, 60u32);
+    let mut ratios = Vec::new();
+    for i in 0..6 {
+        let scene = scene_for(900, i, 384, &[0.0, 0.0, 0.0, 1.0, 1.0]);
+        let place = |img: &RgbImage| {
+            let mut frame = RgbImage::new(fw, fh);
+            image::imageops::replace(&mut frame, img, ox as i64, oy as i64);
+            frame
+        };
+        let with = place(&render(&scene, Layers { lesions: true }));
+        let without = place(&render(&scene, Layers { lesions: false }));
+        let mut png = std::io::Cursor::new(Vec::new());
+        with.write_to(&mut png, ImageFormat::Png).unwrap();
+        let bytes = png.into_inner();
+
+        let prepared = pre.prepare_bytes(&bytes, "eye.png").unwrap();
+        // The crop is the placed eye's disc square, in photograph pixels.
+        let c = prepared.crop;
+        let disc = retina_model::preprocess::find_disc(&without, pre.disc_threshold).unwrap();
+        let side = disc.width().max(disc.height()) as f32;
+        let left = (disc.x0 + disc.x1) as f32 / 2.0 - (side / 2.0).floor();
+        let top = (disc.y0 + disc.y1) as f32 / 2.0 - (side / 2.0).floor();
+        assert!(
+            (c.x0 - left).abs() <= 1.0
+                && (c.y0 - top).abs() <= 1.0
+                && (c.width - side).abs() <= 1.0,
+            "crop {c:?}, the disc square is at ({left}, {top}), side {side}"
+        );
+        assert!(c.x0 > ox as f32 && c.y0 > oy as f32, "{c:?}");
+        let heat = grad_cam(&engine.bundle, &prepared.input, &engine.backend.device).unwrap();
+        let shown = pre.display_image(&bytes, "eye.png", 350).unwrap();
+        assert_eq!(shown.dimensions(), (350, 250));
+        let on_photo = PhotoHeat::map(&heat, &prepared.crop, (fw, fh), shown.dimensions());
+        let (mut on, mut n_on, mut off, mut n_off) = (0.0f64, 0usize, 0.0f64, 0usize);
+        for y in 0..250u32 {
+            for x in 0..350u32 {
+                // The display pixel's centre in the photograph.
+                let (px, py) = (2 * x + 1, 2 * y + 1);
+                let (a, b) = (with.get_pixel(px, py), without.get_pixel(px, py));
+                let diff: i32 = (0..3).map(|c| (a[c] as i32 - b[c] as i32).abs()).sum();
+                let inside = b[0] as u32 + b[1] as u32 + b[2] as u32 > 90;
+                let h = on_photo.values[(y * 350 + x) as usize] as f64;
+                if diff > 40 {
+                    on += h;
+                    n_on += 1;
+                } else if inside && diff == 0 {
+                    off += h;
+                    n_off += 1;
+                }
+            }
+        }
+        assert!(
+            n_on > 10 && n_off > 2000,
+            "eye {i}: {n_on} lesion px, {n_off} background px"
+        );
+        ratios.push((on / n_on as f64) / (off / n_off as f64).max(1e-9));
+        // Outside the crop there is no heat.
+        assert_eq!(on_photo.values[0], 0.0);
+        // The view's hottest pixel, carried to the photograph by hand (view -> photo, the
+        // inverse of the mapping under test), is where the photo-size map is hottest.
+        let s = heat.size as f32;
+        let best = (0..heat.values.len())
+            .max_by(|a, b| heat.values[*a].total_cmp(&heat.values[*b]))
+            .unwrap();
+        let (vx, vy) = (
+            (best % heat.size) as f32 + 0.5,
+            (best / heat.size) as f32 + 0.5,
+        );
+        let expect = (
+            (c.x0 + vx / s * c.width) / 2.0,
+            (c.y0 + vy / s * c.height) / 2.0,
+        );
+        let (px, py) = on_photo.peak();
+        let hot = on_photo.values[(py * 350 + px) as usize];
+        let at_expected = on_photo.values[(expect.1 as u32 * 350 + expect.0 as u32) as usize];
+        assert!(
+            at_expected >= 0.97 * hot,
+            "eye {i}: heat {at_expected} at the view's peak carried over {expect:?}, peak {hot} at ({px}, {py})"
+        );
+
+        let panel = explanation_panel(&shown, &on_photo, &["grade 3".into()]);
+        assert_eq!(panel.dimensions(), (2 * 350 + PANEL_GAP, 250 + PANEL_STRIP));
+        assert_eq!(
+            panel.get_pixel(10, 10),
+            shown.get_pixel(10, 10),
+            "left: the photograph as is"
+        );
+    }
+    let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+    eprintln!("photo-size lesion / background heat ratios: {ratios:.2?}, mean {mean:.2}");
+    assert!(
+        mean > 1.3,
+        "heat should lie on the lesions in the photograph: {ratios:?}"
+    );
+}

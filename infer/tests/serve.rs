@@ -383,3 +383,26 @@ fn startup_errors_are_clear() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cannot listen on {addr}")));
 }
+
+/// `?heatmap=true` adds the photo-size Grad-CAM panel to the answer, as base64 PNG: the
+/// photograph twice (256 px samples are shown at their own size) and the strip under them.
+#[test]
+fn heatmap_query_adds_the_panel() {
+    use base64::Engine as _;
+    use retina_model::explain::{PANEL_GAP, PANEL_STRIP};
+    let server = Server::start(&[]);
+    let png = std::fs::read(sample(3)).unwrap();
+    let (s, v) = server.post("/v1/predict?heatmap=true", "image/png", &png);
+    assert_eq!(s, 200, "{v}");
+    let panel = base64::engine::general_purpose::STANDARD
+        .decode(v["heatmap_png"].as_str().expect("heatmap_png"))
+        .unwrap();
+    let img = image::load_from_memory(&panel).unwrap();
+    assert_eq!(
+        (img.width(), img.height()),
+        (2 * 256 + PANEL_GAP, 256 + PANEL_STRIP)
+    );
+    let (s, v) = server.post("/v1/predict", "image/png", &png);
+    assert_eq!(s, 200);
+    assert!(v.get("heatmap_png").is_none(), "only when asked for");
+}

@@ -20,6 +20,7 @@
 pub mod backend;
 pub mod bundle;
 pub mod config;
+pub mod explain;
 pub mod grade;
 pub mod head;
 pub mod host;
@@ -39,7 +40,7 @@ pub use head::{
 };
 pub use network::{PRESETS, RetinaConfig, RetinaNet, RetinaOutput};
 pub use prediction::{HeadAnswer, Prediction};
-pub use preprocess::{Prepared, PreprocessConfig, PreprocessError, View};
+pub use preprocess::{CropBox, Prepared, PreprocessConfig, PreprocessError, View};
 pub use trunk::{StageConfig, TrunkConfig};
 
 /// Re-exported so downstream crates use the same burn as the model.

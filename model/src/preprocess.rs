@@ -112,6 +112,36 @@ pub struct Prepared {
     pub input: Vec<f32>,
     /// Width and height of the photograph itself.
     pub source_size: (u32, u32),
+    /// Where the view sits in the photograph.
+    pub crop: CropBox,
+}
+
+/// Where the network's view sits in the photograph: the disc crop square, in the photograph's
+/// own pixels. It may reach past the photograph's edges, where the view is black padding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CropBox {
+    /// Left edge.
+    pub x0: f32,
+    /// Top edge.
+    pub y0: f32,
+    /// Width.
+    pub width: f32,
+    /// Height (equal to the width but for rounding of a scaled decode).
+    pub height: f32,
+}
+
+impl CropBox {
+    /// The square `square_around` cuts for `rect`, in an image `scale` times smaller than the
+    /// photograph (per axis).
+    fn of(rect: Rect, scale: (f32, f32)) -> CropBox {
+        let (left, top, side) = square_box(rect);
+        CropBox {
+            x0: left as f32 * scale.0,
+            y0: top as f32 * scale.1,
+            width: side as f32 * scale.0,
+            height: side as f32 * scale.1,
+        }
+    }
 }
 
 /// A photograph turned into the network's view (steps 1-3).
@@ -124,6 +154,8 @@ pub struct View {
     /// Width and height it was decoded at: smaller than `source_size` where a JPEG was decoded
     /// at a reduced DCT scale.
     pub decoded_size: (u32, u32),
+    /// Where the view sits in the photograph.
+    pub crop: CropBox,
 }
 
 /// A JPEG decoded at `eighths`/8 of its size by libjpeg-turbo (through mozjpeg), as RGB.
@@ -335,10 +367,15 @@ impl PreprocessConfig {
             let rgb = img.to_rgb8();
             let disc = self.disc_rect(&rgb);
             if full || disc.width().max(disc.height()) >= side {
+                let scale = (
+                    header.width as f32 / rgb.width() as f32,
+                    header.height as f32 / rgb.height() as f32,
+                );
                 return Ok(View {
                     image: self.square_and_resize(&rgb, disc),
                     source_size: (header.width, header.height),
                     decoded_size: rgb.dimensions(),
+                    crop: CropBox::of(disc, scale),
                 });
             }
             // Decode as finely as this disc needs: its share of the shorter side stays the same.
@@ -377,19 +414,50 @@ impl PreprocessConfig {
             view: v.image,
             input,
             source_size: v.source_size,
+            crop: v.crop,
         })
     }
 
     /// Crops, resizes and normalises a decoded image.
     pub fn prepare(&self, img: &DynamicImage) -> Prepared {
         let rgb = img.to_rgb8();
-        let view = self.crop_and_resize(&rgb);
+        let disc = self.disc_rect(&rgb);
+        let view = self.square_and_resize(&rgb, disc);
         let input = self.normalise(&view);
         Prepared {
             view,
             input,
             source_size: rgb.dimensions(),
+            crop: CropBox::of(disc, (1.0, 1.0)),
         }
+    }
+
+    /// The photograph for display beside its heat map: its longer side `max_side` at most
+    /// (decoded at a reduced DCT scale where that is enough), RGB.
+    pub fn display_image(
+        &self,
+        bytes: &[u8],
+        name: &str,
+        max_side: u32,
+    ) -> Result<RgbImage, PreprocessError> {
+        let header = self.inspect(bytes, name)?;
+        let (w, h) = (header.width, header.height);
+        let long = w.max(h);
+        if long <= max_side {
+            return Ok(self.decode_full(bytes, name)?.to_rgb8());
+        }
+        let f = max_side as f64 / long as f64;
+        let (dw, dh) = (
+            ((w as f64 * f).round() as u32).max(1),
+            ((h as f64 * f).round() as u32).max(1),
+        );
+        let (img, _) = self.decode_covering(bytes, name, &header, dw.min(dh))?;
+        Ok(image::imageops::resize(
+            &img.to_rgb8(),
+            dw,
+            dh,
+            FilterType::Triangle,
+        ))
     }
 
     /// The rectangle step 2 squares: the disc, or the whole frame when cropping is off or no
@@ -489,16 +557,22 @@ pub fn find_disc(img: &RgbImage, threshold: f32) -> Option<Rect> {
 
 /// The square of side `max(w, h)` centred on `r`, black where it leaves the image (fundus
 /// cameras often clip the top and bottom of the disc).
-fn square_around(img: &RgbImage, r: Rect) -> RgbImage {
+/// The square `square_around` cuts: left, top (either may be negative) and side.
+fn square_box(r: Rect) -> (i64, i64, u32) {
     let side = r.width().max(r.height());
+    let left = (r.x0 + r.x1) as i64 / 2 - side as i64 / 2;
+    let top = (r.y0 + r.y1) as i64 / 2 - side as i64 / 2;
+    (left, top, side)
+}
+
+fn square_around(img: &RgbImage, r: Rect) -> RgbImage {
+    let (left, top, side) = square_box(r);
     if r.x0 == 0 && r.y0 == 0 && r.width() == side && r.height() == side {
         if img.dimensions() == (side, side) {
             return img.clone();
         }
         return image::imageops::crop_imm(img, 0, 0, side, side).to_image();
     }
-    let left = (r.x0 + r.x1) as i64 / 2 - side as i64 / 2;
-    let top = (r.y0 + r.y1) as i64 / 2 - side as i64 / 2;
     let mut out = RgbImage::new(side, side);
     let (w, h) = img.dimensions();
     // Copy the overlap of the square and the image, row by row.

@@ -30,6 +30,8 @@ pub struct Scored {
     pub backend: String,
     /// Content hashes of the images, recorded as they were decoded.
     pub hashes: Arc<crate::dataset::ImageHashes>,
+    /// Where the model ran (the heat maps of the report run there too).
+    pub device: burn::prelude::Device,
 }
 
 /// Loads the bundle and labels, checks they describe the same heads, and predicts.
@@ -85,6 +87,7 @@ pub fn score(
         samples: Arc::try_unwrap(samples).unwrap_or_else(|a| (*a).clone()),
         preds,
         backend: backend.description,
+        device: backend.device,
         hashes: spec.hashes,
     })
 }
@@ -348,6 +351,9 @@ pub fn evaluate(
         serde_json::to_string_pretty(&metrics)?.as_bytes(),
     )?;
     write_atomic(&out.join("report.md"), md.as_bytes())?;
+    crate::gallery::write_report(
+        out, &md, &s.bundle, &s.device, &s.samples, &s.preds, point, &pname,
+    )?;
     Ok(metrics)
 }
 

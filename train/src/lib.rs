@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod dataset;
 pub mod eval;
+pub mod gallery;
 pub mod loss;
 pub mod metrics;
 pub mod plots;

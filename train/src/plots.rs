@@ -6,19 +6,14 @@ use anyhow::{Result, anyhow};
 use plotters::prelude::*;
 use retina_model::host::write_atomic;
 use std::path::Path;
-use std::sync::Once;
 
 const W: u32 = 720;
 const H: u32 = 540;
 
+/// DejaVu Sans (Bitstream Vera licence, assets/fonts/LICENSE-DejaVu.txt), shared with the heat
+/// map panels.
 fn fonts() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // DejaVu Sans (Bitstream Vera licence, assets/fonts/LICENSE-DejaVu.txt).
-        let bytes: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-            .unwrap_or_else(|_| panic!("the bundled font is valid"));
-    });
+    retina_model::explain::register_font();
 }
 
 fn save(path: &Path, buf: Vec<u8>, w: u32, h: u32) -> Result<()> {

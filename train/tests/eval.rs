@@ -140,6 +140,37 @@ fn eval_writes_stable_keys_report_and_figures_and_calibrate_adds_a_point() {
         report.contains("- model: `model` (`small` preset"),
         "{report}"
     );
+    // report.html: self-contained, every image embedded and decodable, a gallery row (with its
+    // thumbnail and heat map) per error shown.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(!html.contains(here), "machine paths in report.html");
+    assert!(
+        !html.contains("href="),
+        "links out of a self-contained report"
+    );
+    let srcs: Vec<&str> = html
+        .split("src=\"")
+        .skip(1)
+        .map(|s| s.split('"').next().unwrap())
+        .collect();
+    assert!(srcs.len() >= 3, "the figures at least: {}", srcs.len());
+    for src in &srcs {
+        use base64::Engine as _;
+        let b64 = src
+            .strip_prefix("data:image/png;base64,")
+            .unwrap_or_else(|| panic!("not embedded: {}", &src[..src.len().min(60)]));
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        assert!(image::load_from_memory(&bytes).is_ok());
+    }
+    let rows = html.matches("class=\"fn\"").count() + html.matches("class=\"fp\"").count();
+    let gallery_imgs = html
+        .split("<table id=\"gallery\">")
+        .nth(1)
+        .map_or(0, |g| g.matches("<img").count());
+    assert_eq!(gallery_imgs, 2 * rows, "a thumbnail and a heat map per row");
+    assert!(html.contains("<h1>Evaluation report</h1>"));
 
     // Calibrate a screening point, then evaluate at it.
     let (name, point, _) = eval::calibrate(

@@ -306,6 +306,9 @@ struct PredictQuery {
     point: Option<String>,
     /// Name echoed as `image` for a raw body.
     name: Option<String>,
+    /// Add a Grad-CAM panel (PNG, base64) to each answer as `heatmap_png`.
+    #[serde(default)]
+    heatmap: bool,
 }
 
 /// `POST /v1/predict`: one image as the raw body, or several as `multipart/form-data`.
@@ -345,12 +348,16 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
         .into_iter()
         .map(|(name, bytes)| {
             let pre = pre.clone();
-            tokio::task::spawn_blocking(move || decode_for_model(&pre, name, &bytes))
+            let kept = query.heatmap.then(|| bytes.clone());
+            (
+                kept,
+                tokio::task::spawn_blocking(move || decode_for_model(&pre, name, &bytes)),
+            )
         })
         .collect();
     let mut pending = Vec::with_capacity(decodes.len());
     let mut sizes = Vec::new();
-    for d in decodes {
+    for (kept, d) in decodes {
         let decoded = match d.await {
             Ok(r) => r,
             Err(e) => {
@@ -362,10 +369,17 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
             }
         };
         match decoded {
-            Ok((name, input, size)) => {
-                sizes.push(size);
-                match st.batcher.submit(input, model.generation) {
-                    Ok(rx) => pending.push(Ok((name, rx))),
+            Ok(d) => {
+                sizes.push(d.size.clone());
+                let heat = match kept {
+                    Some(bytes) => match st.batcher.explain(d.input.clone(), model.generation) {
+                        Ok(rx) => Some((bytes, d.crop, d.source, rx)),
+                        Err(e) => return batch_error(e),
+                    },
+                    None => None,
+                };
+                match st.batcher.submit(d.input, model.generation) {
+                    Ok(rx) => pending.push(Ok((d.name, rx, heat))),
                     Err(e) => return batch_error(e),
                 }
             }
@@ -379,7 +393,7 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let mut first_error: Option<&'static str> = None;
     for p in pending {
         match p {
-            Ok((name, rx)) => match rx.await {
+            Ok((name, rx, heat)) => match rx.await {
                 Ok(Ok(prediction)) => {
                     let mut v = prediction_json(
                         &prediction,
@@ -396,6 +410,22 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
                     );
                     // The name clients address it by, which `predict --json` has no use for.
                     v["model_name"] = json!(model.served_name);
+                    if let Some((bytes, crop, source, rx)) = heat {
+                        match panel(
+                            &model,
+                            &prediction,
+                            (point, &point_name),
+                            bytes,
+                            crop,
+                            source,
+                            rx,
+                        )
+                        .await
+                        {
+                            Ok(png) => v["heatmap_png"] = json!(png),
+                            Err(r) => return r,
+                        }
+                    }
                     answers.push(v);
                     statuses.push(StatusCode::OK);
                 }
@@ -434,6 +464,58 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
         kind,
     });
     r
+}
+
+/// The heat map panel of one answered image, base64 PNG.
+async fn panel(
+    model: &ModelInfo,
+    prediction: &retina_model::Prediction,
+    (point, point_name): (&OperatingPoint, &str),
+    bytes: Bytes,
+    crop: retina_model::CropBox,
+    source: (u32, u32),
+    rx: tokio::sync::oneshot::Receiver<Result<crate::heatmap::HeatMap, BatchError>>,
+) -> Result<String, Response> {
+    let heat = match rx.await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return Err(batch_error(e)),
+        Err(_) => return Err(batch_error(BatchError::Stopped)),
+    };
+    let pre = model.metadata.config.preprocess.clone();
+    let caption =
+        crate::heatmap::caption(&model.metadata.config.heads, prediction, point, point_name);
+    let png = tokio::task::spawn_blocking(move || {
+        let photo = crate::heatmap::Photo {
+            bytes: &bytes,
+            name: "request",
+            crop,
+            source,
+        };
+        crate::heatmap::panel_png(
+            &pre,
+            photo,
+            &heat,
+            &caption,
+            crate::heatmap::DEFAULT_MAX_SIDE,
+        )
+    })
+    .await;
+    match png {
+        Ok(Ok(png)) => {
+            use base64::Engine as _;
+            Ok(base64::engine::general_purpose::STANDARD.encode(png))
+        }
+        Ok(Err(e)) => Err(api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("drawing the heat map failed: {e:#}"),
+        )),
+        Err(e) => Err(api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("drawing the heat map failed: {e}"),
+        )),
+    }
 }
 
 fn is_multipart(h: &HeaderMap) -> bool {
@@ -544,7 +626,15 @@ async fn read_parts(req: Request) -> Result<Vec<(String, Bytes)>, Response> {
     Ok(out)
 }
 
-pub(super) type Decoded = (String, Vec<f32>, String);
+/// One image of a request, prepared for the model.
+pub(super) struct Decoded {
+    pub name: String,
+    pub input: Vec<f32>,
+    /// `WxH` of the photograph, for the log.
+    pub size: String,
+    pub crop: retina_model::CropBox,
+    pub source: (u32, u32),
+}
 
 /// Decodes and prepares one image for the model whose preprocessing is `pre`.
 pub(super) fn decode_for_model(
@@ -555,8 +645,13 @@ pub(super) fn decode_for_model(
     let p = pre
         .prepare_bytes(bytes, &name)
         .map_err(|e| image_error(name.clone(), e))?;
-    let size = format!("{}x{}", p.source_size.0, p.source_size.1);
-    Ok((name, p.input, size))
+    Ok(Decoded {
+        size: format!("{}x{}", p.source_size.0, p.source_size.1),
+        name,
+        input: p.input,
+        crop: p.crop,
+        source: p.source_size,
+    })
 }
 
 /// 415 when the bytes are no image format we read; 422 when they are one but cannot be used.

@@ -13,6 +13,7 @@
 
 use crate::engine::Engine;
 use retina_model::Prediction;
+use retina_model::explain::{HeatMap, grad_cam};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
@@ -57,6 +58,8 @@ struct Job {
 /// What the model thread is asked to do.
 enum Msg<T> {
     Predict(Job),
+    /// Grad-CAM of one prepared input (`?heatmap=true`), between batches.
+    Explain(Job, oneshot::Sender<Result<HeatMap, BatchError>>),
     /// Load the bundle again; the answer is the new model's info, or why it was refused.
     Reload(oneshot::Sender<anyhow::Result<T>>),
 }
@@ -166,6 +169,27 @@ impl<T: Send + 'static> Batcher<T> {
             .map_err(|_| anyhow::anyhow!("{}", BatchError::Stopped))?
     }
 
+    /// Queues a Grad-CAM of one prepared input for the model of `generation`.
+    pub fn explain(
+        &self,
+        input: Vec<f32>,
+        generation: u64,
+    ) -> Result<oneshot::Receiver<Result<HeatMap, BatchError>>, BatchError> {
+        let (reply, rx) = oneshot::channel();
+        // The job's own reply channel is unused: the heat map answers on `reply`.
+        let (unused, _) = oneshot::channel();
+        let job = Job {
+            input,
+            generation,
+            reply: unused,
+        };
+        match self.tx.try_send(Msg::Explain(job, reply)) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(BatchError::Busy(self.capacity)),
+            Err(TrySendError::Disconnected(_)) => Err(BatchError::Stopped),
+        }
+    }
+
     /// Queues one prepared input; the answer arrives on the returned receiver.
     /// `generation` is the model the input was prepared for.
     pub fn submit(
@@ -242,6 +266,10 @@ fn run<T>(
                     reload(models, load, reply);
                     continue;
                 }
+                Ok(Msg::Explain(job, reply)) => {
+                    explain(models, job, reply);
+                    continue;
+                }
                 Err(_) => break,
             },
         };
@@ -249,6 +277,7 @@ fn run<T>(
         let deadline = Instant::now() + policy.max_wait;
         let mut jobs = vec![first];
         let mut reload_after = None;
+        let mut explain_after = Vec::new();
         while jobs.len() < max_batch && reload_after.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
@@ -256,10 +285,14 @@ fn run<T>(
                 Ok(Msg::Predict(job)) => held.push_back(job),
                 // This batch runs first: a reload never cuts one off.
                 Ok(Msg::Reload(reply)) => reload_after = Some(reply),
+                Ok(Msg::Explain(job, reply)) => explain_after.push((job, reply)),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
         run_batch(models, jobs, generation, stats, observe);
+        for (job, reply) in explain_after {
+            explain(models, job, reply);
+        }
         if let Some(reply) = reload_after {
             reload(models, load, reply);
         }
@@ -282,6 +315,24 @@ fn reload<T>(
             let _ = reply.send(Err(e));
         }
     }
+}
+
+fn explain(models: &Models, job: Job, reply: oneshot::Sender<Result<HeatMap, BatchError>>) {
+    if reply.is_closed() {
+        return;
+    }
+    let Some(engine) = models.for_generation(job.generation) else {
+        let _ = reply.send(Err(BatchError::Replaced));
+        return;
+    };
+    let heat = catch_unwind(AssertUnwindSafe(|| {
+        grad_cam(&engine.bundle, &job.input, &engine.backend.device)
+    }));
+    let _ = reply.send(match heat {
+        Ok(Ok(h)) => Ok(h),
+        Ok(Err(e)) => Err(BatchError::Failed(e.to_string())),
+        Err(panic) => Err(BatchError::Failed(panic_message(&panic))),
+    });
 }
 
 fn run_batch(

@@ -359,9 +359,9 @@ async fn infer_at(
         .collect();
     for d in decodes {
         match d.await {
-            Ok(Ok((_, input, size))) => {
-                sizes.push(size);
-                match st.batcher.submit(input, model.generation) {
+            Ok(Ok(d)) => {
+                sizes.push(d.size);
+                match st.batcher.submit(d.input, model.generation) {
                     Ok(rx) => pending.push(rx),
                     Err(e) => return batch_error(e),
                 }
