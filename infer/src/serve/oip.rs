@@ -126,11 +126,11 @@ enum What {
     Value(String),
 }
 
-/// The outputs, from the heads: a multiclass head `h` gives `h_probabilities` (FP32 [N, C]) and
-/// `h_<answer key>` (INT64 [N], e.g. `diagnosis_grade`), and its decision `d` gives
-/// `d_probability` (FP32 [N]) and `d` (BOOL [N], e.g. `referable`); a binary head gives
+/// The outputs, from the heads: a multiclass head `h` gives `h_probabilities` (FP32 `[N, C]`)
+/// and `h_<answer key>` (INT64 `[N]`, e.g. `diagnosis_grade`), and its decision `d` gives
+/// `d_probability` (FP32 `[N]`) and `d` (BOOL `[N]`, e.g. `referable`); a binary head gives
 /// `h_probability` and `h_<answer key>` (BOOL, e.g. `fluid_present`); a regression gives `h`
-/// (FP32 [N], e.g. `vessel_growth`).
+/// (FP32 `[N]`, e.g. `vessel_growth`).
 pub fn output_specs(heads: &[HeadSpec]) -> Vec<OutputSpec> {
     let mut out = Vec::new();
     let mut push = |name: String, datatype, shape: Vec<i64>, what| {
