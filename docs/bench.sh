@@ -69,6 +69,9 @@ rows = [
     ("peak memory, training 224 px (MiB)", med([x["peak_rss_mib"] for x in t224]),
      med([p["peak_rss_mib"] for p in peermem]), None, False),
 ]
+if t224:
+    print(f"CPU: {t224[0].get('cpu', '?')}; Retina's kernels: {t224[0].get('isa', '?')} "
+          f"(RETINA_ISA=avx512|avx2|portable to compare)\n")
 print(f"| work | Retina ({t224[0]['backend'] if t224 else '?'}) | PyTorch {peer[0]['torch'] if peer else '-'} | ONNX Runtime | Retina vs PyTorch (>1: Retina better) |")
 print("|---|---|---|---|---|")
 for name, ours, torch, ort, higher_better in rows:

@@ -59,14 +59,17 @@ pub fn run(
             "{}",
             json!({
                 "preset": preset, "image_size": size, "backend": backend.description,
+                "cpu": retina_kernels::cpu_model(), "isa": retina_kernels::active_isa().name(),
                 "b1_latency_ms": b1_ms, "b1_latency_ms_min": b1_min, "b16_img_per_s": b16_img_s,
                 "peak_rss_mib": retina_model::host::peak_rss_mib(),
             })
         );
     } else {
         println!(
-            "{preset} at {size} px on {}: batch-1 latency {b1_ms:.1} ms (min {b1_min:.1}), batch-16 throughput {b16_img_s:.1} img/s",
-            backend.description
+            "{preset} at {size} px on {} ({}, {} kernels): batch-1 latency {b1_ms:.1} ms (min {b1_min:.1}), batch-16 throughput {b16_img_s:.1} img/s",
+            backend.description,
+            retina_kernels::cpu_model(),
+            retina_kernels::active_isa().name()
         );
     }
     Ok(())

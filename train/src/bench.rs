@@ -34,6 +34,10 @@ pub struct BenchResult {
     pub preset: String,
     /// Backend description.
     pub backend: String,
+    /// The CPU's model name.
+    pub cpu: String,
+    /// The convolution kernels' instruction set (`avx512`, `avx2`, `portable`).
+    pub isa: &'static str,
     /// Input side.
     pub image_size: usize,
     /// Batch size.
@@ -184,6 +188,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
     Ok(BenchResult {
         preset: opts.preset.clone(),
         backend: backend.description,
+        cpu: retina_kernels::cpu_model(),
+        isa: retina_kernels::active_isa().name(),
         image_size: s,
         batch_size: n,
         params,

@@ -426,10 +426,12 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{} on {}: {:.2} train img/s (median step {:.3} s over {} steps, batch {}, {} px); \
-                     peak RSS {:.0} MiB; loss {:.4} -> {:.4}",
+                    "{} on {} ({}, {} kernels): {:.2} train img/s (median step {:.3} s over {} \
+                     steps, batch {}, {} px); peak RSS {:.0} MiB; loss {:.4} -> {:.4}",
                     r.preset,
                     r.backend,
+                    r.cpu,
+                    r.isa,
                     r.train_img_per_s,
                     r.median_step_s,
                     r.timed_steps,

@@ -31,6 +31,7 @@
 
 pub mod allocator;
 pub mod conv;
+pub mod isa;
 pub mod norm;
 pub mod plan;
 pub mod startup;
@@ -38,6 +39,7 @@ mod switch;
 mod unit_cache;
 
 pub use conv::conv2d;
+pub use isa::{ISA_ENV, Isa, IsaScope, active_isa, cpu_model, scoped_isa};
 pub use norm::{batch_norm, batch_norm_add_relu, batch_norm_relu};
 pub use plan::{ConvStep, Kernel, Layout, NormStep, Path, Plan};
 pub use switch::{ENV, Scoped, enabled, scoped, set_enabled};

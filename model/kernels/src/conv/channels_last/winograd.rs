@@ -117,6 +117,8 @@ pub(super) fn forward(x: &[f32], packed: &[f32], g: &Geometry, tail: Option<&Tai
     if let Some(t) = tail {
         t.check(g, "Winograd convolution");
     }
+    // Read on the calling thread; its products run on the workers with this choice.
+    let isa = crate::isa::active_isa();
     let [th, tw] = tiles(g);
     let padded_len = (2 * th + 2) * (2 * tw + 2) * g.cin;
     let mut out = Output::new(g.n * g.out_plane());
@@ -131,7 +133,7 @@ pub(super) fn forward(x: &[f32], packed: &[f32], g: &Geometry, tail: Option<&Tai
             // tiles (few, in such layers) and multiplies its channel blocks.
             let heavy = packed.len() > padded_len;
             split_image(th, blocks, heavy, parallel, |cbs, rows| {
-                image_part(p, packed, g, tail, img, dst, rows, cbs)
+                image_part(p, packed, g, tail, img, dst, rows, cbs, isa)
             })
         })
     };
@@ -152,6 +154,7 @@ fn image_part(
     dst: Out,
     rows: Range<usize>,
     cbs: Range<usize>,
+    isa: crate::isa::Isa,
 ) {
     let [_, tw] = tiles(g);
     let (ci, co) = (g.cin, g.cout);
@@ -169,8 +172,16 @@ fn image_part(
             for xi in 0..16 {
                 let u = &packed[xi * co * ci..(xi + 1) * co * ci];
                 let mx = Out(m[xi * t * co..].as_mut_ptr());
-                Frame::new(&v[xi * t * ci..(xi + 1) * t * ci], u, &one, None, 0, mx)
-                    .run(cbs.clone(), 0..1);
+                Frame::new(
+                    &v[xi * t * ci..(xi + 1) * t * ci],
+                    u,
+                    &one,
+                    None,
+                    0,
+                    mx,
+                    isa,
+                )
+                .run(cbs.clone(), 0..1);
             }
             transform_output(
                 m,
@@ -386,8 +397,22 @@ mod tests {
     use super::super::direct::tests::values;
     use super::*;
 
-    /// Winograd against the direct convolution on one shape, with each part of the tail.
+    /// Winograd against the direct convolution on one shape, with each part of the tail, with
+    /// every instruction set the CPU has (the transforms are AVX2; the products follow the
+    /// instruction set). Under CI a CPU without AVX2 fails rather than testing nothing.
     fn agrees(n: usize, [cin, cout]: [usize; 2], [h, w]: [usize; 2]) {
+        assert!(
+            std::env::var_os("CI").is_none()
+                || crate::isa::Isa::detected() >= crate::isa::Isa::Avx2,
+            "CI runs on a CPU without AVX2: the Winograd kernels are not tested"
+        );
+        for isa in crate::isa::Isa::supported() {
+            let _scope = crate::isa::scoped_isa(isa).expect("a supported instruction set");
+            agrees_with(n, [cin, cout], [h, w]);
+        }
+    }
+
+    fn agrees_with(n: usize, [cin, cout]: [usize; 2], [h, w]: [usize; 2]) {
         let g = Geometry::new(&[n, cin, h, w], &[cout, cin, 3, 3], [1, 1], [1, 1]);
         if !applies(&g) {
             return;
