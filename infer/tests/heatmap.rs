@@ -156,3 +156,52 @@ fn photo_size_heat_lands_on_the_lesions_in_photo_coordinates() {
         "heat should lie on the lesions in the photograph: {ratios:?}"
     );
 }
+
+/// With a linear head on globally pooled features, the class score is Σ_c w[class, c]·mean(F_c)
+/// + b, so Grad-CAM's channel weights are w[class, c]/(h·w) and the map is exactly
+/// ReLU(Σ_c w[class, c]·F_c), up to the normalisation: computed here by hand from the feature
+/// map and the head's weights.
+#[test]
+fn grad_cam_is_the_class_activation_map_of_a_linear_head() {
+    use burn::prelude::*;
+    use retina_model::explain::{explained_head, grad_cam_grid};
+    let engine = Engine::load(None, BackendChoice::Cpu).unwrap();
+    let bundle = &engine.bundle;
+    let pre = &bundle.metadata.config.preprocess;
+    let head = explained_head(&bundle.metadata.config.heads).unwrap();
+    assert!(
+        bundle.model.heads[head].hidden.is_none(),
+        "the identity needs a linear head"
+    );
+    let device = &engine.backend.device;
+    for i in 0..3 {
+        let scene = scene_for(901, i, 160, &[0.2, 0.2, 0.2, 0.2, 0.2]);
+        let input = pre.normalise(&pre.crop_and_resize(&render(&scene, Layers { lesions: true })));
+        let grid = grad_cam_grid(bundle, &input, device).unwrap();
+        let s = pre.image_size;
+        let x = Tensor::<4>::from_data(TensorData::new(input.clone(), [1, 3, s, s]), device);
+        let f = bundle.model.feature_map(x, head); // [1, C, h, w]
+        let [_, c, h, w] = f.dims();
+        assert_eq!((grid.width, grid.height), (w, h));
+        let weights = bundle.model.heads[head].out.weight.val(); // [C, classes]
+        let wc = weights
+            .slice([0..c, grid.class..grid.class + 1])
+            .reshape([1, c, 1]);
+        let cam: Vec<f32> = (f.reshape([1, c, h * w]) * wc)
+            .sum_dim(1)
+            .reshape([h * w])
+            .clamp_min(0.0)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        let max = cam.iter().cloned().fold(0.0f32, f32::max);
+        assert!(max > 0.0);
+        for (k, (got, want)) in grid.values.iter().zip(&cam).enumerate() {
+            assert!(
+                (got - want / max).abs() < 1e-4,
+                "image {i}, cell {k}: Grad-CAM {got}, class activation map {}",
+                want / max
+            );
+        }
+    }
+}

@@ -55,6 +55,33 @@ pub fn grad_cam(
     device: &Device,
 ) -> Result<HeatMap, ExplainError> {
     let s = bundle.metadata.config.preprocess.image_size;
+    let grid = grad_cam_grid(bundle, input, device)?;
+    Ok(HeatMap {
+        size: s,
+        values: upsample(&grid.values, grid.width, grid.height, s),
+    })
+}
+
+/// Grad-CAM at the feature map's own resolution, normalised to a maximum of 1.
+#[derive(Debug, Clone)]
+pub struct CamGrid {
+    /// Feature-map width.
+    pub width: usize,
+    /// Feature-map height.
+    pub height: usize,
+    /// The predicted class it explains.
+    pub class: usize,
+    /// Heat per cell, row-major.
+    pub values: Vec<f32>,
+}
+
+/// [`grad_cam`] before upsampling.
+pub fn grad_cam_grid(
+    bundle: &ModelBundle,
+    input: &[f32],
+    device: &Device,
+) -> Result<CamGrid, ExplainError> {
+    let s = bundle.metadata.config.preprocess.image_size;
     let head =
         explained_head(&bundle.metadata.config.heads).ok_or(ExplainError::NoMulticlassHead)?;
     let ad = device.clone().autodiff();
@@ -89,9 +116,11 @@ pub fn grad_cam(
         .iter()
         .map(|v| if max > 0.0 { v / max } else { 0.0 })
         .collect();
-    Ok(HeatMap {
-        size: s,
-        values: upsample(&norm, w, h, s),
+    Ok(CamGrid {
+        width: w,
+        height: h,
+        class,
+        values: norm,
     })
 }
 

@@ -276,6 +276,28 @@ mod tests {
         assert!(lo <= est && est <= hi && lo < hi, "{lo} {est} {hi}");
     }
 
+    /// A known case: the mean of 400 fair coin flips (0/1, half each). Its standard error is
+    /// 0.5/sqrt(400) = 0.025, so a 95% percentile interval is about ±1.96·0.025 wide: 0.098.
+    #[test]
+    fn bootstrap_interval_has_the_width_theory_gives() {
+        let flips: Vec<f64> = (0..400).map(|i| (i % 2) as f64).collect();
+        let mean =
+            |idx: &[usize]| Some(idx.iter().map(|&i| flips[i]).sum::<f64>() / idx.len() as f64);
+        let (lo, hi) = bootstrap_interval(400, 2000, 0.95, 3, mean).unwrap();
+        assert!(
+            (hi - lo - 0.098).abs() < 0.012,
+            "width {} ({lo}, {hi})",
+            hi - lo
+        );
+        assert!((lo + hi) / 2.0 - 0.5 < 0.01);
+        // A 50% interval is about 0.674/1.96 as wide.
+        let (l50, h50) = bootstrap_interval(400, 2000, 0.5, 3, mean).unwrap();
+        assert!(
+            ((h50 - l50) / (hi - lo) - 0.344).abs() < 0.06,
+            "{l50} {h50}"
+        );
+    }
+
     #[test]
     fn regression_errors() {
         assert_eq!(mae(&[1.0, 2.0], &[0.0, 4.0]), Some(1.5));

@@ -39,9 +39,41 @@ fn a_threshold_for_sensitivity_095_really_gives_it() {
             );
         }
     }
-    let t = choose_threshold(&scores, &truth, Target::Specificity(0.98)).unwrap();
-    assert!(BinaryCounts::at(&scores, &truth, t).specificity().unwrap() >= 0.98);
-    assert!(choose_threshold(&scores, &truth, Target::Youden).is_some());
+    // Specificity: the *lowest* threshold that meets the target (the most sensitive one), not
+    // merely one that does: "above every score" always has specificity 1.
+    for target in [0.8, 0.9, 0.98] {
+        let t = choose_threshold(&scores, &truth, Target::Specificity(target)).unwrap();
+        let c = BinaryCounts::at(&scores, &truth, t);
+        assert!(c.specificity().unwrap() >= target, "target {target}: {c:?}");
+        assert!(
+            c.sensitivity().unwrap() > 0.0,
+            "target {target}: calls nothing positive"
+        );
+        let below = scores
+            .iter()
+            .cloned()
+            .filter(|s| *s < t)
+            .fold(f32::NEG_INFINITY, f32::max);
+        assert!(
+            BinaryCounts::at(&scores, &truth, below)
+                .specificity()
+                .unwrap()
+                < target,
+            "target {target}: {below} < {t} also meets it"
+        );
+    }
+    // Youden: the maximum of sensitivity + specificity over every threshold, by brute force.
+    let j = |t: f32| {
+        let c = BinaryCounts::at(&scores, &truth, t);
+        c.sensitivity().unwrap() + c.specificity().unwrap()
+    };
+    let best = scores.iter().map(|s| j(*s)).fold(f64::MIN, f64::max);
+    let t = choose_threshold(&scores, &truth, Target::Youden).unwrap();
+    assert!(
+        (j(t) - best).abs() < 1e-12,
+        "Youden {} at {t}, best {best}",
+        j(t)
+    );
     assert_eq!(
         choose_threshold(&[0.1, 0.2], &[true, true], Target::Youden),
         None

@@ -41,6 +41,16 @@ fn small_preset_learns_referable_dr_on_generated_images() {
         auc > 0.7,
         "validation referable AUC {auc} should beat chance (0.5) by a margin"
     );
+    // The auxiliary heads learn too (when this was written: fluid AUC 0.99, vessel-growth
+    // Pearson r 0.33 at the best epoch): a dead head (constant output) has AUC 0.5 and r 0 or
+    // undefined, and would fail these floors.
+    let v = &summary.best_val;
+    assert!(v["fluid.auc"] > 0.8, "fluid head: {v:?}");
+    assert!(
+        v.get("vessel_growth.pearson_r").is_some_and(|r| *r > 0.15),
+        "vessel-growth head: {v:?}"
+    );
+    assert!(v["vessel_growth.mae"] < 0.15, "vessel-growth head: {v:?}");
     // Every head's loss and the L2 term are logged separately.
     assert_eq!(logs[0].train_head_loss.len(), 3);
     assert!(logs[0].train_l2 > 0.0);

@@ -293,3 +293,71 @@ fn label_smoothing_with_class_weights_weights_each_class_term_as_torch_does() {
         "got {got}, torch's definition gives {want}"
     );
 }
+
+/// The combined loss as training computes it: `RetinaLoss::forward` itself, on a real network,
+/// with the reference head outputs. The head terms carry their weights in spec order (torch's
+/// combined value less its L2 term), and the L2 term is l2 times the network's sum of squares:
+/// the head outputs are not connected to the network, so each parameter's gradient must be
+/// exactly the L2 term's, 2·l2·p.
+#[test]
+fn the_combined_loss_through_retina_loss_forward() {
+    use retina_model::{RetinaConfig, RetinaOutput};
+    let device = Device::flex().autodiff();
+    let loss = reference_loss();
+    let mut config = RetinaConfig::preset("small").unwrap();
+    config.heads = specs();
+    config.preprocess.image_size = 32;
+    let model = config.init(&device).unwrap();
+    let out = RetinaOutput {
+        heads: vec![
+            Tensor::<2>::from_data(LOGITS, &device).require_grad(),
+            Tensor::<2>::from_data([FLUID_LOGITS], &device).transpose(),
+            Tensor::<2>::from_data([VESSEL_PRED], &device).transpose(),
+        ],
+        embeddings: Vec::new(),
+        names: vec!["diagnosis".into(), "fluid".into(), "vessel_growth".into()],
+    };
+    let targets = [
+        HeadTargets::from_options(&LABELS.map(Some), &device),
+        HeadTargets::from_options(&FLUID_TARGETS.map(Some), &device),
+        HeadTargets::from_options(&VESSEL_TARGET.map(Some), &device),
+    ];
+    let b = loss.forward(&model, &out, &targets);
+    let names: Vec<&str> = b.heads.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["diagnosis", "fluid", "vessel_growth"]);
+    let per_head: Vec<f32> = b.heads.iter().map(|(_, t)| host(t.clone())[0]).collect();
+    close(
+        &per_head,
+        &[1.2976845502853394, 1.9330346584320068, 0.30000001192092896],
+        "per-head losses",
+    );
+    let l2_sum = host(b.l2_sum.clone())[0];
+    let total = host(b.total.clone())[0];
+    let torch_heads = 2.4145374298095703 - loss.l2 * L2_PARAMS_SUM_SQ;
+    close(
+        &[total],
+        &[torch_heads + loss.l2 * l2_sum],
+        "total = weighted heads + l2 * sum(p^2)",
+    );
+
+    let grads = b.total.backward();
+    let w = model.heads[0].out.weight.val();
+    let g = w.grad(&grads).expect("the L2 term reaches every parameter");
+    let want: Vec<f32> = host(w.clone().inner())
+        .iter()
+        .map(|p| 2.0 * loss.l2 * p)
+        .collect();
+    close(&host(g), &want, "d total / d head weight = 2 l2 p");
+    let g_logits = host(out.heads[0].grad(&grads).unwrap());
+    close(
+        &g_logits[..5],
+        &[
+            -0.029910098761320114,
+            0.0030369614250957966,
+            0.013610715977847576,
+            0.008255316875874996,
+            0.005007103085517883,
+        ],
+        "grad wrt logits, first row",
+    );
+}
