@@ -207,3 +207,93 @@ fn format_names_parse() {
             .contains("choose")
     );
 }
+
+/// Every row of a hand-written file of each public format: the image path, the grade and the
+/// fluid label (or its absence), as the format's documentation defines them, checked one by one.
+#[test]
+fn every_row_of_each_public_format_reads_as_written() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    type Row<'a> = (&'a str, f32, Option<f32>);
+    let check = |format: DatasetFormat, name: &str, text: &str, want: &[Row]| {
+        let p = write(dir, name, text);
+        let f = read_labels(&p, format, None, &heads()).unwrap();
+        let got: Vec<(std::path::PathBuf, Option<f32>, Option<f32>)> = f
+            .samples
+            .iter()
+            .map(|s| {
+                (
+                    s.image.clone(),
+                    s.labels.get("diagnosis").copied(),
+                    s.labels.get("fluid").copied(),
+                )
+            })
+            .collect();
+        let want: Vec<(std::path::PathBuf, Option<f32>, Option<f32>)> = want
+            .iter()
+            .map(|(img, g, fl)| (dir.join(img), Some(*g), *fl))
+            .collect();
+        assert_eq!(got, want, "{format}");
+    };
+    check(
+        DatasetFormat::Aptos,
+        "train.csv",
+        "id_code,diagnosis\n000c1434d8d7,2\n001639a390f0,4\n0024cdab0c1e,1\n0083ee8054ee,0\n00a8624548a9,3\n",
+        &[
+            ("train_images/000c1434d8d7.png", 2.0, None),
+            ("train_images/001639a390f0.png", 4.0, None),
+            ("train_images/0024cdab0c1e.png", 1.0, None),
+            ("train_images/0083ee8054ee.png", 0.0, None),
+            ("train_images/00a8624548a9.png", 3.0, None),
+        ],
+    );
+    check(
+        DatasetFormat::Eyepacs,
+        "trainLabels.csv",
+        "image,level\n10_left,0\n10_right,0\n13_left,1\n15_right,2\n16_left,4\n17_right,3\n",
+        &[
+            ("train/10_left.jpeg", 0.0, None),
+            ("train/10_right.jpeg", 0.0, None),
+            ("train/13_left.jpeg", 1.0, None),
+            ("train/15_right.jpeg", 2.0, None),
+            ("train/16_left.jpeg", 4.0, None),
+            ("train/17_right.jpeg", 3.0, None),
+        ],
+    );
+    // IDRiD: edema risk 0 is no fluid; 1 and 2 are fluid.
+    check(
+        DatasetFormat::Idrid,
+        "idrid_labels.csv",
+        "Image name,Retinopathy grade,Risk of macular edema \nIDRiD_001,3,2\nIDRiD_002,3,1\nIDRiD_003,2,0\nIDRiD_004,0,0\nIDRiD_005,4,1\n",
+        &[
+            ("images/IDRiD_001.jpg", 3.0, Some(1.0)),
+            ("images/IDRiD_002.jpg", 3.0, Some(1.0)),
+            ("images/IDRiD_003.jpg", 2.0, Some(0.0)),
+            ("images/IDRiD_004.jpg", 0.0, Some(0.0)),
+            ("images/IDRiD_005.jpg", 4.0, Some(1.0)),
+        ],
+    );
+    // Messidor-2: names keep their own extension; the ungradable row is skipped.
+    check(
+        DatasetFormat::Messidor2,
+        "messidor_data.csv",
+        "image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable\n20051020_43808_0100_PP.png,0,0,1\nIM002385.JPG,2,1,1\n20051021_51000_0100_PP.png,,,0\nIM004176.JPG,4,0,1\n",
+        &[
+            ("images/20051020_43808_0100_PP.png", 0.0, Some(0.0)),
+            ("images/IM002385.JPG", 2.0, Some(1.0)),
+            ("images/IM004176.JPG", 4.0, Some(0.0)),
+        ],
+    );
+    // DDR: `name label`, label 5 (ungradable) skipped.
+    check(
+        DatasetFormat::Ddr,
+        "train.txt",
+        "007-3711-200.jpg 0\n007-3712-200.jpg 3\n007-3713-200.jpg 5\n007-3714-200.jpg 4\n20170413102628830.jpg 1\n",
+        &[
+            ("images/007-3711-200.jpg", 0.0, None),
+            ("images/007-3712-200.jpg", 3.0, None),
+            ("images/007-3714-200.jpg", 4.0, None),
+            ("images/20170413102628830.jpg", 1.0, None),
+        ],
+    );
+}
