@@ -504,3 +504,173 @@ fn predict_json_values_are_consistent_and_mostly_right() {
     );
     assert!(grades_right >= 6, "{grades_right} of 12 grades right");
 }
+
+/// `eval`, `calibrate`, `export-torch` and `import-torch` through the binary: a calibrated
+/// point lands in the bundle and becomes its default; a set with one class cannot be calibrated
+/// and says so; exporting to PyTorch's layout and importing back gives a bundle that answers
+/// exactly as the original.
+#[test]
+fn eval_calibrate_and_the_torch_round_trip_through_the_binary() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["model.json", "weights.safetensors"] {
+        std::fs::copy(root.join("assets/default-model").join(f), model.join(f)).unwrap();
+    }
+    let labels = root.join("assets/samples/labels.csv");
+    let (m, l) = (model.to_str().unwrap(), labels.to_str().unwrap());
+
+    let report = dir.path().join("report");
+    let out = run(
+        "retina-train",
+        &[
+            "eval",
+            "--model",
+            m,
+            "--data",
+            l,
+            "--out",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["diagnosis"]["n"], 12);
+    assert!(report.join("report.html").is_file());
+
+    let out = run(
+        "retina-train",
+        &[
+            "calibrate",
+            "--model",
+            m,
+            "--data",
+            l,
+            "--target",
+            "youden",
+            "--default",
+            "youden",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta = retina_model::BundleMetadata::load(&model).unwrap();
+    assert_eq!(meta.default_point, "youden");
+    assert!(
+        meta.operating_points["youden"]
+            .thresholds
+            .contains_key("referable")
+    );
+
+    // Only healthy eyes: no threshold can be chosen for `referable`.
+    let healthy = dir.path().join("healthy.csv");
+    let image_dir = root.join("assets/samples/images");
+    let healthy_text: Vec<String> = std::fs::read_to_string(&labels)
+        .unwrap()
+        .lines()
+        .enumerate()
+        .filter(|(i, r)| *i == 0 || r.split(',').nth(1) == Some("0"))
+        .map(|(_, r)| r.replacen("images/", &format!("{}/", image_dir.display()), 1))
+        .collect();
+    assert!(healthy_text.len() >= 3, "{healthy_text:?}");
+    let healthy_text = healthy_text.join("\n");
+    std::fs::write(&healthy, healthy_text + "\n").unwrap();
+    let out = run(
+        "retina-train",
+        &[
+            "calibrate",
+            "--model",
+            m,
+            "--data",
+            healthy.to_str().unwrap(),
+            "--target",
+            "sensitivity=0.9",
+            "--name",
+            "onlyhealthy",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("referable"), "{err}");
+    assert!(
+        !retina_model::BundleMetadata::load(&model)
+            .unwrap()
+            .operating_points
+            .contains_key("onlyhealthy"),
+        "a failed calibration writes nothing"
+    );
+
+    // PyTorch layout and back.
+    let torch = dir.path().join("torch.safetensors");
+    let out = run(
+        "retina-train",
+        &[
+            "export-torch",
+            "--model",
+            m,
+            "--out",
+            torch.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = dir.path().join("back");
+    let out = run(
+        "retina-train",
+        &[
+            "import-torch",
+            "--weights",
+            torch.to_str().unwrap(),
+            "--preset",
+            "small",
+            "--out",
+            back.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images = root.join("assets/samples/images");
+    let answers = |bundle: &std::path::Path| {
+        json_lines(&run(
+            "retina-infer",
+            &[
+                "predict",
+                "--json",
+                "--backend",
+                "cpu",
+                "--model",
+                bundle.to_str().unwrap(),
+                images.to_str().unwrap(),
+            ],
+        ))
+    };
+    let (a, b) = (answers(&model), answers(&back));
+    assert_eq!(a.len(), 12);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(
+            field(x, "diagnosis.probabilities"),
+            field(y, "diagnosis.probabilities"),
+            "{}",
+            x["image"]
+        );
+        assert_eq!(
+            field(x, "vessel_growth.amount"),
+            field(y, "vessel_growth.amount")
+        );
+    }
+}

@@ -157,10 +157,10 @@ fn photo_size_heat_lands_on_the_lesions_in_photo_coordinates() {
     );
 }
 
-/// With a linear head on globally pooled features, the class score is Σ_c w[class, c]·mean(F_c)
-/// + b, so Grad-CAM's channel weights are w[class, c]/(h·w) and the map is exactly
-/// ReLU(Σ_c w[class, c]·F_c), up to the normalisation: computed here by hand from the feature
-/// map and the head's weights.
+/// With a linear head on globally pooled features, the class score is
+/// `Σ_c w[class, c]·mean(F_c) + b`, so Grad-CAM's channel weights are `w[class, c]/(h·w)` and
+/// the map is exactly `ReLU(Σ_c w[class, c]·F_c)`, up to the normalisation: computed here by
+/// hand from the feature map and the head's weights.
 #[test]
 fn grad_cam_is_the_class_activation_map_of_a_linear_head() {
     use burn::prelude::*;

@@ -191,6 +191,7 @@ pub fn calibrate(
         method: format!("{target:?} on {} (n={})", data.display(), s.samples.len()),
     };
     let mut report = Vec::new();
+    let mut missing = Vec::new();
     let heads = &s.bundle.metadata.config.heads;
     // Only the scores are used here; the point's thresholds do not matter.
     let at_half = OperatingPoint::default_for(&[]);
@@ -200,8 +201,10 @@ pub fn calibrate(
     {
         let (d, scores, truth) = (decision.decision.name, decision.scores, decision.truth);
         let Some(t) = choose_threshold(&scores, &truth, target) else {
-            report.push(format!(
-                "{d}: not calibrated (the set needs positives and negatives)"
+            let pos = truth.iter().filter(|t| **t).count();
+            missing.push(format!(
+                "{d} ({pos} positive, {} negative)",
+                truth.len() - pos
             ));
             continue;
         };
@@ -214,8 +217,15 @@ pub fn calibrate(
         ));
         point.thresholds.insert(d, t);
     }
-    if point.thresholds.is_empty() {
-        bail!("no decision could be calibrated on {}", data.display());
+    // A point that left a decision at the uncalibrated 0.5 would look calibrated and decide
+    // at a threshold nobody chose: refuse it, and write nothing.
+    if !missing.is_empty() {
+        bail!(
+            "{} cannot calibrate {}: each decision needs positive and negative labelled images; \
+             calibrate on a validation set that has both",
+            data.display(),
+            missing.join(", ")
+        );
     }
     let mut meta = s.bundle.metadata.clone();
     // A bundle that has only the uncalibrated 0.5 point makes its first calibrated point the
