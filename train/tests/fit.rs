@@ -204,3 +204,86 @@ class_weights = [1.0, 10.0]
         assert_eq!(back, config, "{text}");
     }
 }
+
+/// Options a user sets in `train.toml` and on the command line, each in a real (tiny) fit and
+/// each shown to change what it should: focal loss and label smoothing change the diagnosis
+/// loss, balanced sampling changes the batches, a separate validation file is what validates,
+/// and `--skip-bad-images` skips a missing image (which otherwise stops the run).
+#[test]
+fn fit_options_take_effect() {
+    use retina_train::config::Overrides;
+    use retina_train::trainer::DataSource;
+    let dir = tempfile::tempdir().unwrap();
+    let labels = data(&dir.path().join("data"), 48, 64, 5);
+    let toml = |extra: &str| {
+        let p = dir.path().join(format!("t{}.toml", extra.len()));
+        std::fs::write(
+            &p,
+            format!("epochs = 1\nbatch_size = 8\n[model]\nimage_size = 32\n{extra}"),
+        )
+        .unwrap();
+        Overrides {
+            file: Some(p),
+            sets: Vec::new(),
+        }
+        .resolve()
+        .unwrap()
+    };
+    let diagnosis_loss = |name: &str, cfg: TrainConfig| {
+        let out = dir.path().join(name);
+        trainer::fit(request(&labels, &out, cfg)).unwrap();
+        logs(&out)[0].train_head_loss["diagnosis"]
+    };
+    let plain = diagnosis_loss("plain", toml(""));
+    let focal = diagnosis_loss(
+        "focal",
+        toml("[[loss.heads]]\nhead = \"diagnosis\"\nloss = { type = \"focal\", gamma = 2.0 }\n"),
+    );
+    let smooth = diagnosis_loss(
+        "smooth",
+        toml("[[loss.heads]]\nhead = \"diagnosis\"\nlabel_smoothing = 0.2\n"),
+    );
+    let balanced = diagnosis_loss("balanced", toml("[data]\nsampling = \"balanced\"\n"));
+    // Focal loss down-weights every example: below cross entropy; smoothing adds the uniform
+    // term; balanced sampling draws other images.
+    assert!(
+        focal < 0.8 * plain,
+        "focal {focal} vs cross entropy {plain}"
+    );
+    assert!(
+        (smooth - plain).abs() > 1e-3,
+        "label smoothing {smooth} vs {plain}"
+    );
+    assert!(
+        (balanced - plain).abs() > 1e-4,
+        "balanced {balanced} vs shuffle {plain}"
+    );
+
+    // A separate validation file: its rows are the validation set, the whole label file trains.
+    let text = std::fs::read_to_string(&labels).unwrap();
+    let val = dir.path().join("data/val.csv");
+    let rows: Vec<&str> = text.lines().collect();
+    std::fs::write(&val, format!("{}\n{}\n", rows[0], rows[1..8].join("\n"))).unwrap();
+    let mut req = request(&labels, &dir.path().join("withval"), toml(""));
+    if let DataSource::Labels { val: v, .. } = &mut req.data {
+        *v = Some(val.clone());
+    }
+    let s = trainer::fit(req).unwrap();
+    assert_eq!((s.train_samples, s.val_samples), (48, 7));
+
+    // A missing image stops the run, unless it is skipped (and counted).
+    let broken = dir.path().join("data/broken.csv");
+    std::fs::write(&broken, format!("{text}images/gone.png,2,0.1,1\n")).unwrap();
+    let e = trainer::fit(request(&broken, &dir.path().join("stops"), toml("")))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("gone.png") && e.contains("--skip-bad-images"),
+        "{e}"
+    );
+    let mut req = request(&broken, &dir.path().join("skips"), toml(""));
+    req.skip_bad_images = true;
+    let s = trainer::fit(req).unwrap();
+    assert_eq!(s.bad_images, 1);
+    assert_eq!(s.train_samples + s.val_samples, 48);
+}
