@@ -373,6 +373,24 @@ fn sigterm_drains_in_flight_requests() {
     let client = std::thread::spawn(move || request_at(&addr, "POST /v1/predict HTTP/1.1", &png));
     // Well inside the batching wait, so the request is queued when the signal arrives.
     std::thread::sleep(Duration::from_millis(1000));
+    // During the drain (the request waits ~2 s more for its batch), new connections are refused.
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server should still be draining"
+    );
+    assert!(
+        TcpStream::connect(&server.addr).is_err(),
+        "still accepting connections while draining"
+    );
     let status = server.terminate();
     let (s, v, _) = client.join().unwrap();
     assert_eq!(s, 200, "the in-flight request finished: {v}");
