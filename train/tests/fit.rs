@@ -41,14 +41,26 @@ fn small_preset_learns_referable_dr_on_generated_images() {
         auc > 0.7,
         "validation referable AUC {auc} should beat chance (0.5) by a margin"
     );
-    // The auxiliary heads learn too (when this was written: fluid AUC 0.99, vessel-growth
-    // Pearson r 0.33 at the best epoch): a dead head (constant output) has AUC 0.5 and r 0 or
-    // undefined, and would fail these floors.
+    // The auxiliary heads learn too. Fluid: its training loss falls (0.58 -> 0.22 when this was
+    // written) and it separates the validation eyes (AUC 0.98-0.99 at the best epoch). Vessel
+    // growth: its loss and MAE fall even untrained (weight decay shrinks the head to ~0, and most
+    // eyes have none), so the floor is on its correlation with the truth, at its best epoch:
+    // 0.28-0.33 over the last epochs when trained, at most 0.09 with its loss switched off. (At
+    // the epoch chosen by referable AUC it ranged from -0.07 to 0.33 between runs.)
     let v = &summary.best_val;
-    assert!(v["fluid.auc"] > 0.8, "fluid head: {v:?}");
+    let fluid: Vec<f64> = logs.iter().map(|l| l.train_head_loss["fluid"]).collect();
     assert!(
-        v.get("vessel_growth.pearson_r").is_some_and(|r| *r > 0.15),
-        "vessel-growth head: {v:?}"
+        fluid[fluid.len() - 1] < 0.7 * fluid[0],
+        "fluid training loss: {fluid:?}"
+    );
+    assert!(v["fluid.auc"] > 0.8, "fluid head: {v:?}");
+    let r: Vec<f64> = logs
+        .iter()
+        .filter_map(|l| l.val.get("vessel_growth.pearson_r").copied())
+        .collect();
+    assert!(
+        r.iter().cloned().fold(f64::MIN, f64::max) > 0.15,
+        "vessel-growth head, validation Pearson r per epoch: {r:?}"
     );
     assert!(v["vessel_growth.mae"] < 0.15, "vessel-growth head: {v:?}");
     // Every head's loss and the L2 term are logged separately.
