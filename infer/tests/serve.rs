@@ -510,3 +510,53 @@ fn overflow_bad_queries_and_bombs_over_http() {
     let (s, _) = server.post("/v1/predict", "image/png", &png);
     assert_eq!(s, 200, "the service answers after all of this");
 }
+
+/// While the model loads and warms up, the service is live but not ready, and a prediction is
+/// told to come back (503 `not_ready` with `Retry-After`), on both protocols. The GPU backend on
+/// Mesa's software Vulkan driver takes seconds to warm up (kernel compilation), long enough to
+/// ask; without a Vulkan driver the test cannot run (a failure under CI, as for the wgpu tests).
+#[test]
+fn requests_while_the_model_loads_are_told_to_retry() {
+    let server = Server::spawn(&["--backend", "wgpu"]);
+    let (s, v) = server.get("/readyz");
+    if s == 200 {
+        eprintln!("skipped: the model was ready before the first request ({v})");
+        return;
+    }
+    if s == 0 {
+        let log = server.log_with("error");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no wgpu adapter under CI: {log}"
+        );
+        eprintln!("skipped: no wgpu adapter here: {log}");
+        return;
+    }
+    assert_eq!((s, v["status"].as_str()), (503, Some("loading")), "{v}");
+    let png = std::fs::read(sample(7)).unwrap();
+    let (s, v, head) = server.request("POST /v1/predict HTTP/1.1\r\nContent-Type: image/png", &png);
+    eprintln!("a prediction while loading: {s}");
+    if s == 503 {
+        assert_eq!(error_kind(&v), "not_ready", "{v}");
+        assert!(
+            head.to_ascii_lowercase().contains("retry-after: 1"),
+            "{head}"
+        );
+        let (s, v) = server.get("/v2/health/ready");
+        assert!(s == 503 || s == 200, "{s} {v}");
+    }
+    assert_eq!(server.get("/healthz").0, 200, "live while loading");
+    assert_eq!(server.get("/v2/health/live").0, 200, "live while loading");
+    let t0 = Instant::now();
+    while server.get("/readyz").0 != 200 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "never ready: {}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (s, v) = server.post("/v1/predict", "image/png", &png);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["backend"], "wgpu");
+}

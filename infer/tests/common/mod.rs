@@ -27,9 +27,17 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(extra: &[&str]) -> Server {
+    /// Starts the server and returns once it listens, without waiting for the model.
+    pub fn spawn(extra: &[&str]) -> Server {
+        // The CPU unless the test picks a backend.
+        let backend: &[&str] = if extra.contains(&"--backend") {
+            &[]
+        } else {
+            &["--backend", "cpu"]
+        };
         let mut child = Command::new(BIN)
-            .args(["serve", "--addr", "127.0.0.1:0", "--backend", "cpu"])
+            .args(["serve", "--addr", "127.0.0.1:0"])
+            .args(backend)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -54,12 +62,17 @@ impl Server {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
         let addr = base.trim_start_matches("http://").to_string();
-        let server = Server {
+        Server {
             child,
             base,
             addr,
             log,
-        };
+        }
+    }
+
+    /// Starts the server and waits until `/readyz` says the model is loaded.
+    pub fn start(extra: &[&str]) -> Server {
+        let server = Server::spawn(extra);
         let t0 = Instant::now();
         loop {
             let (status, _) = server.get("/readyz");
