@@ -6,8 +6,20 @@ use common::{data, logs, request};
 use retina_train::config::{DataConfig, ModelSection, OptimizerConfig, TrainConfig};
 use retina_train::trainer;
 
+/// The runs in this file one at a time: burn's CPU device draws initial weights and batches from
+/// one process-wide generator that each run seeds, so runs on parallel test threads would
+/// interleave their draws and no run would be the one its seed describes.
+static ONE_RUN_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_run_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_RUN_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 fn small_preset_learns_referable_dr_on_generated_images() {
+    let _one = one_run_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let labels = data(&dir.path().join("data"), 480, 128, 1);
     let config = TrainConfig {
@@ -223,6 +235,7 @@ class_weights = [1.0, 10.0]
 /// and `--skip-bad-images` skips a missing image (which otherwise stops the run).
 #[test]
 fn fit_options_take_effect() {
+    let _one = one_run_at_a_time();
     use retina_train::config::Overrides;
     use retina_train::trainer::DataSource;
     let dir = tempfile::tempdir().unwrap();
