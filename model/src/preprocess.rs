@@ -364,7 +364,8 @@ impl PreprocessConfig {
         let mut short_side = side;
         loop {
             let (img, full) = self.decode_covering(bytes, name, &header, short_side)?;
-            let rgb = img.to_rgb8();
+            // Scaled decodes are RGB already: no copy of the (possibly full-size) image.
+            let rgb = img.into_rgb8();
             let disc = self.disc_rect(&rgb);
             if full || disc.width().max(disc.height()) >= side {
                 let scale = (
@@ -384,16 +385,6 @@ impl PreprocessConfig {
             let needed = (side as u64 * decoded_short as u64).div_ceil(disc_side as u64);
             short_side = (needed as u32).max(decoded_short + 1);
         }
-    }
-
-    /// Reads and decodes an image file at full size.
-    pub fn load(&self, path: &Path) -> Result<DynamicImage, PreprocessError> {
-        let name = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| PreprocessError::Io {
-            name: name.clone(),
-            source,
-        })?;
-        self.decode(&bytes, &name)
     }
 
     /// Reads a file and prepares it for the network.
@@ -444,7 +435,7 @@ impl PreprocessConfig {
         let (w, h) = (header.width, header.height);
         let long = w.max(h);
         if long <= max_side {
-            return Ok(self.decode_full(bytes, name)?.to_rgb8());
+            return Ok(self.decode_full(bytes, name)?.into_rgb8());
         }
         let f = max_side as f64 / long as f64;
         let (dw, dh) = (
@@ -453,7 +444,7 @@ impl PreprocessConfig {
         );
         let (img, _) = self.decode_covering(bytes, name, &header, dw.min(dh))?;
         Ok(image::imageops::resize(
-            &img.to_rgb8(),
+            &img.into_rgb8(),
             dw,
             dh,
             FilterType::Triangle,

@@ -289,7 +289,11 @@ mod tests {
             "width {} ({lo}, {hi})",
             hi - lo
         );
-        assert!((lo + hi) / 2.0 - 0.5 < 0.01);
+        assert!(
+            ((lo + hi) / 2.0 - 0.5).abs() < 0.01,
+            "centre {}",
+            (lo + hi) / 2.0
+        );
         // A 50% interval is about 0.674/1.96 as wide.
         let (l50, h50) = bootstrap_interval(400, 2000, 0.5, 3, mean).unwrap();
         assert!(

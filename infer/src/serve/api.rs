@@ -663,13 +663,22 @@ pub(super) fn image_status(e: &ImageError) -> StatusCode {
 }
 
 fn batch_error(e: BatchError) -> Response {
+    batch_error_as(e, api_error)
+}
+
+/// A queue or model failure as an answer in the form `make` writes (`/v1`'s or the protocol's):
+/// 503 with `Retry-After` when trying again helps, 500 when the forward pass failed.
+pub(super) fn batch_error_as(
+    e: BatchError,
+    make: fn(StatusCode, &'static str, String) -> Response,
+) -> Response {
     let (status, kind) = match e {
         BatchError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         BatchError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
         BatchError::Replaced => (StatusCode::SERVICE_UNAVAILABLE, "replaced"),
         BatchError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     };
-    let mut r = api_error(status, kind, e.to_string());
+    let mut r = make(status, kind, e.to_string());
     if status == StatusCode::SERVICE_UNAVAILABLE {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

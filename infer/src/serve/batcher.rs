@@ -59,9 +59,16 @@ struct Job {
 enum Msg<T> {
     Predict(Job),
     /// Grad-CAM of one prepared input (`?heatmap=true`), between batches.
-    Explain(Job, oneshot::Sender<Result<HeatMap, BatchError>>),
+    Explain(Explain),
     /// Load the bundle again; the answer is the new model's info, or why it was refused.
     Reload(oneshot::Sender<anyhow::Result<T>>),
+}
+
+/// A heat map asked for: the prepared input, the model it was prepared for, where to answer.
+struct Explain {
+    input: Vec<f32>,
+    generation: u64,
+    reply: oneshot::Sender<Result<HeatMap, BatchError>>,
 }
 
 /// Observes each forward pass's size (the Prometheus batch-size histogram).
@@ -176,14 +183,12 @@ impl<T: Send + 'static> Batcher<T> {
         generation: u64,
     ) -> Result<oneshot::Receiver<Result<HeatMap, BatchError>>, BatchError> {
         let (reply, rx) = oneshot::channel();
-        // The job's own reply channel is unused: the heat map answers on `reply`.
-        let (unused, _) = oneshot::channel();
-        let job = Job {
+        let ask = Explain {
             input,
             generation,
-            reply: unused,
+            reply,
         };
-        match self.tx.try_send(Msg::Explain(job, reply)) {
+        match self.tx.try_send(Msg::Explain(ask)) {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(BatchError::Busy(self.capacity)),
             Err(TrySendError::Disconnected(_)) => Err(BatchError::Stopped),
@@ -266,8 +271,8 @@ fn run<T>(
                     reload(models, load, reply);
                     continue;
                 }
-                Ok(Msg::Explain(job, reply)) => {
-                    explain(models, job, reply);
+                Ok(Msg::Explain(ask)) => {
+                    explain(models, ask);
                     continue;
                 }
                 Err(_) => break,
@@ -285,13 +290,13 @@ fn run<T>(
                 Ok(Msg::Predict(job)) => held.push_back(job),
                 // This batch runs first: a reload never cuts one off.
                 Ok(Msg::Reload(reply)) => reload_after = Some(reply),
-                Ok(Msg::Explain(job, reply)) => explain_after.push((job, reply)),
+                Ok(Msg::Explain(ask)) => explain_after.push(ask),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
         run_batch(models, jobs, generation, stats, observe);
-        for (job, reply) in explain_after {
-            explain(models, job, reply);
+        for ask in explain_after {
+            explain(models, ask);
         }
         if let Some(reply) = reload_after {
             reload(models, load, reply);
@@ -317,18 +322,18 @@ fn reload<T>(
     }
 }
 
-fn explain(models: &Models, job: Job, reply: oneshot::Sender<Result<HeatMap, BatchError>>) {
-    if reply.is_closed() {
+fn explain(models: &Models, ask: Explain) {
+    if ask.reply.is_closed() {
         return;
     }
-    let Some(engine) = models.for_generation(job.generation) else {
-        let _ = reply.send(Err(BatchError::Replaced));
+    let Some(engine) = models.for_generation(ask.generation) else {
+        let _ = ask.reply.send(Err(BatchError::Replaced));
         return;
     };
     let heat = catch_unwind(AssertUnwindSafe(|| {
-        grad_cam(&engine.bundle, &job.input, &engine.backend.device)
+        grad_cam(&engine.bundle, &ask.input, &engine.backend.device)
     }));
-    let _ = reply.send(match heat {
+    let _ = ask.reply.send(match heat {
         Ok(Ok(h)) => Ok(h),
         Ok(Err(e)) => Err(BatchError::Failed(e.to_string())),
         Err(panic) => Err(BatchError::Failed(panic_message(&panic))),

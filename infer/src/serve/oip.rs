@@ -469,18 +469,7 @@ async fn as_protocol_error(r: Response) -> Response {
 }
 
 fn batch_error(e: BatchError) -> Response {
-    let (status, kind) = match e {
-        BatchError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-        BatchError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
-        BatchError::Replaced => (StatusCode::SERVICE_UNAVAILABLE, "replaced"),
-        BatchError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-    };
-    let mut r = error(status, kind, e.to_string());
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    r
+    super::api::batch_error_as(e, error)
 }
 
 /// The JSON part of the body, and the binary part after it (empty without the extension).

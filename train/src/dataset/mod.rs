@@ -18,13 +18,11 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 pub struct ImageHashes(Mutex<HashMap<PathBuf, u128>>);
 
 impl ImageHashes {
-    /// Records the bytes just read from `path`.
-    pub fn record(&self, path: &Path, bytes: &[u8]) {
+    /// Records the bytes just read from `path`; returns their hash.
+    pub fn record(&self, path: &Path, bytes: &[u8]) -> u128 {
         let h = xxh3_128(bytes);
-        self.0
-            .lock()
-            .expect("hash lock")
-            .insert(path.to_path_buf(), h);
+        self.insert(path, h);
+        h
     }
 
     /// Records a hash computed elsewhere (a prepared store's).
@@ -42,8 +40,7 @@ impl ImageHashes {
             return Some(*h);
         }
         let bytes = std::fs::read(path).ok()?;
-        self.record(path, &bytes);
-        Some(xxh3_128(&bytes))
+        Some(self.record(path, &bytes))
     }
 }
 
