@@ -661,13 +661,28 @@ fn eval_calibrate_and_the_torch_round_trip_through_the_binary() {
     };
     let (a, b) = (answers(&model), answers(&back));
     assert_eq!(a.len(), 12);
+    // The PyTorch layout carries weights, not the bundle's fitted temperature: the imported
+    // bundle answers at temperature 1, so p^T (renormalised) of the original must equal it.
+    let t = retina_model::BundleMetadata::load(&model)
+        .unwrap()
+        .config
+        .head("diagnosis")
+        .unwrap()
+        .temperature
+        .unwrap_or(1.0) as f64;
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!(
-            field(x, "diagnosis.probabilities"),
-            field(y, "diagnosis.probabilities"),
-            "{}",
-            x["image"]
-        );
+        let p: Vec<f64> = field(x, "diagnosis.probabilities")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap().powf(t))
+            .collect();
+        let sum: f64 = p.iter().sum();
+        let q = field(y, "diagnosis.probabilities");
+        for (pi, qi) in p.iter().zip(q.as_array().unwrap()) {
+            let qi = qi.as_f64().unwrap();
+            assert!((pi / sum - qi).abs() < 1e-5, "{}: {p:?} vs {q}", x["image"]);
+        }
         assert_eq!(
             field(x, "vessel_growth.amount"),
             field(y, "vessel_growth.amount")

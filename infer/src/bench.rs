@@ -24,6 +24,8 @@ pub fn run(
     let device = &backend.device;
     device.seed(0);
     let mut config = RetinaConfig::preset(&preset)?;
+    // The network the PyTorch peer runs: the preset's trunk and the clinical heads.
+    config.heads = retina_model::HeadSpec::clinical_heads();
     config.preprocess.image_size = size;
     let model = config.init(device)?;
     let input = |n: usize| {

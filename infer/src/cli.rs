@@ -290,6 +290,16 @@ fn write_human(
 ) -> Result<()> {
     let p = &r.prediction;
     writeln!(out, "{}   (operating point {point_name})", r.image)?;
+    // A model without a quality head still has the check's answer to give.
+    if !engine.heads().iter().any(retina_model::HeadSpec::refuses)
+        && let Some(refusal) = p.refusal(point)
+    {
+        writeln!(
+            out,
+            "  {:<14} UNGRADABLE: {} ({})",
+            "quality", refusal.reason, refusal.detail
+        )?;
+    }
     for spec in engine.heads() {
         for line in p.head_lines(spec, point) {
             writeln!(out, "  {line}")?;

@@ -232,7 +232,8 @@ impl Engine {
         inputs: &[Input],
         batch_size: usize,
     ) -> Vec<Result<ImageResult, ImageError>> {
-        let pre = &self.bundle.metadata.config.preprocess;
+        let config = &self.bundle.metadata.config;
+        let pre = &config.preprocess;
         let mut results = Vec::with_capacity(inputs.len());
         for chunk in inputs.chunks(batch_size.max(1)) {
             let t0 = Instant::now();
@@ -253,13 +254,17 @@ impl Engine {
             let per_image = t0.elapsed().as_secs_f64() * 1e3 / chunk.len() as f64;
             let mut preds = preds.into_iter();
             for (input, p) in chunk.iter().zip(prepared) {
-                results.push(p.map(|prep| ImageResult {
-                    image: input.name(),
-                    prediction: preds.next().expect("one prediction per decoded image"),
-                    view: prep.view,
-                    crop: prep.crop,
-                    source_size: prep.source_size,
-                    elapsed_ms: per_image,
+                results.push(p.map(|prep| {
+                    let mut prediction = preds.next().expect("one prediction per decoded image");
+                    prediction.check = config.gradability().check(&prep.view, prep.disc_found);
+                    ImageResult {
+                        image: input.name(),
+                        prediction,
+                        view: prep.view,
+                        crop: prep.crop,
+                        source_size: prep.source_size,
+                        elapsed_ms: per_image,
+                    }
                 }));
             }
         }
@@ -316,20 +321,36 @@ pub struct Answered<'a> {
 
 /// The JSON object of one answer: one line of `predict --json`, and the body of a
 /// `POST /v1/predict` answer. Both go through here so the two never drift apart. Every head
-/// is answered under its own name, as its spec says ([`Prediction::head_json`]).
+/// is answered under its own name, as its spec says ([`Prediction::head_json`]); `decision`
+/// sums it up: `ungradable`, else `refer` / `no_refer` for a model with a `referable`
+/// decision, else `gradable`. A model without a quality head still reports its gradability
+/// check under `quality`.
 pub fn prediction_json(p: &Prediction, heads: &[HeadSpec], a: &Answered) -> Value {
+    let decision = if !p.gradable(a.point) {
+        "ungradable"
+    } else {
+        match p.decide(retina_model::REFERABLE, a.point) {
+            Some(true) => "refer",
+            Some(false) => "no_refer",
+            None => "gradable",
+        }
+    };
     let mut v = json!({
         "image": a.image,
         "backend": a.backend,
         "model": a.model,
         "model_version": a.model_version,
         "operating_point": a.point_name,
+        "decision": decision,
         "elapsed_ms": (a.elapsed_ms * 1000.0).round() / 1000.0,
     });
     for spec in heads {
         if let Some(answer) = p.head_json(spec, a.point) {
             v[spec.name.as_str()] = answer;
         }
+    }
+    if !heads.iter().any(HeadSpec::refuses) && v.get(retina_model::QUALITY).is_none() {
+        v[retina_model::QUALITY] = p.quality_json(a.point);
     }
     v
 }

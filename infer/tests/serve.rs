@@ -560,3 +560,80 @@ fn requests_while_the_model_loads_are_told_to_retry() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["backend"], "wgpu");
 }
+
+fn png(img: &image::RgbImage) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    bytes
+}
+
+/// What is no fundus photograph is refused over both protocols: no referable decision,
+/// `ungradable` with its reason; a photograph beside it is answered as before.
+#[test]
+fn pictures_that_are_no_fundus_get_no_decision() {
+    let server = Server::start(&["--model-name", "eyes"]);
+    let white = png(&image::RgbImage::from_pixel(
+        300,
+        300,
+        image::Rgb([255, 255, 255]),
+    ));
+    let (s, v) = server.post("/v1/predict?name=white.png", "image/png", &white);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["decision"], "ungradable", "{v}");
+    assert_eq!(v["quality"]["gradable"], false);
+    assert_eq!(v["quality"]["reason"], "not_fundus");
+    assert_eq!(v["quality"]["by"], "check");
+    assert!(
+        v["diagnosis"]["referable"].is_null() && v["diagnosis"]["grade"].is_null(),
+        "{v}"
+    );
+    assert!(
+        v["diagnosis"]["referable_probability"].is_number(),
+        "kept for audit: {v}"
+    );
+
+    let photo = std::fs::read(sample(2)).unwrap();
+    let (s, v) = server.post("/v1/predict?name=eye.png", "image/png", &photo);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["quality"]["gradable"], true, "{v}");
+    assert!(
+        ["refer", "no_refer"].contains(&v["decision"].as_str().unwrap()),
+        "{v}"
+    );
+    assert!(v["diagnosis"]["referable"].is_boolean(), "{v}");
+
+    use base64::Engine as _;
+    let data: Vec<String> = [&photo, &white]
+        .iter()
+        .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": data}]
+    }))
+    .unwrap();
+    let (s, v) = server.post("/v2/models/eyes/infer", "application/json", &body);
+    assert_eq!(s, 200, "{v}");
+    let output = |name: &str| {
+        v["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == name)
+            .unwrap_or_else(|| panic!("no output {name}: {v}"))["data"]
+            .clone()
+    };
+    assert_eq!(output("gradable"), serde_json::json!([true, false]));
+    assert_eq!(
+        output("ungradable_reason"),
+        serde_json::json!(["", "not_fundus"])
+    );
+    assert_eq!(
+        output("referable")[1],
+        false,
+        "a withheld decision reads false"
+    );
+}

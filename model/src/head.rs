@@ -22,6 +22,21 @@ pub const FLUID: &str = "fluid";
 pub const VESSEL_GROWTH: &str = "vessel_growth";
 /// Name of the diagnosis head's derived decision: grade 2 (moderate) or worse.
 pub const REFERABLE: &str = "referable";
+/// Name of the image-quality head.
+pub const QUALITY: &str = "quality";
+/// Name of the quality head's refusing decision.
+pub const UNGRADABLE: &str = "ungradable";
+/// The quality head's classes: gradable, the reasons a photograph can be too poor to grade,
+/// and not a fundus photograph at all.
+pub const QUALITY_CLASSES: [&str; 7] = [
+    "gradable",
+    "blur",
+    "underexposed",
+    "overexposed",
+    "off_centre",
+    "occluded",
+    crate::quality::NOT_FUNDUS,
+];
 
 /// Where a head reads its input: the pooled output of one trunk stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -132,6 +147,10 @@ pub struct ThresholdDecision {
     pub name: String,
     /// Lowest class that counts as "yes".
     pub from_class: usize,
+    /// A "yes" refuses the image: no other head's answer or decision is given for it (the
+    /// quality head's `ungradable`). At most one decision of a network refuses.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refuses: bool,
 }
 
 /// A prediction head: data, not code. Any number of heads can share the trunk.
@@ -166,6 +185,11 @@ pub struct HeadSpec {
     /// head, `present` for a binary one, `value` for a regression).
     #[serde(default)]
     pub answer_key: Option<String>,
+    /// Temperature the head's logits are divided by before softmax or sigmoid, fitted by
+    /// `retina-train calibrate` so that probabilities match observed frequencies. `None`
+    /// (uncalibrated) is 1. Training ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
 }
 
 fn embedding() -> AttachPoint {
@@ -184,6 +208,7 @@ impl HeadSpec {
             decision: None,
             range: None,
             answer_key: None,
+            temperature: None,
         }
     }
 
@@ -271,14 +296,43 @@ impl Decision {
 }
 
 impl HeadSpec {
-    /// The default heads: diagnosis (the five ICDR grades, `referable` from grade 2) and fluid
-    /// on the embedding, vessel growth (0..1) on stage 3.
+    /// The default heads: the [clinical heads](HeadSpec::clinical_heads) and image quality on
+    /// the embedding.
     pub fn default_heads() -> Vec<HeadSpec> {
+        let mut heads = Self::clinical_heads();
+        heads.push(Self::quality());
+        heads
+    }
+
+    /// The clinical heads: diagnosis (the five ICDR grades, `referable` from grade 2) and fluid
+    /// on the embedding, vessel growth (0..1) on stage 3. With the `reference` trunk they are
+    /// exactly the PyTorch benchmark network (`shared/peer/model.py`).
+    pub fn clinical_heads() -> Vec<HeadSpec> {
         vec![
             Self::diagnosis(),
             HeadSpec::new(FLUID.into(), HeadKind::Binary),
             Self::vessel_growth(),
         ]
+    }
+
+    /// The image-quality head: gradable or the reason not, `ungradable` (refusing) from
+    /// class 1.
+    pub fn quality() -> HeadSpec {
+        HeadSpec::new(QUALITY.into(), HeadKind::Multiclass(QUALITY_CLASSES.len()))
+            .with_classes(Some(
+                QUALITY_CLASSES.iter().map(|c| c.to_string()).collect(),
+            ))
+            .with_decision(Some(ThresholdDecision {
+                name: UNGRADABLE.into(),
+                from_class: 1,
+                refuses: true,
+            }))
+            .with_answer_key(Some("reason".into()))
+    }
+
+    /// Whether this head's decision refuses images (see [`ThresholdDecision::refuses`]).
+    pub fn refuses(&self) -> bool {
+        self.decision.as_ref().is_some_and(|d| d.refuses)
     }
 
     /// The ICDR diagnosis head on the embedding.
@@ -288,6 +342,7 @@ impl HeadSpec {
             .with_decision(Some(ThresholdDecision {
                 name: REFERABLE.into(),
                 from_class: crate::grade::REFERABLE_FROM.index(),
+                refuses: false,
             }))
             .with_answer_key(Some("grade".into()))
     }
@@ -495,6 +550,21 @@ impl HeadSpec {
             }
             _ => {}
         }
+        match (self.kind, self.temperature) {
+            (_, Some(t)) if !(t.is_finite() && t > 0.0) => {
+                return bad(format!(
+                    "head `{}` has temperature {t}: needs a finite value > 0",
+                    self.name
+                ));
+            }
+            (HeadKind::Regression, Some(_)) => {
+                return bad(format!(
+                    "head `{}` is a regression: a temperature is for classification heads",
+                    self.name
+                ));
+            }
+            _ => {}
+        }
         if let Some(k) = &self.answer_key
             && (!valid_name(k) || k.ends_with("_probability") || k == "probabilities")
         {
@@ -510,18 +580,29 @@ impl HeadSpec {
     /// Builds the head for an input embedding of width `input_width`.
     pub fn init(&self, input_width: usize, device: &Device) -> Head {
         let width = self.kind.output_width();
-        match self.hidden {
-            Some(h) => Head {
-                hidden: Some(LinearConfig::new(input_width, h).init(device)),
-                out: LinearConfig::new(h, width).init(device),
-            },
-            None => Head {
-                hidden: None,
-                out: LinearConfig::new(input_width, width).init(device),
-            },
+        let (hidden, out_in) = match self.hidden {
+            Some(h) => (Some(LinearConfig::new(input_width, h).init(device)), h),
+            None => (None, input_width),
+        };
+        let mut out = LinearConfig::new(out_in, width).init(device);
+        // A refusing head starts from the prior that most photographs are gradable (the
+        // prior-probability initialisation of Lin et al.'s focal-loss paper): with uniform
+        // logits it would refuse (n-1)/n of everything, an untrained or barely trained
+        // model's answers included.
+        if let (true, HeadKind::Multiclass(n)) = (self.refuses(), self.kind) {
+            let mut b = vec![0f32; n];
+            b[0] = (GRADABLE_PRIOR / (1.0 - GRADABLE_PRIOR) * (n - 1) as f32).ln();
+            out.bias = Some(burn::module::Param::from_tensor(Tensor::from_data(
+                TensorData::new(b, [n]),
+                device,
+            )));
         }
+        Head { hidden, out }
     }
 }
+
+/// P(class 0) a refusing head starts at.
+const GRADABLE_PRIOR: f32 = 0.95;
 
 /// The runtime head built from a [`HeadSpec`]. Its output is raw: logits for classification
 /// heads, the value itself for regression heads. Turning outputs into probabilities is the job

@@ -27,6 +27,7 @@ pub mod host;
 pub mod network;
 pub mod prediction;
 pub mod preprocess;
+pub mod quality;
 pub mod torch;
 pub mod trunk;
 
@@ -35,12 +36,13 @@ pub use bundle::{BundleError, BundleMetadata, ModelBundle, OperatingPoint, Prove
 pub use config::ConfigError;
 pub use grade::{Grade, NUM_GRADES};
 pub use head::{
-    AttachPoint, DIAGNOSIS, Decision, DecisionRule, FLUID, HeadKind, HeadSpec, REFERABLE,
-    ThresholdDecision, VESSEL_GROWTH,
+    AttachPoint, DIAGNOSIS, Decision, DecisionRule, FLUID, HeadKind, HeadSpec, QUALITY,
+    QUALITY_CLASSES, REFERABLE, ThresholdDecision, UNGRADABLE, VESSEL_GROWTH,
 };
 pub use network::{PRESETS, RetinaConfig, RetinaNet, RetinaOutput};
 pub use prediction::{HeadAnswer, Prediction};
 pub use preprocess::{CropBox, Prepared, PreprocessConfig, PreprocessError, View};
+pub use quality::{GradabilityCheck, Refusal};
 pub use trunk::{StageConfig, TrunkConfig};
 
 /// Re-exported so downstream crates use the same burn as the model.

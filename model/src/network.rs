@@ -3,6 +3,7 @@
 use crate::config::ConfigError;
 use crate::head::{AttachPoint, Decision, Head, HeadSpec};
 use crate::preprocess::PreprocessConfig;
+use crate::quality::GradabilityCheck;
 use crate::trunk::Trunk;
 use crate::trunk::{StageConfig, TrunkConfig};
 use burn::config::Config;
@@ -20,6 +21,9 @@ pub struct RetinaConfig {
     pub heads: Vec<HeadSpec>,
     /// How an image becomes the network's input.
     pub preprocess: PreprocessConfig,
+    /// The check that refuses what is no fundus photograph before the network sees it;
+    /// `None` (what bundles written before the check say) runs it with its defaults.
+    pub gradability: Option<GradabilityCheck>,
 }
 
 /// Names of the built-in presets.
@@ -28,8 +32,10 @@ pub const PRESETS: [&str; 3] = ["reference", "small", "resnet18"];
 impl RetinaConfig {
     /// A named preset with the default heads.
     ///
-    /// - `reference`: exactly the PyTorch benchmark network in `shared/peer/model.py`
-    ///   (stem 32, BasicBlocks 32, 64/2, 128/2, 256/2; 1,228,103 parameters), 224 px input.
+    /// - `reference`: the PyTorch benchmark network in `shared/peer/model.py` (stem 32,
+    ///   BasicBlocks 32, 64/2, 128/2, 256/2), 224 px input; with the
+    ///   [clinical heads](HeadSpec::clinical_heads) alone it is that network exactly
+    ///   (1,228,103 parameters), the quality head adds 1,799.
     /// - `small`: a quarter of the reference's widths, 128 px; fast enough for tests and CPU demos.
     /// - `resnet18`: ResNet-18's stage layout (2 blocks each of 64, 128, 256, 512), 224 px.
     pub fn preset(name: &str) -> Result<RetinaConfig, ConfigError> {
@@ -68,7 +74,13 @@ impl RetinaConfig {
             HeadSpec::default_heads(),
             PreprocessConfig::new().with_image_size(size),
         )
-        .with_preset(name.to_string()))
+        .with_preset(name.to_string())
+        .with_gradability(Some(GradabilityCheck::default())))
+    }
+
+    /// The gradability check this model runs (see [`RetinaConfig::gradability`]).
+    pub fn gradability(&self) -> GradabilityCheck {
+        self.gradability.unwrap_or_default()
     }
 
     /// The head named `name`, if any.
@@ -145,6 +157,21 @@ impl RetinaConfig {
                 ));
             }
         }
+        let refusing: Vec<&str> = self
+            .heads
+            .iter()
+            .filter(|h| h.refuses())
+            .map(|h| h.name.as_str())
+            .collect();
+        if refusing.len() > 1 {
+            return bad(format!(
+                "heads {refusing:?} each have a refusing decision: at most one head may refuse \
+                 images"
+            ));
+        }
+        self.gradability()
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         self.preprocess.validate().map_err(ConfigError::Invalid)?;
         if self.preprocess.image_size < t.total_stride() {
             return bad(format!(
@@ -369,7 +396,7 @@ mod tests {
     fn decisions_come_from_the_specs() {
         let c = RetinaConfig::preset("small").unwrap();
         let names: Vec<String> = c.decisions().into_iter().map(|d| d.name).collect();
-        assert_eq!(names, ["referable", "fluid"]);
+        assert_eq!(names, ["referable", "fluid", "ungradable"]);
     }
 
     #[test]

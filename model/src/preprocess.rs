@@ -114,6 +114,9 @@ pub struct Prepared {
     pub source_size: (u32, u32),
     /// Where the view sits in the photograph.
     pub crop: CropBox,
+    /// Whether a bright fundus disc was found (always `true` with cropping off): the
+    /// gradability check refuses a frame without one.
+    pub disc_found: bool,
 }
 
 /// Where the network's view sits in the photograph: the disc crop square, in the photograph's
@@ -156,6 +159,8 @@ pub struct View {
     pub decoded_size: (u32, u32),
     /// Where the view sits in the photograph.
     pub crop: CropBox,
+    /// Whether a bright fundus disc was found (see [`Prepared::disc_found`]).
+    pub disc_found: bool,
 }
 
 /// A JPEG decoded at `eighths`/8 of its size by libjpeg-turbo (through mozjpeg), as RGB.
@@ -366,7 +371,7 @@ impl PreprocessConfig {
             let (img, full) = self.decode_covering(bytes, name, &header, short_side)?;
             // Scaled decodes are RGB already: no copy of the (possibly full-size) image.
             let rgb = img.into_rgb8();
-            let disc = self.disc_rect(&rgb);
+            let (disc, disc_found) = self.disc_rect(&rgb);
             if full || disc.width().max(disc.height()) >= side {
                 let scale = (
                     header.width as f32 / rgb.width() as f32,
@@ -377,6 +382,7 @@ impl PreprocessConfig {
                     source_size: (header.width, header.height),
                     decoded_size: rgb.dimensions(),
                     crop: CropBox::of(disc, scale),
+                    disc_found,
                 });
             }
             // Decode as finely as this disc needs: its share of the shorter side stays the same.
@@ -406,13 +412,14 @@ impl PreprocessConfig {
             input,
             source_size: v.source_size,
             crop: v.crop,
+            disc_found: v.disc_found,
         })
     }
 
     /// Crops, resizes and normalises a decoded image.
     pub fn prepare(&self, img: &DynamicImage) -> Prepared {
         let rgb = img.to_rgb8();
-        let disc = self.disc_rect(&rgb);
+        let (disc, disc_found) = self.disc_rect(&rgb);
         let view = self.square_and_resize(&rgb, disc);
         let input = self.normalise(&view);
         Prepared {
@@ -420,6 +427,7 @@ impl PreprocessConfig {
             input,
             source_size: rgb.dimensions(),
             crop: CropBox::of(disc, (1.0, 1.0)),
+            disc_found,
         }
     }
 
@@ -452,13 +460,15 @@ impl PreprocessConfig {
     }
 
     /// The rectangle step 2 squares: the disc, or the whole frame when cropping is off or no
-    /// disc is found.
-    fn disc_rect(&self, rgb: &RgbImage) -> Rect {
-        let found = self
-            .crop_to_disc
-            .then(|| find_disc(rgb, self.disc_threshold))
-            .flatten();
-        found.unwrap_or_else(|| full_rect(rgb))
+    /// disc is found; and whether a disc was found (`true` when cropping is off).
+    fn disc_rect(&self, rgb: &RgbImage) -> (Rect, bool) {
+        if !self.crop_to_disc {
+            return (full_rect(rgb), true);
+        }
+        match find_disc(rgb, self.disc_threshold) {
+            Some(r) => (r, true),
+            None => (full_rect(rgb), false),
+        }
     }
 
     fn square_and_resize(&self, rgb: &RgbImage, rect: Rect) -> RgbImage {
@@ -473,7 +483,7 @@ impl PreprocessConfig {
 
     /// Steps 2 and 3: square crop around the disc, then resize.
     pub fn crop_and_resize(&self, rgb: &RgbImage) -> RgbImage {
-        self.square_and_resize(rgb, self.disc_rect(rgb))
+        self.square_and_resize(rgb, self.disc_rect(rgb).0)
     }
 
     /// Step 4: Graham (optional) and per-channel normalisation to `[3, S, S]`.

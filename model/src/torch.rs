@@ -26,6 +26,45 @@ fn torch_head_name(name: &str) -> &str {
         .unwrap_or(name)
 }
 
+/// The names of the tensors in a safetensors file (its JSON header; no tensor is read).
+pub fn tensor_names(path: &Path) -> Result<Vec<String>, BundleError> {
+    use std::io::Read;
+    let invalid = |m: String| BundleError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, m),
+    };
+    let mut f = std::fs::File::open(path).map_err(|source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| {
+        invalid("not a safetensors file: shorter than its 8-byte header size".into())
+    })?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(invalid(format!(
+            "not a safetensors file: header of {len} bytes"
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)
+        .map_err(|_| invalid("truncated safetensors header".into()))?;
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| invalid(format!("safetensors header is not a JSON object: {e}")))?;
+    Ok(map
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != "__metadata__")
+        .collect())
+}
+
+/// Whether a PyTorch-layout file holds weights of `head`.
+pub fn has_head(names: &[String], head: &crate::HeadSpec) -> bool {
+    let prefix = format!("{}.", torch_head_name(&head.name));
+    names.iter().any(|n| n.starts_with(&prefix))
+}
+
 /// `(burn prefix, torch prefix)` for every module of the network, both ending in `.`.
 pub fn key_prefixes(config: &RetinaConfig) -> Vec<(String, String)> {
     let mut p = vec![

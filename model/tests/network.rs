@@ -98,11 +98,18 @@ fn unknown_stage_fails_at_init_with_a_clear_message() {
 #[test]
 fn reference_preset_matches_the_pytorch_parameter_count() {
     // shared/peer/model.py: 1,228,103 parameters (buffers such as running stats excluded).
-    let net = RetinaConfig::preset("reference")
-        .unwrap()
-        .init(&Device::flex())
-        .unwrap();
-    assert_eq!(net.parameter_count(), 1_228_103);
+    let mut config = RetinaConfig::preset("reference").unwrap();
+    config.heads = HeadSpec::clinical_heads();
+    assert_eq!(
+        config.init(&Device::flex()).unwrap().parameter_count(),
+        1_228_103
+    );
+    // The quality head: Linear(256 -> 7).
+    let full = RetinaConfig::preset("reference").unwrap();
+    assert_eq!(
+        full.init(&Device::flex()).unwrap().parameter_count(),
+        1_228_103 + 256 * 7 + 7
+    );
 }
 
 #[test]
@@ -320,7 +327,8 @@ fn malformed_metadata_gives_line_and_column() {
 #[test]
 fn pytorch_layout_export_has_the_reference_state_dict_keys_and_round_trips() {
     let device = Device::flex();
-    let config = RetinaConfig::preset("reference").unwrap();
+    let mut config = RetinaConfig::preset("reference").unwrap();
+    config.heads = HeadSpec::clinical_heads();
     let net = config.init(&device).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ref_torch.safetensors");

@@ -18,6 +18,7 @@ fn fixture(name: &str) -> PathBuf {
 fn pytorch_reference_weights_give_pytorch_outputs() {
     let device = Device::flex();
     let mut config = RetinaConfig::preset("reference").unwrap();
+    config.heads = retina_model::HeadSpec::clinical_heads();
     config.preprocess.image_size = 64;
     let mut net = config.init(&device).unwrap();
     net.import_torch(&config, &fixture("refnet_torch.safetensors"))

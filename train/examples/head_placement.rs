@@ -35,6 +35,7 @@ fn main() -> Result<()> {
                 seed,
                 grades: [0.4, 0.1, 0.3, 0.1, 0.1],
                 missing: 0.0,
+                ungradable: 0.0,
                 format: DatasetFormat::Native,
                 progress: false,
             })?;
@@ -100,6 +101,8 @@ fn main() -> Result<()> {
             seed: 0,
             hashes: Default::default(),
             store: None,
+            quality: None,
+            check: None,
         };
         let (mut channels, mut fluid_p, mut truth): (Vec<Vec<f32>>, Vec<f32>, Vec<bool>) =
             (Vec::new(), Vec::new(), Vec::new());

@@ -113,6 +113,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
     device.seed(0);
     let ad = device.clone().autodiff();
     let mut config = RetinaConfig::preset(&opts.preset)?;
+    // The network the PyTorch peer trains: the preset's trunk and the clinical heads.
+    config.heads = retina_model::HeadSpec::clinical_heads();
     config.preprocess.image_size = opts.image_size;
     let mut model = config.init(&ad)?;
     let params = model.parameter_count();
@@ -253,6 +255,7 @@ pub fn run_pipeline(
         seed: 7,
         grades: SCREENING_MIX,
         missing: 0.0,
+        ungradable: 0.0,
         format,
         progress: false,
     })?;
@@ -273,6 +276,8 @@ pub fn run_pipeline(
         seed: 0,
         hashes: Default::default(),
         store: None,
+        quality: None,
+        check: None,
     };
     let order: Vec<usize> = (0..labels.samples.len()).collect();
     let time_loader = |spec: &LoaderSpec| -> Result<(usize, f64)> {

@@ -82,6 +82,10 @@ struct FitArgs {
     /// Side of the generated images [default: 256].
     #[arg(long)]
     synthetic_size: Option<u32>,
+    /// Fraction of the generated images made ungradable, labelled for the quality head
+    /// (see `synth --ungradable`) [default: 0].
+    #[arg(long)]
+    synthetic_ungradable: Option<f32>,
     /// Run directory: checkpoints, metrics.jsonl, and the exported bundle in RUN_DIR/model.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -163,6 +167,10 @@ impl FitArgs {
             ("--data", self.data.is_some()),
             ("--synthetic", self.synthetic.is_some()),
             ("--synthetic-size", self.synthetic_size.is_some()),
+            (
+                "--synthetic-ungradable",
+                self.synthetic_ungradable.is_some(),
+            ),
             ("--format", self.format.is_some()),
             ("--images", self.images.is_some()),
             ("--val", self.val.is_some()),
@@ -311,6 +319,11 @@ struct SynthArgs {
     /// Fraction of auxiliary labels (vessel_growth, fluid) to leave blank.
     #[arg(long, default_value_t = 0.0)]
     missing: f32,
+    /// Fraction of images to make ungradable (blur, under- or over-exposure, a clipped field,
+    /// lashes, or no fundus at all; each equally often), labelled in a `quality` column
+    /// (native format only).
+    #[arg(long, default_value_t = 0.0)]
+    ungradable: f32,
     /// Layout and label file: native, aptos, eyepacs or idrid.
     #[arg(long, default_value = "native")]
     format: DatasetFormat,
@@ -458,17 +471,20 @@ fn run(cli: Cli) -> Result<()> {
                 seed: a.seed,
                 grades: a.grades.unwrap_or(synth::SCREENING_MIX),
                 missing: a.missing,
+                ungradable: a.ungradable,
                 format: a.format,
                 progress: std::io::stderr().is_terminal(),
             };
             let t = std::time::Instant::now();
             let labels = synth::generate(&opts)?;
             let mut by_grade = [0usize; 5];
+            let mut degraded = 0;
             for l in &labels {
                 by_grade[l.diagnosis as usize] += 1;
+                degraded += usize::from(l.degradation.is_some());
             }
             eprintln!(
-                "wrote {} images ({} px, {} format) and {} in {:.1} s; grades 0-4: {:?}",
+                "wrote {} images ({} px, {} format) and {} in {:.1} s; grades 0-4: {:?}; ungradable: {degraded}",
                 labels.len(),
                 a.size,
                 a.format,
@@ -478,10 +494,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             if let Some(sheet) = a.contact_sheet {
                 let images: Vec<_> = (0..labels.len())
-                    .map(|i| {
-                        let scene = synth::scene_for(a.seed, i as u64, a.size, &opts.grades);
-                        synth::render(&scene, synth::Layers::default())
-                    })
+                    .map(|i| synth::picture(&opts, i as u64).1)
                     .collect();
                 let img = synth::contact_sheet(&images, 6.min(images.len() as u32), 160);
                 let mut bytes = Vec::new();
@@ -507,7 +520,21 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             let device = cpu();
-            let config = RetinaConfig::preset(&preset)?;
+            let mut config = RetinaConfig::preset(&preset)?;
+            // Networks trained elsewhere (the PyTorch reference among them) have only the
+            // clinical heads; the bundle then has no quality head, and the gradability check
+            // before the network is all that refuses images.
+            let names = retina_model::torch::tensor_names(&weights)?;
+            if let Some(i) = config.heads.iter().position(|h| h.refuses())
+                && !retina_model::torch::has_head(&names, &config.heads[i])
+            {
+                eprintln!(
+                    "note: {} has no `{}` head; the bundle is made without one",
+                    weights.display(),
+                    config.heads[i].name
+                );
+                config.heads.remove(i);
+            }
             let mut net = config.init(&device)?;
             net.import_torch(&config, &weights)
                 .with_context(|| format!("importing {}", weights.display()))?;
@@ -553,6 +580,7 @@ fn fit(a: FitArgs) -> Result<()> {
             (Some(n), _) => DataSource::Synthetic {
                 n,
                 size: a.synthetic_size.unwrap_or(256),
+                ungradable: a.synthetic_ungradable.unwrap_or(0.0),
             },
             (None, Some(path)) if ViewStore::is_store(&path) => {
                 if a.format.is_some() || a.images.is_some() {

@@ -1,12 +1,13 @@
 //! Feeding the trainer: splits, sampling, augmentation and a parallel background loader.
 
 use crate::dataset::{ImageHashes, Sample};
+use crate::degrade::Degradation;
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use retina_model::{PreprocessConfig, PreprocessError};
+use retina_model::{GradabilityCheck, PreprocessConfig, PreprocessError, Refusal};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -202,6 +203,45 @@ impl Augment {
     }
 }
 
+/// How a run teaches its refusing head (the quality head) when the data do not label it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QualityTeaching {
+    /// Index of the refusing head among the loader's heads.
+    pub head: usize,
+    /// Its first refusing class: a label at or above it refuses the image, so the sample
+    /// teaches no other head (what an ungradable photograph shows cannot be trusted).
+    pub from_class: usize,
+    /// Share of the quality batch degraded on the fly.
+    pub fraction: f32,
+    /// The degradations the head has a class for, with that class.
+    pub degradations: Vec<(Degradation, usize)>,
+}
+
+impl QualityTeaching {
+    /// The teaching for `specs` (the network's heads) with `fraction` of the quality batch
+    /// degraded: `None` when no head refuses. Degradations are matched to the head's classes
+    /// by name; a sample without a quality label counts as gradable (class 0), since a
+    /// labelled data set's photographs were graded.
+    pub fn for_heads(specs: &[retina_model::HeadSpec], fraction: f32) -> Option<QualityTeaching> {
+        let (head, spec) = specs.iter().enumerate().find(|(_, h)| h.refuses())?;
+        let from_class = spec.decision.as_ref().map(|d| d.from_class)?;
+        let names = spec.class_names();
+        let degradations = Degradation::ALL
+            .iter()
+            .filter_map(|d| {
+                let c = names.iter().position(|n| n == d.name())?;
+                (c >= from_class).then_some((*d, c))
+            })
+            .collect();
+        Some(QualityTeaching {
+            head,
+            from_class,
+            fraction,
+            degradations,
+        })
+    }
+}
+
 /// One batch, ready to become tensors.
 #[derive(Debug)]
 pub struct HostBatch {
@@ -213,13 +253,35 @@ pub struct HostBatch {
     pub n: usize,
     /// Images that could not be read (skipped with `--skip-bad-images`).
     pub bad: Vec<String>,
+    /// The gradability check's answer per sample (where the loader runs the check).
+    pub refusals: Vec<Option<Refusal>>,
+    /// Examples for the refusing head, when the loader teaches it.
+    pub quality: Option<QualityBatch>,
+}
+
+/// Views and quality classes that teach the refusing head (see [`LoaderSpec::load_batch`]).
+#[derive(Debug, Default)]
+pub struct QualityBatch {
+    /// Normalised views, `[n, 3, S, S]` flattened.
+    pub images: Vec<f32>,
+    /// The quality class of each.
+    pub labels: Vec<f32>,
 }
 
 /// Caches each image's cropped, resized view (before augmentation and normalisation), so an
 /// image is decoded once per run, not once per epoch.
 #[derive(Default)]
 pub struct ViewCache {
-    views: Mutex<HashMap<std::path::PathBuf, Arc<RgbImage>>>,
+    views: Mutex<HashMap<std::path::PathBuf, Arc<LoadedView>>>,
+}
+
+/// A decoded view and whether preprocessing found a disc in its photograph.
+#[derive(Debug)]
+pub struct LoadedView {
+    /// The cropped, resized view.
+    pub image: RgbImage,
+    /// See [`retina_model::View::disc_found`].
+    pub disc_found: bool,
 }
 
 /// The parameters a loader needs.
@@ -241,17 +303,28 @@ pub struct LoaderSpec {
     pub hashes: Arc<ImageHashes>,
     /// A prepared store to read views from instead of decoding photographs.
     pub store: Option<Arc<crate::store::ViewStore>>,
+    /// Teach the refusing head (training-time degradations, implicit gradable labels).
+    pub quality: Option<QualityTeaching>,
+    /// Run the gradability check on each view (for scoring).
+    pub check: Option<GradabilityCheck>,
 }
 
 /// A batch or the error that stopped the loader.
 pub type LoadResult = Result<HostBatch, PreprocessError>;
 
 impl LoaderSpec {
-    fn view(&self, s: &Sample) -> Result<Arc<RgbImage>, PreprocessError> {
+    fn view(&self, s: &Sample) -> Result<Arc<LoadedView>, PreprocessError> {
         if let Some(store) = &self.store {
+            // A store keeps views of photographs whose disc was found or not alike; the
+            // check's disc rule does not apply to them.
             return store
                 .view(&s.image)
-                .map(Arc::new)
+                .map(|image| {
+                    Arc::new(LoadedView {
+                        image,
+                        disc_found: true,
+                    })
+                })
                 .map_err(|reason| PreprocessError::Corrupt {
                     name: s.image.display().to_string(),
                     reason,
@@ -268,7 +341,11 @@ impl LoaderSpec {
             source,
         })?;
         self.hashes.record(&s.image, &bytes);
-        let view = Arc::new(self.preprocess.view_from_bytes(&bytes, &name)?.image);
+        let v = self.preprocess.view_from_bytes(&bytes, &name)?;
+        let view = Arc::new(LoadedView {
+            image: v.image,
+            disc_found: v.disc_found,
+        });
         if let Some(c) = &self.cache {
             c.views
                 .lock()
@@ -279,20 +356,71 @@ impl LoaderSpec {
     }
 
     /// Loads, augments and normalises a batch in parallel (rayon).
+    ///
+    /// With a refusing head to teach (training), every sample also gives one example to the
+    /// quality batch: its view degraded (with probability `fraction`) or clean. The main batch
+    /// keeps only photographs not labelled ungradable and never teaches the quality head: a
+    /// degraded image in it would shift batch norm's batch statistics away from gradable
+    /// photographs, and that alone stalls what the clinical heads learn (measured: referable
+    /// AUC 0.56 instead of 0.95 after 8 epochs with 15% of views over-exposed). The trainer
+    /// teaches the quality head on features of the trunk in evaluation mode instead.
     pub fn load_batch(&self, samples: &[Sample], idx: &[usize], batch_no: u64) -> LoadResult {
-        let per: Vec<Result<Vec<f32>, PreprocessError>> = idx
+        struct Loaded {
+            input: Option<Vec<f32>>,
+            refusal: Option<Refusal>,
+            quality: Option<(Vec<f32>, f32)>,
+        }
+        let teach = self
+            .augment
+            .is_some()
+            .then_some(self.quality.as_ref())
+            .flatten();
+        let ungradable = |i: usize| {
+            self.quality.as_ref().is_some_and(|q| {
+                samples[i]
+                    .labels
+                    .get(&self.heads[q.head])
+                    .is_some_and(|&l| l >= q.from_class as f32)
+            })
+        };
+        let per: Vec<Result<Loaded, PreprocessError>> = idx
             .par_iter()
             .enumerate()
             .map(|(k, &i)| {
                 let view = self.view(&samples[i])?;
-                Ok(match self.augment {
-                    Some(a) => {
-                        let mut rng = ChaCha8Rng::seed_from_u64(
-                            self.seed ^ batch_no.wrapping_mul(1_000_003) ^ (k as u64) << 40,
-                        );
-                        self.preprocess.normalise(&a.apply(&view, &mut rng))
+                let refusal = self
+                    .check
+                    .and_then(|c| c.check(&view.image, view.disc_found));
+                let Some(a) = self.augment else {
+                    return Ok(Loaded {
+                        input: Some(self.preprocess.normalise(&view.image)),
+                        refusal,
+                        quality: None,
+                    });
+                };
+                let mut rng = ChaCha8Rng::seed_from_u64(
+                    self.seed ^ batch_no.wrapping_mul(1_000_003) ^ (k as u64) << 40,
+                );
+                let img = a.apply(&view.image, &mut rng);
+                let quality = teach.map(|q| {
+                    let own = samples[i].labels.get(&self.heads[q.head]).copied();
+                    if !q.degradations.is_empty() && rng.random::<f32>() < q.fraction {
+                        let (d, class) = q.degradations[rng.random_range(0..q.degradations.len())];
+                        // Preprocessing runs again on the degraded view, as it would on a
+                        // degraded photograph (a dark frame loses its disc, a cut one
+                        // recentres).
+                        let degraded = self.preprocess.crop_and_resize(&d.apply(&img, &mut rng));
+                        (self.preprocess.normalise(&degraded), class as f32)
+                    } else {
+                        (self.preprocess.normalise(&img), own.unwrap_or(0.0))
                     }
-                    None => self.preprocess.normalise(&view),
+                });
+                let input =
+                    (teach.is_none() || !ungradable(i)).then(|| self.preprocess.normalise(&img));
+                Ok(Loaded {
+                    input,
+                    refusal,
+                    quality,
                 })
             })
             .collect();
@@ -300,16 +428,35 @@ impl LoaderSpec {
         let mut images = Vec::with_capacity(idx.len() * 3 * s * s);
         let mut targets = vec![Vec::with_capacity(idx.len()); self.heads.len()];
         let mut bad = Vec::new();
+        let mut refusals = Vec::with_capacity(idx.len());
+        let mut quality = teach.map(|_| QualityBatch::default());
         for (r, &i) in per.into_iter().zip(idx) {
-            match r {
-                Ok(x) => {
-                    images.extend_from_slice(&x);
-                    for (h, name) in self.heads.iter().enumerate() {
-                        targets[h].push(samples[i].labels.get(name).copied());
-                    }
+            let l = match r {
+                Ok(l) => l,
+                Err(e) if self.skip_bad => {
+                    bad.push(e.to_string());
+                    continue;
                 }
-                Err(e) if self.skip_bad => bad.push(e.to_string()),
                 Err(e) => return Err(e),
+            };
+            if let (Some(qb), Some((x, label))) = (&mut quality, l.quality) {
+                qb.images.extend_from_slice(&x);
+                qb.labels.push(label);
+            }
+            let Some(input) = l.input else { continue };
+            images.extend_from_slice(&input);
+            refusals.push(l.refusal);
+            let refused = ungradable(i);
+            for (h, (t, name)) in targets.iter_mut().zip(&self.heads).enumerate() {
+                let label = samples[i].labels.get(name).copied();
+                let label = match &self.quality {
+                    // Taught from the quality batch alone.
+                    Some(q) if teach.is_some() && h == q.head => None,
+                    // What an ungradable photograph shows cannot be trusted.
+                    Some(q) if refused && h != q.head => None,
+                    _ => label,
+                };
+                t.push(label);
             }
         }
         let n = images.len() / (3 * s * s);
@@ -318,6 +465,8 @@ impl LoaderSpec {
             targets,
             n,
             bad,
+            refusals,
+            quality,
         })
     }
 

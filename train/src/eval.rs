@@ -1,6 +1,7 @@
 //! `retina-train eval` and `calibrate`: screening metrics with confidence intervals, operating
 //! points chosen on validation data, and reports with figures.
 
+use crate::calibration;
 use crate::data::LoaderSpec;
 use crate::dataset::{DatasetFormat, Sample, check_images, read_labels};
 use crate::metrics::{self, BinaryCounts};
@@ -79,6 +80,8 @@ pub fn score(
         seed: 0,
         hashes: Default::default(),
         store: None,
+        quality: None,
+        check: Some(bundle.metadata.config.gradability()),
     };
     let samples = Arc::new(file.samples);
     let (preds, _) = predict(&bundle.model, None, &spec, &samples, 16, &backend.device)?;
@@ -174,7 +177,71 @@ fn next_up(x: f32) -> f32 {
     f32::from_bits(if x >= 0.0 { bits + 1 } else { bits - 1 })
 }
 
-/// Chooses thresholds on `data` and writes them into the bundle as the point `name`.
+/// The rule the refusing decision (`ungradable`) is calibrated by, whatever the target of
+/// the clinical decisions: refuse as much as possible while passing 98% of gradable images.
+pub const REFUSAL_TARGET: Target = Target::Specificity(0.98);
+
+/// Fits each classification head's temperature on the images the model answers (the
+/// refusing head on all) at a bundle's first calibration; returns the predictions at the new
+/// temperatures and a line per head. Later calibrations keep the temperatures, so every
+/// operating point of a bundle refers to the same probabilities.
+fn fit_temperatures(
+    meta: &mut BundleMetadata,
+    samples: &[Sample],
+    preds: &[Prediction],
+) -> Result<(Vec<Prediction>, Vec<String>)> {
+    let old = meta.config.heads.clone();
+    // Points chosen before would refer to other probabilities: only a bundle's first
+    // calibration fits temperatures.
+    let first = meta.operating_points == BundleMetadata::new(meta.config.clone()).operating_points;
+    if !first {
+        let kept = if old.iter().any(|h| h.temperature.is_some()) {
+            "temperatures kept (fitted by the bundle's first calibration)"
+        } else {
+            "no temperatures fitted: the bundle's points were chosen without them (calibrate a \
+             freshly trained bundle to fit them)"
+        };
+        return Ok((preds.to_vec(), vec![kept.into()]));
+    }
+    let gate = meta.point(None)?.1.clone();
+    let mut report = Vec::new();
+    for (i, spec) in old.iter().enumerate() {
+        if spec.kind == HeadKind::Regression {
+            continue;
+        }
+        let (z, y): (Vec<Vec<f32>>, Vec<f32>) = samples
+            .iter()
+            .zip(preds)
+            .filter(|(_, p)| p.check.is_none() && (spec.refuses() || p.gradable(&gate)))
+            .filter_map(|(s, p)| Some((calibration::logits(p, spec)?, *s.labels.get(&spec.name)?)))
+            .unzip();
+        let Some(t) = calibration::fit_temperature(&z, &y, spec.kind) else {
+            report.push(format!(
+                "{}: no labelled images, temperature left at 1",
+                spec.name
+            ));
+            continue;
+        };
+        report.push(format!(
+            "{}: temperature {t:.3} (NLL {:.4} -> {:.4} on {} images)",
+            spec.name,
+            calibration::nll(&z, &y, spec.kind, 1.0),
+            calibration::nll(&z, &y, spec.kind, t),
+            z.len()
+        ));
+        meta.config.heads[i].temperature = Some(t);
+    }
+    let preds = preds
+        .iter()
+        .map(|p| calibration::retemper(p, &old, &meta.config.heads))
+        .collect();
+    Ok((preds, report))
+}
+
+/// Fits the heads' temperatures (on a bundle's first calibration), chooses thresholds on
+/// `data` and writes them into the bundle as the point `name`. The refusing decision is
+/// calibrated by [`REFUSAL_TARGET`]; where the data do not label it, it keeps the default
+/// point's threshold.
 pub fn calibrate(
     model: &Path,
     data: &Path,
@@ -186,21 +253,33 @@ pub fn calibrate(
 ) -> Result<(String, OperatingPoint, Vec<String>)> {
     let s = score(model, data, format, images, backend)?;
     let name = name.unwrap_or(target.default_name()).to_string();
+    let mut meta = s.bundle.metadata.clone();
+    let (preds, mut report) = fit_temperatures(&mut meta, &s.samples, &s.preds)?;
     let mut point = OperatingPoint {
         thresholds: Default::default(),
         method: format!("{target:?} on {} (n={})", data.display(), s.samples.len()),
     };
-    let mut report = Vec::new();
     let mut missing = Vec::new();
-    let heads = &s.bundle.metadata.config.heads;
-    // Only the scores are used here; the point's thresholds do not matter.
-    let at_half = OperatingPoint::default_for(&[]);
-    for decision in score_heads(heads, &s.samples, &s.preds, &at_half)
-        .into_iter()
-        .filter_map(|h| h.decision)
-    {
+    let heads = &meta.config.heads;
+    // Clinical decisions are scored on the images the default point answers.
+    let (_, gate) = meta.point(None)?;
+    for head in score_heads(heads, &s.samples, &preds, gate) {
+        let Some(decision) = head.decision else {
+            continue;
+        };
         let (d, scores, truth) = (decision.decision.name, decision.scores, decision.truth);
-        let Some(t) = choose_threshold(&scores, &truth, target) else {
+        let refusing = head.spec.refuses();
+        let rule = if refusing { REFUSAL_TARGET } else { target };
+        let Some(t) = choose_threshold(&scores, &truth, rule) else {
+            if refusing && head.n == 0 {
+                let t = gate.threshold(&d);
+                report.push(format!(
+                    "{d}: no quality labels in {}, threshold {t:.4} kept from the default point",
+                    data.display()
+                ));
+                point.thresholds.insert(d, t);
+                continue;
+            }
             let pos = truth.iter().filter(|t| **t).count();
             missing.push(format!(
                 "{d} ({pos} positive, {} negative)",
@@ -210,7 +289,7 @@ pub fn calibrate(
         };
         let c = BinaryCounts::at(&scores, &truth, t);
         report.push(format!(
-            "{d}: threshold {t:.4} -> sensitivity {:.3}, specificity {:.3} (n={})",
+            "{d}: threshold {t:.4} ({rule:?}) -> sensitivity {:.3}, specificity {:.3} (n={})",
             c.sensitivity().unwrap_or(f64::NAN),
             c.specificity().unwrap_or(f64::NAN),
             scores.len()
@@ -227,7 +306,6 @@ pub fn calibrate(
             missing.join(", ")
         );
     }
-    let mut meta = s.bundle.metadata.clone();
     // A bundle that has only the uncalibrated 0.5 point makes its first calibrated point the
     // default: otherwise `predict` and `eval` would go on deciding at 0.5 after calibration.
     let uncalibrated = BundleMetadata::new(meta.config.clone()).operating_points;
@@ -321,10 +399,77 @@ pub fn evaluate(
         s.backend
     );
 
+    gradability_report(&s.preds, point, &mut root, &mut md);
+    // The same predictions at the network's own temperature, for "before" calibration.
+    let untempered: Vec<retina_model::HeadSpec> = meta
+        .config
+        .heads
+        .iter()
+        .map(|h| retina_model::HeadSpec {
+            temperature: None,
+            ..h.clone()
+        })
+        .collect();
+    let tempered = meta.config.heads.iter().any(|h| h.temperature.is_some());
+    let raw_preds: Vec<Prediction> = if tempered {
+        s.preds
+            .iter()
+            .map(|p| calibration::retemper(p, &meta.config.heads, &untempered))
+            .collect()
+    } else {
+        s.preds.clone()
+    };
+    let mut reliability = Vec::new();
+    let mut calibration_md = String::new();
     for head in score_heads(&meta.config.heads, &s.samples, &s.preds, point) {
         let mut h = Map::new();
         h.insert("n".into(), json!(head.n));
         h.insert("missing".into(), json!(head.missing));
+        h.insert("refused".into(), json!(head.refused));
+        if let Some(d) = &head.decision {
+            let before: Vec<f32> = d
+                .samples
+                .iter()
+                .map(|&i| {
+                    raw_preds[i]
+                        .decision_score(&d.decision.name)
+                        .unwrap_or(f32::NAN)
+                })
+                .collect();
+            let p = &d.prefix;
+            let (ece, brier) = (
+                calibration::ece(&d.scores, &d.truth),
+                calibration::brier(&d.scores, &d.truth),
+            );
+            let (ece0, brier0) = (
+                calibration::ece(&before, &d.truth),
+                calibration::brier(&before, &d.truth),
+            );
+            h.insert(format!("{p}ece"), num(ece));
+            h.insert(format!("{p}brier"), num(brier));
+            h.insert(format!("{p}ece_uncalibrated"), num(ece0));
+            h.insert(format!("{p}brier_uncalibrated"), num(brier0));
+            let _ = writeln!(
+                calibration_md,
+                "| {} | {} | {} | {} | {} | {} |",
+                d.decision.name,
+                head.spec
+                    .temperature
+                    .map(|t| format!("{t:.3}"))
+                    .unwrap_or_else(|| "1 (none)".into()),
+                fmt(ece0),
+                fmt(ece),
+                fmt(brier0),
+                fmt(brier)
+            );
+            if !d.scores.is_empty() {
+                reliability.push(plots::ReliabilityCurve {
+                    name: d.decision.name.clone(),
+                    before: calibration::reliability(&before, &d.truth, calibration::BINS),
+                    after: calibration::reliability(&d.scores, &d.truth, calibration::BINS),
+                });
+            }
+        }
         for (k, v) in &head.metrics {
             h.insert(k.clone(), num(*v));
         }
@@ -337,6 +482,18 @@ pub fn evaluate(
             decision_report(d, &h, &mut md, &mut curves);
         }
         root.insert(head.spec.name.clone(), Value::Object(h));
+    }
+    if !reliability.is_empty() {
+        plots::reliability(
+            &out.join("reliability.png"),
+            "Reliability: before and after temperature scaling",
+            &reliability,
+        )?;
+        let _ = writeln!(
+            md,
+            "## Calibration\n\nExpected calibration error ({} bins) and Brier score of each decision, at the network's own temperature (before) and at the temperature `calibrate` fitted (after: what the model answers).\n\n| decision | temperature | ECE before | ECE after | Brier before | Brier after |\n|---|---|---|---|---|---|\n{calibration_md}\n![reliability](reliability.png)\n",
+            calibration::BINS
+        );
     }
     if !curves.is_empty() {
         plots::roc(
@@ -367,6 +524,48 @@ pub fn evaluate(
     Ok(metrics)
 }
 
+/// How many images were refused, by what and why: `gradability` in the metrics, a section of
+/// the report. The clinical metrics that follow are of the images answered.
+fn gradability_report(
+    preds: &[Prediction],
+    point: &OperatingPoint,
+    root: &mut Map<String, Value>,
+    md: &mut String,
+) {
+    let refusals: Vec<retina_model::Refusal> =
+        preds.iter().filter_map(|p| p.refusal(point)).collect();
+    let mut reasons: std::collections::BTreeMap<&str, usize> = Default::default();
+    for r in &refusals {
+        *reasons.entry(r.reason.as_str()).or_default() += 1;
+    }
+    let by_check = refusals.iter().filter(|r| r.by == "check").count();
+    root.insert(
+        "gradability".into(),
+        json!({
+            "n": preds.len(),
+            "ungradable": refusals.len(),
+            "ungradable_by_check": by_check,
+            "ungradable_by_model": refusals.len() - by_check,
+            "reasons": reasons,
+        }),
+    );
+    let reasons: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let _ = writeln!(
+        md,
+        "## Gradability\n\n{} of {} images refused as ungradable ({} by the check before the network, {} by the quality head){}. The clinical metrics below are of the {} images answered.\n",
+        refusals.len(),
+        preds.len(),
+        by_check,
+        refusals.len() - by_check,
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", reasons.join(", "))
+        },
+        preds.len() - refusals.len()
+    );
+}
+
 fn fmt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into())
 }
@@ -381,6 +580,11 @@ fn head_report(
     let spec = &head.spec;
     let get = |k: &str| head.metrics.get(k).copied().flatten();
     let (n, missing) = (head.n, head.missing);
+    let missing = if head.refused > 0 {
+        format!("{missing}, refused as ungradable = {}", head.refused)
+    } else {
+        missing.to_string()
+    };
     match spec.kind {
         HeadKind::Multiclass(_) => {
             let _ = writeln!(

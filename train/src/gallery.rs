@@ -57,8 +57,10 @@ pub fn worst_errors(
             .enumerate()
             .filter_map(|(i, (s, p))| {
                 let truth = d.truth(*s.labels.get(&d.head)?);
-                let probability = p.decision_probability(&d.name)?;
-                let said_yes = probability >= threshold;
+                // What the model refused it did not answer, right or wrong; the refusing
+                // decision's own errors are shown like any other's.
+                let said_yes = p.decide(&d.name, point)?;
+                let probability = p.decision_score(&d.name)?;
                 (truth != said_yes).then_some(GalleryItem {
                     sample: i,
                     decision: d.name.clone(),
@@ -334,6 +336,7 @@ mod tests {
         Prediction {
             heads: BTreeMap::new(),
             decisions: BTreeMap::from([("referable".to_string(), p_referable)]),
+            ..Prediction::default()
         }
     }
 

@@ -6,10 +6,12 @@
 //! training loop ([`trainer`]), screening metrics ([`metrics`]) and the benchmark ([`bench`](mod@bench)).
 
 pub mod bench;
+pub mod calibration;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod dataset;
+pub mod degrade;
 pub mod eval;
 pub mod gallery;
 pub mod loss;

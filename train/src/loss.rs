@@ -136,7 +136,23 @@ fn one() -> f32 {
     1.0
 }
 
+/// Default weight of a refusing head's loss (see [`HeadLossConfig::for_spec`]). With the
+/// trunk's share of its gradient at 1, the `small` preset on 360 generated eyes, 8 epochs,
+/// reached referable AUC 0.63 at weight 1, 0.92 at 0.3 and 0.955 without the head; the head
+/// still learns at 0.3.
+pub const REFUSING_HEAD_WEIGHT: f32 = 0.3;
+
 impl HeadLossConfig {
+    /// The defaults of an unlisted head: those of [`HeadLossConfig::new`], except that a
+    /// refusing head (quality) weighs [`REFUSING_HEAD_WEIGHT`].
+    pub fn for_spec(spec: &HeadSpec) -> Self {
+        let mut c = Self::new(spec.name.clone());
+        if spec.refuses() {
+            c.weight = REFUSING_HEAD_WEIGHT;
+        }
+        c
+    }
+
     /// Defaults for `head`: weight 1, the kind's usual loss, no class weights.
     pub fn new(head: String) -> Self {
         HeadLossConfig {
@@ -187,6 +203,10 @@ pub struct LossConfig {
     pub objective: Objective,
     /// How much more the avoided error costs under `screening` or `confirmation`.
     pub bias_factor: f32,
+    /// Share of the refusing (quality) head's gradient that reaches the trunk: 1 lets image
+    /// quality shape the shared embedding as much as the head wants, 0 trains the head alone
+    /// on features the clinical heads shape.
+    pub refusal_trunk_share: f32,
 }
 
 impl Default for LossConfig {
@@ -196,6 +216,9 @@ impl Default for LossConfig {
             l2: 1e-4,
             objective: Objective::Balanced,
             bias_factor: 4.0,
+            // Measured on the `small` preset, 1,500 generated eyes, 10 epochs: referable AUC
+            // 0.99, 0.89 and 0.98 (three seeds) at 0.1; 0.78, 0.70 and 0.75 at 1.
+            refusal_trunk_share: 0.1,
         }
     }
 }
@@ -258,6 +281,8 @@ pub struct RetinaLoss {
     pub heads: Vec<HeadLoss>,
     /// L2 coefficient.
     pub l2: f32,
+    /// See [`LossConfig::refusal_trunk_share`].
+    pub refusal_trunk_share: f32,
 }
 
 /// Labels of one head for a batch.
@@ -337,6 +362,12 @@ impl LossConfig {
         {
             return bad("l2 must be >= 0 and bias_factor >= 1".into());
         }
+        if !(0.0..=1.0).contains(&self.refusal_trunk_share) {
+            return bad(format!(
+                "refusal_trunk_share must be in [0, 1], not {}",
+                self.refusal_trunk_share
+            ));
+        }
         let mut heads = Vec::new();
         for spec in specs {
             let cfg = self
@@ -344,7 +375,7 @@ impl LossConfig {
                 .iter()
                 .find(|h| h.head == spec.name)
                 .cloned()
-                .unwrap_or_else(|| HeadLossConfig::new(spec.name.clone()));
+                .unwrap_or_else(|| HeadLossConfig::for_spec(spec));
             let loss = cfg.loss.unwrap_or(LossKind::default_for(spec.kind));
             if !loss.fits(spec.kind) {
                 return bad(format!(
@@ -399,8 +430,9 @@ impl LossConfig {
             let mut binary_weights = [1.0, cfg.pos_weight.unwrap_or(1.0)];
             match (spec.kind, spec.decision_rule()) {
                 // A multiclass head with a decision (diagnosis: referable from grade 2): the
-                // classes that mean "yes" carry the bias.
-                (HeadKind::Multiclass(n), Some(d)) => {
+                // classes that mean "yes" carry the bias. A refusing head (quality) is no
+                // clinical decision: screening must not make it refuse more.
+                (HeadKind::Multiclass(n), Some(d)) if !spec.refuses() => {
                     let w = weights.get_or_insert_with(|| vec![1.0; n]);
                     for (c, x) in w.iter_mut().enumerate() {
                         match (self.objective, d.class_is_positive(c)) {
@@ -434,7 +466,11 @@ impl LossConfig {
                 label_smoothing: smoothing,
             });
         }
-        Ok(RetinaLoss { heads, l2: self.l2 })
+        Ok(RetinaLoss {
+            heads,
+            l2: self.l2,
+            refusal_trunk_share: self.refusal_trunk_share,
+        })
     }
 }
 

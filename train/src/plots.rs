@@ -91,6 +91,89 @@ pub fn roc(path: &Path, title: &str, curves: &[RocCurve]) -> Result<()> {
     save(path, buf, W, H)
 }
 
+/// One decision's reliability curve before and after temperature scaling.
+pub struct ReliabilityCurve {
+    /// Legend label (the decision).
+    pub name: String,
+    /// Bins at the network's own temperature (1).
+    pub before: Vec<crate::calibration::Bin>,
+    /// Bins at the fitted temperature (what the model answers).
+    pub after: Vec<crate::calibration::Bin>,
+}
+
+/// A reliability diagram: observed frequency against predicted probability per bin, thin
+/// and pale before temperature scaling, thick after; the diagonal is perfect calibration.
+pub fn reliability(path: &Path, title: &str, curves: &[ReliabilityCurve]) -> Result<()> {
+    fonts();
+    let mut buf = vec![0u8; (W * H * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("predicted probability (bin mean)")
+            .y_desc("observed frequency")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(err)?;
+        chart
+            .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3)))
+            .map_err(err)?;
+        let pts = |b: &[crate::calibration::Bin]| -> Vec<(f64, f64)> {
+            b.iter().map(|b| (b.confidence, b.frequency)).collect()
+        };
+        for (i, c) in curves.iter().enumerate() {
+            let colour = Palette99::pick(i).to_rgba();
+            let pale = colour.mix(0.35);
+            chart
+                .draw_series(LineSeries::new(pts(&c.before), pale.stroke_width(1)))
+                .map_err(err)?
+                .label(format!("{} before", c.name))
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], pale.stroke_width(1))
+                });
+            chart
+                .draw_series(
+                    pts(&c.before)
+                        .into_iter()
+                        .map(|p| Circle::new(p, 3, pale.filled())),
+                )
+                .map_err(err)?;
+            chart
+                .draw_series(LineSeries::new(pts(&c.after), colour.stroke_width(3)))
+                .map_err(err)?
+                .label(format!("{} after", c.name))
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(3))
+                });
+            chart
+                .draw_series(
+                    pts(&c.after)
+                        .into_iter()
+                        .map(|p| Circle::new(p, 5, colour.filled())),
+                )
+                .map_err(err)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    save(path, buf, W, H)
+}
+
 /// A confusion matrix as a heat map (rows: truth, columns: prediction), counts written in.
 pub fn confusion(path: &Path, title: &str, m: &[Vec<usize>], names: &[String]) -> Result<()> {
     fonts();

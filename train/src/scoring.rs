@@ -53,7 +53,11 @@ pub fn predict(
             loss_sum += v as f64 * b.n as f64;
             n_loss += b.n;
         }
-        preds.extend(Prediction::from_output(&out, &model.specs));
+        let mut batch = Prediction::from_output(&out, &model.specs);
+        for (p, r) in batch.iter_mut().zip(b.refusals) {
+            p.check = r;
+        }
+        preds.extend(batch);
     }
     Ok((preds, (n_loss > 0).then(|| loss_sum / n_loss as f64)))
 }
@@ -70,6 +74,8 @@ pub struct DecisionScore {
     pub scores: Vec<f32>,
     /// Whether each sample's label says yes.
     pub truth: Vec<bool>,
+    /// Which samples (indices into the scored set) the scores are of.
+    pub samples: Vec<usize>,
     /// The threshold of the operating point.
     pub threshold: f32,
     /// Counts at that threshold.
@@ -87,6 +93,9 @@ pub struct HeadScore {
     pub n: usize,
     /// Samples without one.
     pub missing: usize,
+    /// Labelled samples left out because the image was refused as ungradable at the point
+    /// (the refusing head itself scores every labelled sample).
+    pub refused: usize,
     /// Metrics by name (without the head prefix); `None` where undefined (e.g. one class).
     pub metrics: BTreeMap<String, Option<f64>>,
     /// A classification head's confusion matrix (rows: truth, columns: prediction).
@@ -115,10 +124,24 @@ fn score_head(
     preds: &[Prediction],
     point: &OperatingPoint,
 ) -> HeadScore {
-    let pairs: Vec<(f32, &Prediction)> = samples
+    let labelled: Vec<(f32, &Prediction, usize)> = samples
         .iter()
         .zip(preds)
-        .filter_map(|(s, p)| s.labels.get(&spec.name).map(|l| (*l, p)))
+        .enumerate()
+        .filter_map(|(i, (s, p))| s.labels.get(&spec.name).map(|l| (*l, p, i)))
+        .collect();
+    // Clinical metrics are of the images the model answers; the refusing head is scored on
+    // all, refusals by the check included.
+    let n_labelled = labelled.len();
+    let pairs: Vec<(f32, &Prediction)> = labelled
+        .iter()
+        .filter(|(_, p, _)| spec.refuses() || p.gradable(point))
+        .map(|(l, p, _)| (*l, *p))
+        .collect();
+    let kept: Vec<usize> = labelled
+        .iter()
+        .filter(|(_, p, _)| spec.refuses() || p.gradable(point))
+        .map(|(_, _, i)| *i)
         .collect();
     let mut m = BTreeMap::new();
     let mut confusion = None;
@@ -159,9 +182,15 @@ fn score_head(
         }
     }
     let decision = spec.decision_rule().map(|d| {
+        let mut idx = Vec::new();
         let (scores, truth): (Vec<f32>, Vec<bool>) = pairs
             .iter()
-            .filter_map(|(l, p)| p.decision_probability(&d.name).map(|s| (s, d.truth(*l))))
+            .zip(&kept)
+            .filter_map(|((l, p), &i)| {
+                let s = p.decision_score(&d.name)?;
+                idx.push(i);
+                Some((s, d.truth(*l)))
+            })
             .unzip();
         let threshold = point.threshold(&d.name);
         let counts = BinaryCounts::at(&scores, &truth, threshold);
@@ -176,6 +205,7 @@ fn score_head(
             prefix,
             scores,
             truth,
+            samples: idx,
             threshold,
             counts,
             auc,
@@ -184,7 +214,8 @@ fn score_head(
     HeadScore {
         spec: spec.clone(),
         n: pairs.len(),
-        missing: samples.len() - pairs.len(),
+        missing: samples.len() - n_labelled,
+        refused: n_labelled - pairs.len(),
         metrics: m,
         confusion,
         decision,

@@ -94,6 +94,7 @@ fn setup(dir: &Path, heads: Option<Vec<HeadSpec>>) -> (PathBuf, PathBuf) {
         seed: 5,
         grades: [1.0; 5],
         missing: 0.25,
+        ungradable: 0.0,
         format: DatasetFormat::Native,
         progress: false,
     })

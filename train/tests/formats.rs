@@ -25,7 +25,7 @@ fn err(dir: &Path, format: DatasetFormat, text: &str) -> String {
 fn native_problems_are_located_by_line_and_column() {
     let d = tempfile::tempdir().unwrap();
     let e = err(d.path(), DatasetFormat::Native, "image,diagnosis,grade_x\n");
-    assert!(e.ends_with("labels.csv:1:3: unknown column `grade_x` for the native format: expected [\"image\", \"patient\", \"diagnosis\", \"fluid\", \"vessel_growth\"]"), "{e}");
+    assert!(e.ends_with("labels.csv:1:3: unknown column `grade_x` for the native format: expected [\"image\", \"patient\", \"diagnosis\", \"fluid\", \"vessel_growth\", \"quality\"]"), "{e}");
     let e = err(
         d.path(),
         DatasetFormat::Native,

@@ -32,6 +32,7 @@ fn photos(dir: &Path, count: usize, size: u32) -> PathBuf {
         seed: 3,
         grades: [0.4, 0.1, 0.3, 0.1, 0.1],
         missing: 0.0,
+        ungradable: 0.0,
         format: DatasetFormat::Eyepacs,
         progress: false,
     })

@@ -19,6 +19,7 @@ fn opts(out: &Path, count: usize, seed: u64, format: DatasetFormat) -> SynthOpti
         seed,
         grades: [1.0; 5],
         missing: 0.0,
+        ungradable: 0.0,
         format,
         progress: false,
     }

@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use retina_model::{BundleMetadata, OperatingPoint, PreprocessConfig};
+use retina_model::{BundleMetadata, OperatingPoint};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -343,15 +343,15 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
     };
 
     // Decode on the blocking pool, all images of the request at once.
-    let pre = model.metadata.config.preprocess.clone();
+    let config = Arc::new(model.metadata.config.clone());
     let decodes: Vec<_> = images
         .into_iter()
         .map(|(name, bytes)| {
-            let pre = pre.clone();
+            let config = config.clone();
             let kept = query.heatmap.then(|| bytes.clone());
             (
                 kept,
-                tokio::task::spawn_blocking(move || decode_for_model(&pre, name, &bytes)),
+                tokio::task::spawn_blocking(move || decode_for_model(&config, name, &bytes)),
             )
         })
         .collect();
@@ -379,7 +379,7 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
                     None => None,
                 };
                 match st.batcher.submit(d.input, model.generation) {
-                    Ok(rx) => pending.push(Ok((d.name, rx, heat))),
+                    Ok(rx) => pending.push(Ok((d.name, rx, heat, d.refusal))),
                     Err(e) => return batch_error(e),
                 }
             }
@@ -393,8 +393,9 @@ async fn predict(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let mut first_error: Option<&'static str> = None;
     for p in pending {
         match p {
-            Ok((name, rx, heat)) => match rx.await {
-                Ok(Ok(prediction)) => {
+            Ok((name, rx, heat, refusal)) => match rx.await {
+                Ok(Ok(mut prediction)) => {
+                    prediction.check = refusal;
                     let mut v = prediction_json(
                         &prediction,
                         &model.metadata.config.heads,
@@ -634,19 +635,23 @@ pub(super) struct Decoded {
     pub size: String,
     pub crop: retina_model::CropBox,
     pub source: (u32, u32),
+    /// The gradability check's refusal, attached to the prediction when it comes back.
+    pub refusal: Option<retina_model::Refusal>,
 }
 
-/// Decodes and prepares one image for the model whose preprocessing is `pre`.
+/// Decodes and prepares one image for a model with `config`, and runs its gradability check.
 pub(super) fn decode_for_model(
-    pre: &PreprocessConfig,
+    config: &retina_model::RetinaConfig,
     name: String,
     bytes: &[u8],
 ) -> Result<Decoded, ImageError> {
-    let p = pre
+    let p = config
+        .preprocess
         .prepare_bytes(bytes, &name)
         .map_err(|e| image_error(name.clone(), e))?;
     Ok(Decoded {
         size: format!("{}x{}", p.source_size.0, p.source_size.1),
+        refusal: config.gradability().check(&p.view, p.disc_found),
         name,
         input: p.input,
         crop: p.crop,

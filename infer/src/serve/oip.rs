@@ -124,13 +124,17 @@ enum What {
     Probability(String),
     Decision(String),
     Value(String),
+    Gradable,
+    Reason,
 }
 
 /// The outputs, from the heads: a multiclass head `h` gives `h_probabilities` (FP32 `[N, C]`)
 /// and `h_<answer key>` (INT64 `[N]`, e.g. `diagnosis_grade`), and its decision `d` gives
 /// `d_probability` (FP32 `[N]`) and `d` (BOOL `[N]`, e.g. `referable`); a binary head gives
 /// `h_probability` and `h_<answer key>` (BOOL, e.g. `fluid_present`); a regression gives `h`
-/// (FP32 `[N]`, e.g. `vessel_growth`).
+/// (FP32 `[N]`, e.g. `vessel_growth`). Every model adds `gradable` (BOOL `[N]`) and
+/// `ungradable_reason` (BYTES `[N]`, empty when gradable): for an ungradable image every other
+/// decision reads false, since it was not made; `gradable` says which.
 pub fn output_specs(heads: &[HeadSpec]) -> Vec<OutputSpec> {
     let mut out = Vec::new();
     let mut push = |name: String, datatype, shape: Vec<i64>, what| {
@@ -186,6 +190,8 @@ pub fn output_specs(heads: &[HeadSpec]) -> Vec<OutputSpec> {
             }
         }
     }
+    push("gradable".into(), "BOOL", vec![-1], What::Gradable);
+    push("ungradable_reason".into(), "BYTES", vec![-1], What::Reason);
     out
 }
 
@@ -351,9 +357,9 @@ async fn infer_at(
         .into_iter()
         .enumerate()
         .map(|(i, bytes)| {
-            let pre = model.metadata.config.preprocess.clone();
+            let config = model.metadata.config.clone();
             tokio::task::spawn_blocking(move || {
-                decode_for_model(&pre, format!("{INPUT}[{i}]"), &bytes)
+                decode_for_model(&config, format!("{INPUT}[{i}]"), &bytes)
             })
         })
         .collect();
@@ -362,7 +368,7 @@ async fn infer_at(
             Ok(Ok(d)) => {
                 sizes.push(d.size);
                 match st.batcher.submit(d.input, model.generation) {
-                    Ok(rx) => pending.push(rx),
+                    Ok(rx) => pending.push((rx, d.refusal)),
                     Err(e) => return batch_error(e),
                 }
             }
@@ -380,9 +386,12 @@ async fn infer_at(
         }
     }
     let mut predictions = Vec::with_capacity(n);
-    for rx in pending {
+    for (rx, refusal) in pending {
         match rx.await {
-            Ok(Ok(p)) => predictions.push(p),
+            Ok(Ok(mut p)) => {
+                p.check = refusal;
+                predictions.push(p)
+            }
             Ok(Err(e)) => return batch_error(e),
             Err(_) => return batch_error(BatchError::Stopped),
         }
@@ -672,6 +681,23 @@ fn tensor(spec: &OutputSpec, preds: &[Prediction], point: &OperatingPoint) -> (V
             .iter()
             .map(|p| p.value(h).unwrap_or(f32::NAN))
             .inspect(|v| raw.extend_from_slice(&v.to_le_bytes()))
+            .map(|v| json!(v))
+            .collect(),
+        What::Gradable => preds
+            .iter()
+            .map(|p| p.gradable(point))
+            .inspect(|v| raw.push(u8::from(*v)))
+            .map(|v| json!(v))
+            .collect(),
+        // BYTES in the binary extension: each element a 4-byte little-endian length, then
+        // its bytes.
+        What::Reason => preds
+            .iter()
+            .map(|p| p.refusal(point).map(|r| r.reason).unwrap_or_default())
+            .inspect(|v| {
+                raw.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                raw.extend_from_slice(v.as_bytes());
+            })
             .map(|v| json!(v))
             .collect(),
     };

@@ -109,6 +109,10 @@ pub struct DataConfig {
     pub augment: Option<Augment>,
     /// Keep decoded, resized images in memory between epochs (skipped above 4 GiB).
     pub cache_images: bool,
+    /// Share of the quality head's examples degraded on the fly (blur, exposure, a clipped
+    /// field, lashes, no fundus; the rest are the batch's photographs as they are); ignored
+    /// when the model has no refusing head. Needs augmentation on.
+    pub degrade: f32,
 }
 
 impl Default for DataConfig {
@@ -118,6 +122,7 @@ impl Default for DataConfig {
             sampling: Sampling::Shuffle,
             augment: Some(Augment::default()),
             cache_images: true,
+            degrade: 0.5,
         }
     }
 }
@@ -190,6 +195,12 @@ impl TrainConfig {
             bail!(
                 "data.val_fraction must be in [0, 0.9), not {}",
                 self.data.val_fraction
+            );
+        }
+        if !(0.0..=1.0).contains(&self.data.degrade) {
+            bail!(
+                "data.degrade must be a fraction in [0, 1], not {}",
+                self.data.degrade
             );
         }
         let s = &self.schedule;

@@ -7,6 +7,7 @@ pub mod render;
 pub mod scene;
 
 use crate::dataset::DatasetFormat;
+use crate::degrade::{self, Degradation};
 use anyhow::{Context, Result, bail};
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -36,6 +37,9 @@ pub struct SynthOptions {
     pub grades: [f32; 5],
     /// Fraction of auxiliary labels (vessel growth, fluid) left blank.
     pub missing: f32,
+    /// Fraction of images made ungradable (each degradation equally often), labelled in a
+    /// `quality` column. 0 writes no such column.
+    pub ungradable: f32,
     /// Layout and label file to write.
     pub format: DatasetFormat,
     /// Show a progress bar.
@@ -55,6 +59,8 @@ pub struct WrittenLabels {
     pub fluid: Option<bool>,
     /// The full truth, hidden or not.
     pub truth: Truth,
+    /// How the image was made ungradable, if it was.
+    pub degradation: Option<Degradation>,
 }
 
 /// The RNG of image `index` under `seed` (SplitMix64-style mixing, so neighbouring seeds and
@@ -73,6 +79,20 @@ pub fn scene_for(seed: u64, index: u64, size: u32, grades: &[f32; 5]) -> Scene {
     let mut rng = image_rng(seed, index, 0);
     let truth = scene::draw_truth(&mut rng, grades);
     Scene::draw(&mut rng, truth, size)
+}
+
+/// Image `index` of a data set: its scene, the rendered photograph (degraded where the
+/// options draw it so) and the degradation.
+pub fn picture(opts: &SynthOptions, index: u64) -> (Scene, RgbImage, Option<Degradation>) {
+    let scene = scene_for(opts.seed, index, opts.size, &opts.grades);
+    let mut img = render(&scene, Layers::default());
+    let mut rng = image_rng(opts.seed, index, 3);
+    let degradation = (rng.random::<f32>() < opts.ungradable).then(|| {
+        let d = degrade::draw(&mut rng);
+        img = d.apply(&img, &mut rng);
+        d
+    });
+    (scene, img, degradation)
 }
 
 fn file_name(format: DatasetFormat, index: usize, seed: u64) -> (String, &'static str) {
@@ -142,6 +162,18 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<WrittenLabels>> {
     if matches!(opts.format, DatasetFormat::Messidor2 | DatasetFormat::Ddr) {
         bail!("synth writes the native, aptos, eyepacs and idrid formats");
     }
+    if !(0.0..=1.0).contains(&opts.ungradable) {
+        bail!(
+            "--ungradable must be a fraction in 0..1 (got {})",
+            opts.ungradable
+        );
+    }
+    if opts.ungradable > 0.0 && opts.format != DatasetFormat::Native {
+        bail!(
+            "--ungradable needs --format native: the {} format has no image-quality column",
+            opts.format
+        );
+    }
     let image_dir_rel = match opts.format {
         DatasetFormat::Native => "images",
         f => f.default_image_dir(),
@@ -161,8 +193,7 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<WrittenLabels>> {
     let labels: Vec<WrittenLabels> = (0..opts.count)
         .into_par_iter()
         .map(|i| -> Result<WrittenLabels> {
-            let scene = scene_for(opts.seed, i as u64, opts.size, &opts.grades);
-            let img = render(&scene, Layers::default());
+            let (scene, img, degradation) = picture(opts, i as u64);
             let (stem, ext) = file_name(opts.format, i, opts.seed);
             let name = format!("{stem}.{ext}");
             let path = image_dir.join(&name);
@@ -182,6 +213,7 @@ pub fn generate(opts: &SynthOptions) -> Result<Vec<WrittenLabels>> {
                 vessel_growth,
                 fluid,
                 truth: t,
+                degradation,
             })
         })
         .collect::<Result<_>>()?;
@@ -194,14 +226,30 @@ fn write_label_file(opts: &SynthOptions, labels: &[WrittenLabels]) -> Result<()>
     let mut s = String::new();
     match opts.format {
         DatasetFormat::Native => {
-            s.push_str("image,diagnosis,vessel_growth,fluid\n");
+            let quality = opts.ungradable > 0.0;
+            s.push_str("image,diagnosis,vessel_growth,fluid");
+            s.push_str(if quality { ",quality\n" } else { "\n" });
             for l in labels {
+                // A picture with no fundus in it has no retinopathy to label.
+                if l.degradation == Some(Degradation::NotFundus) {
+                    s.push_str(&format!(
+                        "{},,,,{}\n",
+                        l.image,
+                        Degradation::NotFundus.name()
+                    ));
+                    continue;
+                }
                 let vg = l
                     .vessel_growth
                     .map(|v| format!("{v:.4}"))
                     .unwrap_or_default();
                 let fl = l.fluid.map(|f| (f as u8).to_string()).unwrap_or_default();
-                s.push_str(&format!("{},{},{vg},{fl}\n", l.image, l.diagnosis));
+                s.push_str(&format!("{},{},{vg},{fl}", l.image, l.diagnosis));
+                if quality {
+                    let q = l.degradation.map(Degradation::name).unwrap_or("gradable");
+                    s.push_str(&format!(",{q}"));
+                }
+                s.push('\n');
             }
         }
         DatasetFormat::Aptos => {

@@ -2,10 +2,10 @@
 //! loss, the per-head loss sums and the progress bar.
 
 use super::schedule::Schedule;
-use crate::data::{LoaderSpec, Sampling, epoch_order};
+use crate::data::{LoaderSpec, QualityBatch, Sampling, epoch_order};
 use crate::dataset::Sample;
 use crate::loss::{HeadTargets, RetinaLoss};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -61,6 +61,52 @@ pub(super) struct EpochTotals {
 }
 
 impl EpochPlan<'_> {
+    /// The gradients of the quality examples' loss (weighted as the refusing head's loss
+    /// is), computed with every batch norm frozen on its running statistics (burn's frozen
+    /// `BatchNorm`: the inference formula, gradients still flowing, the statistics untouched).
+    /// Degraded views so teach the trunk and the refusing head without entering the batch
+    /// statistics of gradable photographs, at training or at inference. Returns the gradients
+    /// and the summed loss.
+    fn quality_grads(
+        &self,
+        model: &RetinaNet,
+        qb: QualityBatch,
+    ) -> Result<Option<(GradientsParams, f64)>> {
+        use burn::module::{Module, ParamGroup};
+        let s = self.spec.preprocess.image_size;
+        let n = qb.labels.len();
+        let Some(q) = model.specs.iter().position(|h| h.refuses()) else {
+            return Ok(None);
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        // Same parameter ids as `model`: the gradients apply to `model` itself.
+        let all = ParamGroup::ids_from_module(model.clone());
+        let frozen_bn = model.clone().freeze().set_require_grad_group(all, true);
+        let x = Tensor::<4>::from_data(TensorData::new(qb.images, [n, 3, s, s]), self.device);
+        let features = frozen_bn.feature_map(x, q);
+        // The trunk gets `share` of the gradient, the head all of it.
+        let share = self.loss.refusal_trunk_share;
+        let features = if share < 1.0 {
+            features.clone().detach() * (1.0 - share) + features * share
+        } else {
+            features
+        };
+        let out = frozen_bn.head_from_feature_map(q, features);
+        let labels: Vec<Option<f32>> = qb.labels.into_iter().map(Some).collect();
+        let t = crate::loss::HeadTargets::from_options(&labels, self.device);
+        let head = &self.loss.heads[q];
+        let loss = head.forward(out, &t);
+        let value: f32 = loss.clone().detach().into_scalar::<f32>();
+        if !value.is_finite() {
+            // The caller stops the run, as for the main loss.
+            return Ok(Some((GradientsParams::new(), value as f64)));
+        }
+        let grads = GradientsParams::from_grads((loss * head.weight).backward(), &frozen_bn);
+        Ok(Some((grads, value as f64 * n as f64)))
+    }
+
     /// Trains `epoch` (1-based), advancing the global `step`. `last_good` is the epoch of the
     /// last checkpoint, named when a non-finite loss stops the run (before the step that would
     /// have applied it, so the weights and the checkpoint stay finite).
@@ -110,10 +156,42 @@ impl EpochPlan<'_> {
             for e in &batch.bad {
                 eprintln!("skipped: {e}");
             }
+            let t0 = Instant::now();
+            let non_finite = |value: f32| {
+                anyhow::anyhow!(
+                    "the loss became non-finite ({value}) at epoch {epoch}, batch {}: training stopped. \
+                     The last good checkpoint (epoch {last_good}) is kept in {}; lower the \
+                     learning rate (now {:.2e}) and continue with --resume {}",
+                    b + 1,
+                    self.run_dir.join("checkpoint").display(),
+                    self.schedule.peak,
+                    self.run_dir.display()
+                )
+            };
+            let quality = match batch.quality {
+                Some(qb) => self.quality_grads(&model, qb)?,
+                None => None,
+            };
+            if let Some((_, v)) = &quality
+                && !v.is_finite()
+            {
+                bar.finish_and_clear();
+                return Err(non_finite(*v as f32));
+            }
+            if let Some((_, loss)) = &quality
+                && let Some(q) = model.specs.iter().position(|h| h.refuses())
+            {
+                sum_heads[q] += loss;
+            }
             if batch.n == 0 {
+                if let Some((grads, _)) = quality {
+                    lr = self.schedule.at(*step);
+                    model = optim.step(lr, model, grads);
+                    *step += 1;
+                }
+                step_time += t0.elapsed().as_secs_f64();
                 continue;
             }
-            let t0 = Instant::now();
             let x = Tensor::<4>::from_data(
                 TensorData::new(batch.images, [batch.n, 3, s, s]),
                 self.device,
@@ -131,19 +209,13 @@ impl EpochPlan<'_> {
                 .expect("f32 host data");
             if !host.iter().all(|v| v.is_finite()) {
                 bar.finish_and_clear();
-                bail!(
-                    "the loss became non-finite ({}) at epoch {epoch}, batch {}: training stopped. \
-                     The last good checkpoint (epoch {last_good}) is kept in {}; lower the \
-                     learning rate (now {:.2e}) and continue with --resume {}",
-                    host[0],
-                    b + 1,
-                    self.run_dir.join("checkpoint").display(),
-                    self.schedule.peak,
-                    self.run_dir.display()
-                );
+                return Err(non_finite(host[0]));
             }
             lr = self.schedule.at(*step);
-            let grads = GradientsParams::from_grads(l.total.backward(), &model);
+            let mut grads = GradientsParams::from_grads(l.total.backward(), &model);
+            if let Some((extra, _)) = quality {
+                grads = add_gradients(&model, grads, extra);
+            }
             model = optim.step(lr, model, grads);
             *step += 1;
             step_time += t0.elapsed().as_secs_f64();
@@ -158,6 +230,8 @@ impl EpochPlan<'_> {
         }
         bar.finish_and_clear();
         let n = n_seen.max(1) as f64;
+        // The quality head's loss was summed per quality example; its examples are one per
+        // sample loaded, like the main batch's, so the same mean applies.
         Ok((
             model,
             EpochTotals {
@@ -171,4 +245,26 @@ impl EpochPlan<'_> {
             },
         ))
     }
+}
+
+/// `a + b`, parameter by parameter (a parameter with a gradient in only one keeps it).
+fn add_gradients(model: &RetinaNet, a: GradientsParams, b: GradientsParams) -> GradientsParams {
+    struct Add {
+        a: GradientsParams,
+        b: GradientsParams,
+    }
+    impl burn::module::ModuleVisitor for Add {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            if let Some(g) = self.b.remove::<D>(param.id) {
+                let sum = match self.a.remove::<D>(param.id) {
+                    Some(f) => f + g,
+                    None => g,
+                };
+                self.a.register(param.id, sum);
+            }
+        }
+    }
+    let mut add = Add { a, b };
+    burn::module::Module::visit(model, &mut add);
+    add.a
 }

@@ -68,6 +68,8 @@ pub enum DataSource {
         n: usize,
         /// Image side of the generated files.
         size: u32,
+        /// Fraction made ungradable (labelled in a `quality` column).
+        ungradable: f32,
     },
 }
 

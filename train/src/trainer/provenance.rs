@@ -22,9 +22,18 @@ pub(super) fn provenance(
         dataset: Some(match &req.data {
             DataSource::Labels { path, format, .. } => format!("{} ({format})", path.display()),
             DataSource::Prepared { dir, .. } => format!("{} (prepared store)", dir.display()),
-            DataSource::Synthetic { n, size } => {
+            DataSource::Synthetic {
+                n,
+                size,
+                ungradable,
+            } => {
+                let degraded = if *ungradable > 0.0 {
+                    format!(", {:.0}% made ungradable", ungradable * 100.0)
+                } else {
+                    String::new()
+                };
                 format!(
-                    "{n} synthetic images at {size} px (seed {})",
+                    "{n} synthetic images at {size} px{degraded} (seed {})",
                     req.config.seed
                 )
             }

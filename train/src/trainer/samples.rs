@@ -2,7 +2,7 @@
 //! settings for both sets (augmentation, the decoded-image cache).
 
 use super::{DataSource, FitRequest};
-use crate::data::{LoaderSpec, ViewCache, split};
+use crate::data::{LoaderSpec, QualityTeaching, ViewCache, split};
 use crate::dataset::{DatasetFormat, ImageHashes, LabelFile, Sample, check_images, read_labels};
 use crate::store::ViewStore;
 use crate::synth::{self, SynthOptions};
@@ -66,7 +66,11 @@ pub(super) fn load(req: &FitRequest, model: &RetinaConfig) -> Result<Samples> {
                 }
             }
         }
-        DataSource::Synthetic { n, size } => {
+        DataSource::Synthetic {
+            n,
+            size,
+            ungradable,
+        } => {
             let dir = req.out.join("synthetic");
             let label = synth::label_path(&dir, DatasetFormat::Native);
             if !label.is_file() {
@@ -81,6 +85,7 @@ pub(super) fn load(req: &FitRequest, model: &RetinaConfig) -> Result<Samples> {
                     seed: cfg.seed,
                     grades: synth::SCREENING_MIX,
                     missing: 0.0,
+                    ungradable: *ungradable,
                     format: DatasetFormat::Native,
                     progress: std::io::stderr().is_terminal(),
                 })?;
@@ -168,10 +173,13 @@ pub(super) fn loader_specs(
             seed: cfg.seed,
             hashes,
             store: Some(train_store.clone()),
+            quality: QualityTeaching::for_heads(&model.heads, cfg.data.degrade),
+            check: None,
         };
         let val = LoaderSpec {
             augment: None,
             store: Some(val_store.clone()),
+            check: Some(model.gradability()),
             ..train.clone()
         };
         return (train, val);
@@ -197,9 +205,12 @@ pub(super) fn loader_specs(
         seed: cfg.seed,
         hashes: Default::default(),
         store: None,
+        quality: QualityTeaching::for_heads(&model.heads, cfg.data.degrade),
+        check: None,
     };
     let val = LoaderSpec {
         augment: None,
+        check: Some(model.gradability()),
         ..train.clone()
     };
     (train, val)

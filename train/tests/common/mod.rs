@@ -16,6 +16,7 @@ pub fn data(dir: &Path, count: usize, size: u32, seed: u64) -> std::path::PathBu
         // Enough referable eyes to learn from in a short run.
         grades: [0.4, 0.1, 0.3, 0.1, 0.1],
         missing: 0.2,
+        ungradable: 0.0,
         format: DatasetFormat::Native,
         progress: false,
     })
