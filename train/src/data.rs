@@ -211,18 +211,24 @@ pub struct QualityTeaching {
     /// Its first refusing class: a label at or above it refuses the image, so the sample
     /// teaches no other head (what an ungradable photograph shows cannot be trusted).
     pub from_class: usize,
-    /// Share of the quality batch degraded on the fly.
+    /// Share of the samples that also give a quality example.
+    pub share: f32,
+    /// Share of the quality examples degraded on the fly.
     pub fraction: f32,
     /// The degradations the head has a class for, with that class.
     pub degradations: Vec<(Degradation, usize)>,
 }
 
 impl QualityTeaching {
-    /// The teaching for `specs` (the network's heads) with `fraction` of the quality batch
-    /// degraded: `None` when no head refuses. Degradations are matched to the head's classes
+    /// The teaching for `specs` (the network's heads): `share` of the samples give a quality
+    /// example, `fraction` of those degraded; `None` when no head refuses. Degradations are matched to the head's classes
     /// by name; a sample without a quality label counts as gradable (class 0), since a
     /// labelled data set's photographs were graded.
-    pub fn for_heads(specs: &[retina_model::HeadSpec], fraction: f32) -> Option<QualityTeaching> {
+    pub fn for_heads(
+        specs: &[retina_model::HeadSpec],
+        share: f32,
+        fraction: f32,
+    ) -> Option<QualityTeaching> {
         let (head, spec) = specs.iter().enumerate().find(|(_, h)| h.refuses())?;
         let from_class = spec.decision.as_ref().map(|d| d.from_class)?;
         let names = spec.class_names();
@@ -236,6 +242,7 @@ impl QualityTeaching {
         Some(QualityTeaching {
             head,
             from_class,
+            share,
             fraction,
             degradations,
         })
@@ -357,13 +364,15 @@ impl LoaderSpec {
 
     /// Loads, augments and normalises a batch in parallel (rayon).
     ///
-    /// With a refusing head to teach (training), every sample also gives one example to the
-    /// quality batch: its view degraded (with probability `fraction`) or clean. The main batch
+    /// With a refusing head to teach (training), a share of the samples (every one labelled
+    /// ungradable) also give one example to the quality batch: the view degraded (with
+    /// probability `fraction`) or clean. The main batch
     /// keeps only photographs not labelled ungradable and never teaches the quality head: a
     /// degraded image in it would shift batch norm's batch statistics away from gradable
     /// photographs, and that alone stalls what the clinical heads learn (measured: referable
     /// AUC 0.56 instead of 0.95 after 8 epochs with 15% of views over-exposed). The trainer
-    /// teaches the quality head on features of the trunk in evaluation mode instead.
+    /// runs the quality batch through a pass of its own, batch norm frozen on its running
+    /// statistics.
     pub fn load_batch(&self, samples: &[Sample], idx: &[usize], batch_no: u64) -> LoadResult {
         struct Loaded {
             input: Option<Vec<f32>>,
@@ -402,7 +411,11 @@ impl LoaderSpec {
                     self.seed ^ batch_no.wrapping_mul(1_000_003) ^ (k as u64) << 40,
                 );
                 let img = a.apply(&view.image, &mut rng);
-                let quality = teach.map(|q| {
+                let own_ungradable = ungradable(i);
+                // A photograph labelled ungradable always teaches quality: it teaches nothing
+                // else.
+                let quality = teach.filter(|q| own_ungradable || rng.random::<f32>() < q.share);
+                let quality = quality.map(|q| {
                     let own = samples[i].labels.get(&self.heads[q.head]).copied();
                     if !q.degradations.is_empty() && rng.random::<f32>() < q.fraction {
                         let (d, class) = q.degradations[rng.random_range(0..q.degradations.len())];
@@ -416,7 +429,7 @@ impl LoaderSpec {
                     }
                 });
                 let input =
-                    (teach.is_none() || !ungradable(i)).then(|| self.preprocess.normalise(&img));
+                    (teach.is_none() || !own_ungradable).then(|| self.preprocess.normalise(&img));
                 Ok(Loaded {
                     input,
                     refusal,

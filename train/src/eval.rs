@@ -178,8 +178,8 @@ fn next_up(x: f32) -> f32 {
 }
 
 /// The rule the refusing decision (`ungradable`) is calibrated by, whatever the target of
-/// the clinical decisions: refuse as much as possible while passing 98% of gradable images.
-pub const REFUSAL_TARGET: Target = Target::Specificity(0.98);
+/// the clinical decisions: refuse as much as possible while passing 99% of gradable images.
+pub const REFUSAL_TARGET: Target = Target::Specificity(0.99);
 
 /// Fits each classification head's temperature on the images the model answers (the
 /// refusing head on all) at a bundle's first calibration; returns the predictions at the new
@@ -215,18 +215,25 @@ fn fit_temperatures(
             .filter(|(_, p)| p.check.is_none() && (spec.refuses() || p.gradable(&gate)))
             .filter_map(|(s, p)| Some((calibration::logits(p, spec)?, *s.labels.get(&spec.name)?)))
             .unzip();
-        let Some(t) = calibration::fit_temperature(&z, &y, spec.kind) else {
+        // With one class only, sharper is always likelier: the fit would run to its bound.
+        let classes: std::collections::BTreeSet<u32> = y.iter().map(|v| *v as u32).collect();
+        if classes.len() < 2 {
             report.push(format!(
-                "{}: no labelled images, temperature left at 1",
-                spec.name
+                "{}: {} labelled images of {} class, temperature left at 1",
+                spec.name,
+                y.len(),
+                classes.len()
             ));
+            continue;
+        }
+        let Some(t) = calibration::fit_temperature(&z, &y, spec.kind) else {
             continue;
         };
         report.push(format!(
             "{}: temperature {t:.3} (NLL {:.4} -> {:.4} on {} images)",
             spec.name,
-            calibration::nll(&z, &y, spec.kind, 1.0),
-            calibration::nll(&z, &y, spec.kind, t),
+            calibration::nll(&z, &y, spec.kind, 1.0).max(0.0),
+            calibration::nll(&z, &y, spec.kind, t).max(0.0),
             z.len()
         ));
         meta.config.heads[i].temperature = Some(t);

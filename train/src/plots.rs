@@ -198,8 +198,8 @@ pub fn confusion(path: &Path, title: &str, m: &[Vec<usize>], names: &[String]) -
             .y_labels(k)
             .x_label_formatter(&label)
             .y_label_formatter(&|i| k.checked_sub(1 + *i).map(|j| label(&j)).unwrap_or_default())
-            .x_desc("predicted grade")
-            .y_desc("true grade")
+            .x_desc("prediction")
+            .y_desc("truth")
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(err)?;

@@ -124,25 +124,19 @@ fn score_head(
     preds: &[Prediction],
     point: &OperatingPoint,
 ) -> HeadScore {
-    let labelled: Vec<(f32, &Prediction, usize)> = samples
+    // Clinical metrics are of the images the model answers; the refusing head is scored on
+    // all, refusals by the check included. `kept` holds the sample index of each pair.
+    let mut n_labelled = 0;
+    let (pairs, kept): (Vec<(f32, &Prediction)>, Vec<usize>) = samples
         .iter()
         .zip(preds)
         .enumerate()
-        .filter_map(|(i, (s, p))| s.labels.get(&spec.name).map(|l| (*l, p, i)))
-        .collect();
-    // Clinical metrics are of the images the model answers; the refusing head is scored on
-    // all, refusals by the check included.
-    let n_labelled = labelled.len();
-    let pairs: Vec<(f32, &Prediction)> = labelled
-        .iter()
-        .filter(|(_, p, _)| spec.refuses() || p.gradable(point))
-        .map(|(l, p, _)| (*l, *p))
-        .collect();
-    let kept: Vec<usize> = labelled
-        .iter()
-        .filter(|(_, p, _)| spec.refuses() || p.gradable(point))
-        .map(|(_, _, i)| *i)
-        .collect();
+        .filter_map(|(i, (s, p))| {
+            let label = *s.labels.get(&spec.name)?;
+            n_labelled += 1;
+            (spec.refuses() || p.gradable(point)).then_some(((label, p), i))
+        })
+        .unzip();
     let mut m = BTreeMap::new();
     let mut confusion = None;
     match spec.kind {

@@ -110,7 +110,7 @@ fn the_loader_keeps_ungradable_images_out_of_the_clinical_batches() {
         seed: 1,
         hashes: Default::default(),
         store: None,
-        quality: QualityTeaching::for_heads(&heads, 0.5),
+        quality: QualityTeaching::for_heads(&heads, 1.0, 0.5),
         check: None,
     };
     let idx: Vec<usize> = (0..samples.len()).collect();
@@ -264,6 +264,9 @@ fn the_first_calibration_fits_temperatures_and_later_ones_keep_them() {
     for h in &meta.config.heads {
         match h.kind {
             retina_model::HeadKind::Regression => assert_eq!(h.temperature, None),
+            // Quality is labelled here, but the three pictures are refused by the check:
+            // what is left is one class, which cannot calibrate a temperature.
+            _ if h.refuses() => assert_eq!(h.temperature, None),
             _ => {
                 let t = h
                     .temperature
@@ -278,12 +281,18 @@ fn the_first_calibration_fits_temperatures_and_later_ones_keep_them() {
             .any(|l| l.starts_with("diagnosis: temperature")),
         "{report:?}"
     );
+    assert!(
+        report
+            .iter()
+            .any(|l| l.starts_with("quality: 30 labelled images of 1 class")),
+        "{report:?}"
+    );
     // The refusing decision is calibrated by its own rule, whatever the target.
     assert!(point.thresholds.contains_key("ungradable"));
     assert!(
         report
             .iter()
-            .any(|l| l.contains("ungradable") && l.contains("Specificity(0.98)")),
+            .any(|l| l.contains("ungradable") && l.contains(&format!("{:?}", eval::REFUSAL_TARGET))),
         "{report:?}"
     );
     let fitted: Vec<Option<f32>> = meta.config.heads.iter().map(|h| h.temperature).collect();

@@ -109,9 +109,11 @@ pub struct DataConfig {
     pub augment: Option<Augment>,
     /// Keep decoded, resized images in memory between epochs (skipped above 4 GiB).
     pub cache_images: bool,
+    /// Share of a batch's photographs that also teach the model's refusing (quality) head, in
+    /// a forward pass of their own; ignored when it has none. Needs augmentation on.
+    pub quality_share: f32,
     /// Share of the quality head's examples degraded on the fly (blur, exposure, a clipped
-    /// field, lashes, no fundus; the rest are the batch's photographs as they are); ignored
-    /// when the model has no refusing head. Needs augmentation on.
+    /// field, lashes, no fundus; the rest are the batch's photographs as they are).
     pub degrade: f32,
 }
 
@@ -122,6 +124,7 @@ impl Default for DataConfig {
             sampling: Sampling::Shuffle,
             augment: Some(Augment::default()),
             cache_images: true,
+            quality_share: 0.25,
             degrade: 0.5,
         }
     }
@@ -195,6 +198,12 @@ impl TrainConfig {
             bail!(
                 "data.val_fraction must be in [0, 0.9), not {}",
                 self.data.val_fraction
+            );
+        }
+        if !(0.0..=1.0).contains(&self.data.quality_share) {
+            bail!(
+                "data.quality_share must be a fraction in [0, 1], not {}",
+                self.data.quality_share
             );
         }
         if !(0.0..=1.0).contains(&self.data.degrade) {

@@ -173,7 +173,11 @@ pub(super) fn loader_specs(
             seed: cfg.seed,
             hashes,
             store: Some(train_store.clone()),
-            quality: QualityTeaching::for_heads(&model.heads, cfg.data.degrade),
+            quality: QualityTeaching::for_heads(
+                &model.heads,
+                cfg.data.quality_share,
+                cfg.data.degrade,
+            ),
             check: None,
         };
         let val = LoaderSpec {
@@ -205,7 +209,7 @@ pub(super) fn loader_specs(
         seed: cfg.seed,
         hashes: Default::default(),
         store: None,
-        quality: QualityTeaching::for_heads(&model.heads, cfg.data.degrade),
+        quality: QualityTeaching::for_heads(&model.heads, cfg.data.quality_share, cfg.data.degrade),
         check: None,
     };
     let val = LoaderSpec {
