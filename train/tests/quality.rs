@@ -158,7 +158,7 @@ fn the_loader_keeps_ungradable_images_out_of_the_clinical_batches() {
 }
 
 /// A bundle of the small preset at 32 px, untrained, and a label file of `good` generated
-/// photographs plus a noise, a white and a black picture labelled `not_fundus`.
+/// photographs plus a noise, a white and a black picture labelled `not_fundus` (and grade 0).
 fn bundle_and_mixed_set(dir: &Path, good: usize) -> (PathBuf, PathBuf) {
     generate(&dir.join("data"), good, 0.0, 12);
     let images = dir.join("data/images");
@@ -191,8 +191,10 @@ fn bundle_and_mixed_set(dir: &Path, good: usize) -> (PathBuf, PathBuf) {
         .collect::<Vec<_>>()
         .join("\n");
     text.push('\n');
+    // Graded anyway, as real data sets grade photographs nobody should: `eval` must not
+    // score these grades.
     for n in ["noise", "white", "black"] {
-        text.push_str(&format!("images/{n}.png,,,,not_fundus\n"));
+        text.push_str(&format!("images/{n}.png,0,,,not_fundus\n"));
     }
     std::fs::write(&labels, text).unwrap();
     let mut config = RetinaConfig::preset("small").unwrap();
@@ -227,6 +229,7 @@ fn eval_counts_refusals_and_scores_only_what_it_answers() {
     assert_eq!(g["ungradable"], 3, "{g}");
     assert_eq!(g["reasons"]["not_fundus"], 3, "{g}");
     assert_eq!(m["diagnosis"]["n"], 12);
+    assert_eq!(m["diagnosis"]["refused"], 3);
     // The refusing head is scored on everything, the check's refusals at P = 1.
     assert_eq!(m["quality"]["n"], 15);
     assert_eq!(m["quality"]["ungradable_sensitivity"], 1.0);

@@ -65,13 +65,13 @@ impl EpochPlan<'_> {
     /// is), computed with every batch norm frozen on its running statistics (burn's frozen
     /// `BatchNorm`: the inference formula, gradients still flowing, the statistics untouched).
     /// Degraded views so teach the trunk and the refusing head without entering the batch
-    /// statistics of gradable photographs, at training or at inference. Returns the gradients
-    /// and the summed loss.
+    /// statistics of gradable photographs, at training or at inference. Returns the gradients,
+    /// the summed loss and the number of examples.
     fn quality_grads(
         &self,
         model: &RetinaNet,
         qb: QualityBatch,
-    ) -> Result<Option<(GradientsParams, f64)>> {
+    ) -> Result<Option<(GradientsParams, f64, usize)>> {
         use burn::module::{Module, ParamGroup};
         let s = self.spec.preprocess.image_size;
         let n = qb.labels.len();
@@ -101,10 +101,10 @@ impl EpochPlan<'_> {
         let value: f32 = loss.clone().detach().into_scalar::<f32>();
         if !value.is_finite() {
             // The caller stops the run, as for the main loss.
-            return Ok(Some((GradientsParams::new(), value as f64)));
+            return Ok(Some((GradientsParams::new(), value as f64, n)));
         }
         let grads = GradientsParams::from_grads((loss * head.weight).backward(), &frozen_bn);
-        Ok(Some((grads, value as f64 * n as f64)))
+        Ok(Some((grads, value as f64 * n as f64, n)))
     }
 
     /// Trains `epoch` (1-based), advancing the global `step`. `last_good` is the epoch of the
@@ -142,6 +142,7 @@ impl EpochPlan<'_> {
         let mut step_time = 0.0f64;
         let mut data_wait = 0.0f64;
         let mut bad_images = 0usize;
+        let (mut sum_quality, mut n_quality) = (0.0f64, 0usize);
         let mut lr = 0.0;
         let mut batches = rx.into_iter().enumerate();
         loop {
@@ -172,19 +173,18 @@ impl EpochPlan<'_> {
                 Some(qb) => self.quality_grads(&model, qb)?,
                 None => None,
             };
-            if let Some((_, v)) = &quality
+            if let Some((_, v, _)) = &quality
                 && !v.is_finite()
             {
                 bar.finish_and_clear();
                 return Err(non_finite(*v as f32));
             }
-            if let Some((_, loss)) = &quality
-                && let Some(q) = model.specs.iter().position(|h| h.refuses())
-            {
-                sum_heads[q] += loss;
+            if let Some((_, loss, n)) = &quality {
+                sum_quality += loss;
+                n_quality += n;
             }
             if batch.n == 0 {
-                if let Some((grads, _)) = quality {
+                if let Some((grads, _, _)) = quality {
                     lr = self.schedule.at(*step);
                     model = optim.step(lr, model, grads);
                     *step += 1;
@@ -213,7 +213,7 @@ impl EpochPlan<'_> {
             }
             lr = self.schedule.at(*step);
             let mut grads = GradientsParams::from_grads(l.total.backward(), &model);
-            if let Some((extra, _)) = quality {
+            if let Some((extra, _, _)) = quality {
                 grads = add_gradients(&model, grads, extra);
             }
             model = optim.step(lr, model, grads);
@@ -230,13 +230,18 @@ impl EpochPlan<'_> {
         }
         bar.finish_and_clear();
         let n = n_seen.max(1) as f64;
-        // The quality head's loss was summed per quality example; its examples are one per
-        // sample loaded, like the main batch's, so the same mean applies.
+        let mut head_loss: Vec<f64> = sum_heads.iter().map(|v| v / n).collect();
+        // The quality head learns from its own examples only: their mean.
+        if let Some(q) = model.specs.iter().position(|h| h.refuses())
+            && n_quality > 0
+        {
+            head_loss[q] = sum_quality / n_quality as f64;
+        }
         Ok((
             model,
             EpochTotals {
                 loss: sum_total / n,
-                head_loss: sum_heads.iter().map(|v| v / n).collect(),
+                head_loss,
                 l2: sum_l2 / n,
                 learning_rate: lr,
                 img_per_s: n_seen as f64 / step_time.max(1e-9),
