@@ -436,3 +436,59 @@ impl LatencyWindow {
         crate::serve::quantile(&mut v, q)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forward pass that panics fails its own batch with `Failed` (HTTP 500), and the model
+    /// thread goes on to answer the next one.
+    #[test]
+    fn a_failing_forward_pass_fails_its_batch_and_the_model_thread_serves_the_next() {
+        let policy = BatchPolicy {
+            max_batch: 4,
+            max_wait: Duration::from_millis(1),
+            queue_capacity: 8,
+        };
+        let (ready, ready_rx) = oneshot::channel();
+        let (batcher, _thread) = Batcher::start(
+            policy,
+            |_| {
+                let engine = Engine::load(None, retina_model::BackendChoice::Cpu)?;
+                let side = engine.bundle.metadata.config.preprocess.image_size;
+                Ok((engine, side))
+            },
+            ready,
+            Arc::new(|_| {}),
+        )
+        .unwrap();
+        let side = ready_rx.blocking_recv().unwrap().unwrap();
+        // An input of the wrong length: building the batch tensor panics inside the pass.
+        let bad = batcher
+            .submit(vec![0.0; 7], 0)
+            .unwrap()
+            .blocking_recv()
+            .unwrap();
+        let why = match bad {
+            Err(BatchError::Failed(why)) => why,
+            other => panic!("expected a failed pass, got {other:?}"),
+        };
+        assert!(!why.is_empty());
+        let response =
+            super::super::api::batch_error_as(BatchError::Failed(why), |status, kind, message| {
+                super::super::api::api_error(status, kind, message)
+            });
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        );
+        // The same thread answers the next image.
+        let good = batcher
+            .submit(vec![0.0; 3 * side * side], 0)
+            .unwrap()
+            .blocking_recv()
+            .unwrap();
+        assert!(good.is_ok(), "{good:?}");
+        assert_eq!(batcher.stats.batches.load(Ordering::Relaxed), 1);
+    }
+}
