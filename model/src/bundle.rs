@@ -15,8 +15,11 @@ use std::path::{Path, PathBuf};
 
 /// The bundle format this build writes and the newest it reads. Version 2 moved class names,
 /// the referable rule and the vessel-growth range into the head specs; version-1 bundles are
-/// read by filling those in for the built-in heads ([`BundleMetadata::parse`]).
-pub const BUNDLE_FORMAT_VERSION: u32 = 2;
+/// read by filling those in for the built-in heads ([`BundleMetadata::parse`]). Version 3 added
+/// head temperatures, refusing decisions and the gradability check, all optional: a version-2
+/// bundle reads as one without them, and is written back as version 3 (so a Retina that
+/// predates them refuses it by its version, not by an unknown field).
+pub const BUNDLE_FORMAT_VERSION: u32 = 3;
 /// Metadata file inside a bundle.
 pub const METADATA_FILE: &str = "model.json";
 /// Weights file inside a bundle.
@@ -344,6 +347,7 @@ impl BundleMetadata {
         if meta.format_version < 2 {
             meta.upgrade_from_v1();
         }
+        meta.format_version = BUNDLE_FORMAT_VERSION;
         meta.config
             .validate()
             .map_err(|source| BundleError::Config {

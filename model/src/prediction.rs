@@ -7,7 +7,6 @@ use crate::bundle::OperatingPoint;
 use crate::head::{HeadKind, HeadSpec};
 use crate::network::RetinaOutput;
 use crate::quality::Refusal;
-use burn::tensor::activation::{sigmoid, softmax};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -46,6 +45,9 @@ pub struct Prediction {
     pub check: Option<Refusal>,
     /// The network's refusing decision (the quality head's `ungradable`), if it has one.
     pub gate: Option<Gate>,
+    /// Each head's raw output for the image (logits before any temperature; a regression's
+    /// value before clamping), by head name: what calibration fits temperatures on.
+    pub raw: BTreeMap<String, Vec<f32>>,
 }
 
 /// Where a prediction's refusing decision comes from.
@@ -67,50 +69,49 @@ impl Prediction {
         let n = out.heads.first().map(|t| t.dims()[0]).unwrap_or(0);
         let mut preds = vec![Prediction::default(); n];
         for (raw, spec) in out.heads.iter().zip(specs) {
-            let kind = spec.kind;
-            let raw = match spec.temperature {
-                Some(t) if t != 1.0 => raw.clone().div_scalar(t),
-                _ => raw.clone(),
-            };
-            let vals: Vec<f32> = match kind {
-                HeadKind::Multiclass(_) => softmax(raw, 1),
-                HeadKind::Binary => sigmoid(raw),
-                HeadKind::Regression => raw,
-            }
-            .into_data()
-            .try_into_vec_as::<f32>()
-            .expect("f32 host data");
-            let w = kind.output_width();
-            let decision = spec.decision_rule();
+            let vals: Vec<f32> = raw
+                .clone()
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .expect("f32 host data");
+            let w = spec.kind.output_width();
             for (i, p) in preds.iter_mut().enumerate() {
-                let row = &vals[i * w..(i + 1) * w];
-                let answer = match kind {
-                    HeadKind::Multiclass(_) => HeadAnswer::Multiclass {
-                        probabilities: row.to_vec(),
-                        class: argmax(row),
-                    },
-                    HeadKind::Binary => HeadAnswer::Binary {
-                        probability: row[0],
-                    },
-                    HeadKind::Regression => HeadAnswer::Regression {
-                        value: spec.clamp(row[0]),
-                    },
-                };
-                if let Some(d) = &decision {
-                    p.decisions.insert(d.name.clone(), d.probability(row));
-                    if let (true, crate::DecisionRule::FromClass(k)) = (spec.refuses(), d.rule) {
-                        let names = spec.class_names();
-                        p.gate = Some(Gate {
-                            decision: d.name.clone(),
-                            head: spec.name.clone(),
-                            reason: names[k + argmax(&row[k..])].clone(),
-                        });
-                    }
-                }
-                p.heads.insert(spec.name.clone(), answer);
+                p.answer(spec, vals[i * w..(i + 1) * w].to_vec());
             }
         }
         preds
+    }
+
+    /// Sets the answer of head `spec` from its raw output for this image (logits of a
+    /// classification head, the value of a regression), at the spec's temperature. Calibration
+    /// calls it again with other temperatures: the same arithmetic gives the same numbers.
+    pub fn answer(&mut self, spec: &HeadSpec, raw: Vec<f32>) {
+        let row = probabilities(&raw, spec.kind, spec.temperature.unwrap_or(1.0));
+        let answer = match spec.kind {
+            HeadKind::Multiclass(_) => HeadAnswer::Multiclass {
+                class: argmax(&row),
+                probabilities: row.clone(),
+            },
+            HeadKind::Binary => HeadAnswer::Binary {
+                probability: row[0],
+            },
+            HeadKind::Regression => HeadAnswer::Regression {
+                value: spec.clamp(row[0]),
+            },
+        };
+        if let Some(d) = spec.decision_rule() {
+            self.decisions.insert(d.name.clone(), d.probability(&row));
+            if let (true, crate::DecisionRule::FromClass(k)) = (spec.refuses(), d.rule) {
+                let names = spec.class_names();
+                self.gate = Some(Gate {
+                    decision: d.name.clone(),
+                    head: spec.name.clone(),
+                    reason: names[k + argmax(&row[k..])].clone(),
+                });
+            }
+        }
+        self.heads.insert(spec.name.clone(), answer);
+        self.raw.insert(spec.name.clone(), raw);
     }
 
     /// P(yes) of a decision: `referable`, or a binary head's name.
@@ -331,6 +332,23 @@ impl Prediction {
             }
         }
         lines
+    }
+}
+
+/// A head's answer values from its raw output: softmax of `raw / temperature` (multiclass),
+/// the sigmoid of it (binary), or `raw` itself (regression). Computed on the host, in one place,
+/// so every path that turns outputs into probabilities gives the same numbers to the bit.
+pub fn probabilities(raw: &[f32], kind: HeadKind, temperature: f32) -> Vec<f32> {
+    match kind {
+        HeadKind::Multiclass(_) => {
+            let z: Vec<f32> = raw.iter().map(|v| v / temperature).collect();
+            let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let e: Vec<f32> = z.iter().map(|v| (v - m).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            e.iter().map(|v| v / sum).collect()
+        }
+        HeadKind::Binary => vec![1.0 / (1.0 + (-raw[0] / temperature).exp())],
+        HeadKind::Regression => raw.to_vec(),
     }
 }
 

@@ -275,10 +275,39 @@ fn format_1_bundles_are_read_with_the_rules_they_implied() {
     let names: Vec<String> = c.decisions().into_iter().map(|d| d.name).collect();
     assert_eq!(names, ["referable", "fluid"]);
     assert_eq!(meta.class_names()["diagnosis"][4], "proliferative");
-    // Written again, it is format 2 and says the rules itself.
+    // Written again, it is the current format and says the rules itself.
     let again = serde_json::to_string(&meta).unwrap();
     assert!(
         again.contains("\"from_class\":2") && !again.contains("class_names"),
+        "{again}"
+    );
+}
+
+/// A format-2 bundle (the embedded default model before the quality head) reads as one
+/// without temperatures, refusing heads or check thresholds: the default check runs, nothing is
+/// rescaled, and it is written back as the current format.
+#[test]
+fn format_2_bundles_read_without_the_format_3_additions() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../assets/testdata/model-v2.json"
+    ))
+    .unwrap();
+    assert!(text.contains("\"format_version\": 2"));
+    let meta = BundleMetadata::parse(&text, "model-v2.json".into()).unwrap();
+    assert_eq!(meta.format_version, BUNDLE_FORMAT_VERSION);
+    let c = &meta.config;
+    assert_eq!(c.heads.len(), 3);
+    assert!(
+        c.heads
+            .iter()
+            .all(|h| h.temperature.is_none() && !h.refuses())
+    );
+    assert_eq!(c.gradability, None);
+    assert_eq!(c.gradability(), GradabilityCheck::default());
+    let again = serde_json::to_string(&meta).unwrap();
+    assert!(
+        !again.contains("temperature") && !again.contains("refuses"),
         "{again}"
     );
 }

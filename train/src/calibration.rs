@@ -7,7 +7,7 @@
 //! or away from (T < 1) one half, so an over-confident network's 0.99 can become the 0.85 it
 //! deserves.
 
-use retina_model::{HeadAnswer, HeadKind, HeadSpec, Prediction};
+use retina_model::{HeadKind, HeadSpec, Prediction};
 
 /// Bins of the expected calibration error and the reliability diagram.
 pub const BINS: usize = 10;
@@ -69,36 +69,17 @@ pub fn brier(scores: &[f32], truth: &[bool]) -> Option<f64> {
     })
 }
 
-/// Probabilities never reach 0 or 1 exactly in the logit recovery (f32 sigmoid saturates).
-const EPS: f32 = 1e-7;
-
-/// The logits a head's answer came from, up to a constant per row for a multiclass head, as
-/// the network's output divided by the head's current temperature: log-probabilities for a
-/// multiclass head, the log-odds for a binary one. `None` for regressions and missing heads.
-pub fn logits(p: &Prediction, spec: &HeadSpec) -> Option<Vec<f32>> {
-    match p.heads.get(&spec.name)? {
-        HeadAnswer::Multiclass { probabilities, .. } => {
-            Some(probabilities.iter().map(|&q| q.max(EPS).ln()).collect())
-        }
-        HeadAnswer::Binary { probability } => {
-            let q = probability.clamp(EPS, 1.0 - EPS);
-            Some(vec![(q / (1.0 - q)).ln()])
-        }
-        HeadAnswer::Regression { .. } => None,
-    }
+/// The raw logits of a head for one image (before any temperature), as the prediction kept
+/// them; `None` for regressions and heads the prediction lacks.
+pub fn logits<'a>(p: &'a Prediction, spec: &HeadSpec) -> Option<&'a [f32]> {
+    (spec.kind != HeadKind::Regression)
+        .then(|| p.raw.get(&spec.name).map(Vec::as_slice))
+        .flatten()
 }
 
-/// Probabilities of logits `z` at temperature `t`.
+/// Probabilities of logits `z` at temperature `t` (the arithmetic predictions use).
 pub fn probabilities(z: &[f32], kind: HeadKind, t: f32) -> Vec<f32> {
-    match kind {
-        HeadKind::Binary => vec![1.0 / (1.0 + (-z[0] / t).exp())],
-        _ => {
-            let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b / t));
-            let e: Vec<f32> = z.iter().map(|&v| (v / t - m).exp()).collect();
-            let s: f32 = e.iter().sum();
-            e.iter().map(|v| v / s).collect()
-        }
-    }
+    retina_model::prediction::probabilities(z, kind, t)
 }
 
 /// Mean negative log-likelihood of `labels` under logits `z` at temperature `t`.
@@ -153,29 +134,14 @@ pub fn fit_temperature(z: &[Vec<f32>], labels: &[f32], kind: HeadKind) -> Option
     Some((((a + b) / 2.0).exp()) as f32)
 }
 
-/// `p` as the network would answer with each head at the temperature of `new` instead of
-/// `old` (the same heads, in order): probabilities, classes and decisions follow.
-pub fn retemper(p: &Prediction, old: &[HeadSpec], new: &[HeadSpec]) -> Prediction {
+/// `p` as the network answers with the heads `specs` (the same heads, at other
+/// temperatures): probabilities, classes and decisions recomputed from the raw outputs, by the
+/// arithmetic predictions use, so they equal what a model with those temperatures answers.
+pub fn retemper(p: &Prediction, specs: &[HeadSpec]) -> Prediction {
     let mut out = p.clone();
-    for (o, n) in old.iter().zip(new) {
-        let (to, tn) = (o.temperature.unwrap_or(1.0), n.temperature.unwrap_or(1.0));
-        if to == tn {
-            continue;
-        }
-        let Some(z) = logits(p, o) else { continue };
-        // Back to the network's own logits, then to the new temperature.
-        let raw: Vec<f32> = z.iter().map(|v| v * to).collect();
-        let q = probabilities(&raw, n.kind, tn);
-        let answer = match n.kind {
-            HeadKind::Binary => HeadAnswer::Binary { probability: q[0] },
-            _ => HeadAnswer::Multiclass {
-                class: retina_model::prediction::argmax(&q),
-                probabilities: q.clone(),
-            },
-        };
-        out.heads.insert(n.name.clone(), answer);
-        if let Some(d) = n.decision_rule() {
-            out.decisions.insert(d.name.clone(), d.probability(&q));
+    for spec in specs {
+        if let Some(raw) = p.raw.get(&spec.name) {
+            out.answer(spec, raw.clone());
         }
     }
     out
@@ -244,21 +210,20 @@ mod tests {
     }
 
     #[test]
-    fn retempering_recovers_logits_and_keeps_binary_ranking() {
+    fn retempering_answers_as_the_tempered_head_does() {
         let spec = HeadSpec::new("fluid".into(), HeadKind::Binary);
         let hot = HeadSpec {
             temperature: Some(2.0),
             ..spec.clone()
         };
         let mut p = Prediction::default();
-        p.heads
-            .insert("fluid".into(), HeadAnswer::Binary { probability: 0.9 });
-        p.decisions.insert("fluid".into(), 0.9);
-        let q = retemper(&p, std::slice::from_ref(&spec), std::slice::from_ref(&hot));
-        // logit(0.9) = 2.197; at T = 2 sigmoid(1.0986) = 0.75.
-        let got = q.decisions["fluid"];
-        assert!((got - 0.75).abs() < 1e-4, "{got}");
-        let back = retemper(&q, std::slice::from_ref(&hot), std::slice::from_ref(&spec));
-        assert!((back.decisions["fluid"] - 0.9).abs() < 1e-4);
+        p.answer(&spec, vec![2.0]);
+        let q = retemper(&p, std::slice::from_ref(&hot));
+        let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
+        assert_eq!(q.decisions["fluid"], sigmoid(1.0));
+        let mut direct = Prediction::default();
+        direct.answer(&hot, vec![2.0]);
+        assert_eq!(q, direct, "bit for bit what the tempered head answers");
+        assert_eq!(retemper(&q, std::slice::from_ref(&spec)), p);
     }
 }

@@ -213,7 +213,12 @@ fn fit_temperatures(
             .iter()
             .zip(preds)
             .filter(|(_, p)| p.check.is_none() && (spec.refuses() || p.gradable(&gate)))
-            .filter_map(|(s, p)| Some((calibration::logits(p, spec)?, *s.labels.get(&spec.name)?)))
+            .filter_map(|(s, p)| {
+                Some((
+                    calibration::logits(p, spec)?.to_vec(),
+                    *s.labels.get(&spec.name)?,
+                ))
+            })
             .unzip();
         // With one class only, sharper is always likelier: the fit would run to its bound.
         let classes: std::collections::BTreeSet<u32> = y.iter().map(|v| *v as u32).collect();
@@ -240,7 +245,7 @@ fn fit_temperatures(
     }
     let preds = preds
         .iter()
-        .map(|p| calibration::retemper(p, &old, &meta.config.heads))
+        .map(|p| calibration::retemper(p, &meta.config.heads))
         .collect();
     Ok((preds, report))
 }
@@ -421,7 +426,7 @@ pub fn evaluate(
     let raw_preds: Vec<Prediction> = if tempered {
         s.preds
             .iter()
-            .map(|p| calibration::retemper(p, &meta.config.heads, &untempered))
+            .map(|p| calibration::retemper(p, &untempered))
             .collect()
     } else {
         s.preds.clone()
