@@ -7,6 +7,7 @@
 //! or away from (T < 1) one half, so an over-confident network's 0.99 can become the 0.85 it
 //! deserves.
 
+use retina_model::prediction::probabilities;
 use retina_model::{HeadKind, HeadSpec, Prediction};
 
 /// Bins of the expected calibration error and the reliability diagram.
@@ -75,11 +76,6 @@ pub fn logits<'a>(p: &'a Prediction, spec: &HeadSpec) -> Option<&'a [f32]> {
     (spec.kind != HeadKind::Regression)
         .then(|| p.raw.get(&spec.name).map(Vec::as_slice))
         .flatten()
-}
-
-/// Probabilities of logits `z` at temperature `t` (the arithmetic predictions use).
-pub fn probabilities(z: &[f32], kind: HeadKind, t: f32) -> Vec<f32> {
-    retina_model::prediction::probabilities(z, kind, t)
 }
 
 /// Mean negative log-likelihood of `labels` under logits `z` at temperature `t`.

@@ -415,6 +415,8 @@ impl LoaderSpec {
                 // A photograph labelled ungradable always teaches quality: it teaches nothing
                 // else.
                 let quality = teach.filter(|q| own_ungradable || rng.random::<f32>() < q.share);
+                let input =
+                    (teach.is_none() || !own_ungradable).then(|| self.preprocess.normalise(&img));
                 let quality = quality.map(|q| {
                     let own = samples[i].labels.get(&self.heads[q.head]).copied();
                     if !q.degradations.is_empty() && rng.random::<f32>() < q.fraction {
@@ -425,11 +427,13 @@ impl LoaderSpec {
                         let degraded = self.preprocess.crop_and_resize(&d.apply(&img, &mut rng));
                         (self.preprocess.normalise(&degraded), class as f32)
                     } else {
-                        (self.preprocess.normalise(&img), own.unwrap_or(0.0))
+                        // The same view as the clinical batch's, normalised once.
+                        let x = input
+                            .clone()
+                            .unwrap_or_else(|| self.preprocess.normalise(&img));
+                        (x, own.unwrap_or(0.0))
                     }
                 });
-                let input =
-                    (teach.is_none() || !own_ungradable).then(|| self.preprocess.normalise(&img));
                 Ok(Loaded {
                     input,
                     refusal,

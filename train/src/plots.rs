@@ -3,6 +3,7 @@
 
 use crate::trainer::EpochLog;
 use anyhow::{Result, anyhow};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use retina_model::host::write_atomic;
 use std::path::Path;
@@ -41,8 +42,17 @@ pub struct RocCurve {
     pub operating: (f64, f64),
 }
 
-/// ROC curves with their operating points marked.
-pub fn roc(path: &Path, title: &str, curves: &[RocCurve]) -> Result<()> {
+/// A chart over the unit square (probabilities or rates on both axes) with its diagonal, the
+/// curves `draw` adds and their legend at `legend`, written to `path` as a PNG.
+fn unit_square(
+    path: &Path,
+    title: &str,
+    axes: (&str, &str),
+    legend: SeriesLabelPosition,
+    draw: impl FnOnce(
+        &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    ) -> Result<()>,
+) -> Result<()> {
     fonts();
     let mut buf = vec![0u8; (W * H * 3) as usize];
     {
@@ -57,30 +67,18 @@ pub fn roc(path: &Path, title: &str, curves: &[RocCurve]) -> Result<()> {
             .map_err(err)?;
         chart
             .configure_mesh()
-            .x_desc("1 - specificity (false positive rate)")
-            .y_desc("sensitivity (true positive rate)")
+            .x_desc(axes.0)
+            .y_desc(axes.1)
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(err)?;
         chart
             .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3)))
             .map_err(err)?;
-        for (i, c) in curves.iter().enumerate() {
-            let colour = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(c.points.clone(), colour.stroke_width(2)))
-                .map_err(err)?
-                .label(c.name.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
-                });
-            chart
-                .draw_series([Circle::new(c.operating, 6, colour.filled())])
-                .map_err(err)?;
-        }
+        draw(&mut chart)?;
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
+            .position(legend)
             .background_style(WHITE.mix(0.9))
             .border_style(BLACK)
             .label_font(("sans-serif", 15))
@@ -89,6 +87,36 @@ pub fn roc(path: &Path, title: &str, curves: &[RocCurve]) -> Result<()> {
         root.present().map_err(err)?;
     }
     save(path, buf, W, H)
+}
+
+/// ROC curves with their operating points marked.
+pub fn roc(path: &Path, title: &str, curves: &[RocCurve]) -> Result<()> {
+    let axes = (
+        "1 - specificity (false positive rate)",
+        "sensitivity (true positive rate)",
+    );
+    unit_square(
+        path,
+        title,
+        axes,
+        SeriesLabelPosition::LowerRight,
+        |chart| {
+            for (i, c) in curves.iter().enumerate() {
+                let colour = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(c.points.clone(), colour.stroke_width(2)))
+                    .map_err(err)?
+                    .label(c.name.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
+                    });
+                chart
+                    .draw_series([Circle::new(c.operating, 6, colour.filled())])
+                    .map_err(err)?;
+            }
+            Ok(())
+        },
+    )
 }
 
 /// One decision's reliability curve before and after temperature scaling.
@@ -104,74 +132,33 @@ pub struct ReliabilityCurve {
 /// A reliability diagram: observed frequency against predicted probability per bin, thin
 /// and pale before temperature scaling, thick after; the diagonal is perfect calibration.
 pub fn reliability(path: &Path, title: &str, curves: &[ReliabilityCurve]) -> Result<()> {
-    fonts();
-    let mut buf = vec![0u8; (W * H * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("predicted probability (bin mean)")
-            .y_desc("observed frequency")
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(err)?;
-        chart
-            .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3)))
-            .map_err(err)?;
-        let pts = |b: &[crate::calibration::Bin]| -> Vec<(f64, f64)> {
-            b.iter().map(|b| (b.confidence, b.frequency)).collect()
-        };
+    let axes = ("predicted probability (bin mean)", "observed frequency");
+    let pts = |b: &[crate::calibration::Bin]| -> Vec<(f64, f64)> {
+        b.iter().map(|b| (b.confidence, b.frequency)).collect()
+    };
+    unit_square(path, title, axes, SeriesLabelPosition::UpperLeft, |chart| {
         for (i, c) in curves.iter().enumerate() {
             let colour = Palette99::pick(i).to_rgba();
-            let pale = colour.mix(0.35);
-            chart
-                .draw_series(LineSeries::new(pts(&c.before), pale.stroke_width(1)))
-                .map_err(err)?
-                .label(format!("{} before", c.name))
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], pale.stroke_width(1))
-                });
-            chart
-                .draw_series(
-                    pts(&c.before)
-                        .into_iter()
-                        .map(|p| Circle::new(p, 3, pale.filled())),
-                )
-                .map_err(err)?;
-            chart
-                .draw_series(LineSeries::new(pts(&c.after), colour.stroke_width(3)))
-                .map_err(err)?
-                .label(format!("{} after", c.name))
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(3))
-                });
-            chart
-                .draw_series(
-                    pts(&c.after)
-                        .into_iter()
-                        .map(|p| Circle::new(p, 5, colour.filled())),
-                )
-                .map_err(err)?;
+            for (bins, style, dot, when) in [
+                (&c.before, colour.mix(0.35).stroke_width(1), 3, "before"),
+                (&c.after, colour.stroke_width(3), 5, "after"),
+            ] {
+                chart
+                    .draw_series(LineSeries::new(pts(bins), style))
+                    .map_err(err)?
+                    .label(format!("{} {when}", c.name))
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
+                chart
+                    .draw_series(
+                        pts(bins)
+                            .into_iter()
+                            .map(|p| Circle::new(p, dot, style.filled())),
+                    )
+                    .map_err(err)?;
+            }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(err)?;
-        root.present().map_err(err)?;
-    }
-    save(path, buf, W, H)
+        Ok(())
+    })
 }
 
 /// A confusion matrix as a heat map (rows: truth, columns: prediction), counts written in.

@@ -17,12 +17,10 @@ fn one_run_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-#[test]
-fn small_preset_learns_referable_dr_on_generated_images() {
-    let _one = one_run_at_a_time();
-    let dir = tempfile::tempdir().unwrap();
-    let labels = data(&dir.path().join("data"), 480, 128, 1);
-    let config = TrainConfig {
+/// 8 epochs of the `small` preset at 96 px, learning rate 3e-3, a quarter held out, with
+/// `quality_share` of each batch teaching the quality head.
+fn short_run(quality_share: f32) -> TrainConfig {
+    TrainConfig {
         model: ModelSection {
             image_size: Some(96),
             ..ModelSection::default()
@@ -35,15 +33,23 @@ fn small_preset_learns_referable_dr_on_generated_images() {
         },
         data: DataConfig {
             val_fraction: 0.25,
-            // The clinical heads' floors below hold without the quality head's training; with
-            // it (the default, tested below) the vessel-growth head's best validation r fell
-            // under 0.15 in some runs this short (0.03-0.25 at a quarter of the batch, 0.06-0.14
-            // at all of it, 0.17-0.38 without).
-            quality_share: 0.0,
+            quality_share,
             ..DataConfig::default()
         },
         ..TrainConfig::default()
-    };
+    }
+}
+
+#[test]
+fn small_preset_learns_referable_dr_on_generated_images() {
+    let _one = one_run_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let labels = data(&dir.path().join("data"), 480, 128, 1);
+    // The clinical heads' floors below hold without the quality head's training; with it (the
+    // default, tested below) the vessel-growth head's best validation r fell under 0.15 in some
+    // runs this short (0.03-0.25 at a quarter of the batch, 0.06-0.14 at all of it, 0.17-0.38
+    // without).
+    let config = short_run(0.0);
     let out = dir.path().join("run");
     let summary = trainer::fit(request(&labels, &out, config)).unwrap();
     let logs = logs(&out);
@@ -99,23 +105,7 @@ fn the_quality_head_learns_beside_the_clinical_heads() {
     let _one = one_run_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let labels = data(&dir.path().join("data"), 480, 128, 1);
-    let config = TrainConfig {
-        model: ModelSection {
-            image_size: Some(96),
-            ..ModelSection::default()
-        },
-        epochs: 8,
-        batch_size: 16,
-        optimizer: OptimizerConfig {
-            learning_rate: 3e-3,
-            ..OptimizerConfig::default()
-        },
-        data: DataConfig {
-            val_fraction: 0.25,
-            ..DataConfig::default()
-        },
-        ..TrainConfig::default()
-    };
+    let config = short_run(DataConfig::default().quality_share);
     let out = dir.path().join("run");
     let summary = trainer::fit(request(&labels, &out, config)).unwrap();
     let logs = logs(&out);

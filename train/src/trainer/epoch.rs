@@ -6,6 +6,7 @@ use crate::data::{LoaderSpec, QualityBatch, Sampling, epoch_order};
 use crate::dataset::Sample;
 use crate::loss::{HeadTargets, RetinaLoss};
 use anyhow::{Context, Result};
+use burn::module::{Module, ParamGroup};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -70,9 +71,9 @@ impl EpochPlan<'_> {
     fn quality_grads(
         &self,
         model: &RetinaNet,
+        all: &ParamGroup,
         qb: QualityBatch,
     ) -> Result<Option<(GradientsParams, f64, usize)>> {
-        use burn::module::{Module, ParamGroup};
         let s = self.spec.preprocess.image_size;
         let n = qb.labels.len();
         let Some(q) = model.specs.iter().position(|h| h.refuses()) else {
@@ -82,8 +83,10 @@ impl EpochPlan<'_> {
             return Ok(None);
         }
         // Same parameter ids as `model`: the gradients apply to `model` itself.
-        let all = ParamGroup::ids_from_module(model.clone());
-        let frozen_bn = model.clone().freeze().set_require_grad_group(all, true);
+        let frozen_bn = model
+            .clone()
+            .freeze()
+            .set_require_grad_group(all.clone(), true);
         let x = Tensor::<4>::from_data(TensorData::new(qb.images, [n, 3, s, s]), self.device);
         let features = frozen_bn.feature_map(x, q);
         // The trunk gets `share` of the gradient, the head all of it.
@@ -143,6 +146,8 @@ impl EpochPlan<'_> {
         let mut data_wait = 0.0f64;
         let mut bad_images = 0usize;
         let (mut sum_quality, mut n_quality) = (0.0f64, 0usize);
+        // Every parameter's id: optimizer steps keep them, so once an epoch is enough.
+        let all = ParamGroup::ids_from_module(model.clone());
         let mut lr = 0.0;
         let mut batches = rx.into_iter().enumerate();
         loop {
@@ -170,7 +175,7 @@ impl EpochPlan<'_> {
                 )
             };
             let quality = match batch.quality {
-                Some(qb) => self.quality_grads(&model, qb)?,
+                Some(qb) => self.quality_grads(&model, &all, qb)?,
                 None => None,
             };
             if let Some((_, v, _)) = &quality
