@@ -85,14 +85,56 @@ pub struct GpuInfo {
     pub software: bool,
 }
 
+/// The discrete GPU this process takes, when several processes share a machine.
+static GPU_INDEX: OnceLock<usize> = OnceLock::new();
+
+/// Makes this process (rank `local_rank` of `local_size` on its machine, as under `mpirun`)
+/// take discrete GPU `local_rank` (modulo the number of discrete GPUs) rather than the
+/// default adapter, so 8 ranks on a machine with 8 GPUs take one each. With no discrete GPU
+/// listed it changes nothing. Call before the first [`probe_gpu`].
+pub fn use_gpu_of_local_rank(local_rank: usize, local_size: usize) {
+    use burn::tensor::wgpu::wgpu;
+    let discrete = listed_adapters().map_or(0, |list| {
+        list.iter()
+            .filter(|a| a.device_type == wgpu::DeviceType::DiscreteGpu)
+            .count()
+    });
+    if discrete == 0 {
+        return;
+    }
+    if local_size > discrete && local_rank == 0 {
+        eprintln!(
+            "warning: {local_size} ranks share this machine's {discrete} GPU(s); ranks take them \
+             in turn"
+        );
+    }
+    let _ = GPU_INDEX.set(local_rank % discrete);
+}
+
+/// The value of a future that completes on its first poll (native wgpu adapter listing).
+fn pollster_ready<F: std::future::Future>(f: F) -> Option<F::Output> {
+    use std::task::{Context, Poll, Waker};
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }
+}
+
 /// Probes wgpu once per process (the runtime can only be initialised once).
 pub fn probe_gpu() -> Result<GpuInfo, BackendError> {
     static PROBE: OnceLock<Result<GpuInfo, BackendError>> = OnceLock::new();
     PROBE
         .get_or_init(|| {
+            let options = match GPU_INDEX.get() {
+                Some(&i) => {
+                    Device::wgpu_options().device_kind(burn::tensor::DeviceKind::DiscreteGpu(i))
+                }
+                None => Device::wgpu_options(),
+            };
             // The runtime reports a missing adapter as an error, but older drivers have been seen
             // to panic inside it instead: treat both the same way.
-            let result = std::panic::catch_unwind(|| Device::wgpu_options().init_with_setup());
+            let result = std::panic::catch_unwind(|| options.init_with_setup());
             match result {
                 Ok(Ok((device, setup))) => {
                     let info = setup.adapter.get_info();
@@ -124,10 +166,14 @@ pub fn probe_gpu() -> Result<GpuInfo, BackendError> {
 /// nothing `auto` would use (a software rasteriser, or no adapter at all).
 fn hardware_adapter_listed() -> Option<bool> {
     use burn::tensor::wgpu::wgpu;
-    use std::future::Future;
-    use std::task::{Context, Poll, Waker};
-    // Drivers have been seen to panic while listing adapters (see `probe_gpu`): that is "no
-    // answer", and the full probe decides.
+    listed_adapters().map(|list| list.iter().any(|a| a.device_type != wgpu::DeviceType::Cpu))
+}
+
+/// The adapters the primary graphics APIs list, without starting the wgpu runtime; `None` when
+/// the answer is not immediate or the driver panicked while listing (seen with old drivers: the
+/// full probe then decides).
+fn listed_adapters() -> Option<Vec<burn::tensor::wgpu::wgpu::AdapterInfo>> {
+    use burn::tensor::wgpu::wgpu;
     std::panic::catch_unwind(|| {
         let backends = wgpu::Backends::PRIMARY;
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
@@ -135,17 +181,8 @@ fn hardware_adapter_listed() -> Option<bool> {
             ..wgpu::InstanceDescriptor::new_without_display_handle()
         });
         // Native adapter enumeration completes on the first poll.
-        let mut adapters = std::pin::pin!(instance.enumerate_adapters(backends));
-        match adapters
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()))
-        {
-            Poll::Ready(list) => Some(
-                list.iter()
-                    .any(|a| a.get_info().device_type != wgpu::DeviceType::Cpu),
-            ),
-            Poll::Pending => None,
-        }
+        pollster_ready(instance.enumerate_adapters(backends))
+            .map(|list| list.iter().map(|a| a.get_info()).collect())
     })
     .ok()
     .flatten()

@@ -341,6 +341,8 @@ pub fn main() -> ExitCode {
     pin_default_device(&cli);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // Another MPI rank reports this error.
+        Err(e) if e.is::<crate::distributed::Quiet>() => ExitCode::from(2),
         Err(e) => {
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {
@@ -634,6 +636,10 @@ fn fit(a: FitArgs) -> Result<()> {
             resumed: Vec::new(),
         })?
     };
+    if summary.rank != 0 {
+        // Rank 0 speaks for an MPI run.
+        return Ok(());
+    }
     // Where the validation set cannot score the selection metric (one class only), the
     // validation loss chose the epoch: name what was used.
     let chosen_by = if summary.best_val.contains_key(&summary.select_metric) {

@@ -497,10 +497,27 @@ impl LoaderSpec {
         prefetch: usize,
         first_batch_no: u64,
     ) -> Receiver<LoadResult> {
+        let batches = order
+            .chunks(batch_size)
+            .enumerate()
+            .map(|(b, chunk)| (first_batch_no + b as u64, chunk.to_vec()))
+            .collect();
+        self.spawn_batches(samples, batches, prefetch)
+    }
+
+    /// Like [`spawn`](Self::spawn), for batches given one by one with the number that seeds
+    /// each one's augmentation (a rank's micro-batches of the global batches; empty ones
+    /// give an empty batch, so every rank yields the same number).
+    pub fn spawn_batches(
+        self,
+        samples: Arc<Vec<Sample>>,
+        batches: Vec<(u64, Vec<usize>)>,
+        prefetch: usize,
+    ) -> Receiver<LoadResult> {
         let (tx, rx): (SyncSender<LoadResult>, _) = sync_channel(prefetch.max(1));
         std::thread::spawn(move || {
-            for (b, chunk) in order.chunks(batch_size).enumerate() {
-                let r = self.load_batch(&samples, chunk, first_batch_no + b as u64);
+            for (batch_no, idx) in batches {
+                let r = self.load_batch(&samples, &idx, batch_no);
                 let stop = r.is_err();
                 if tx.send(r).is_err() || stop {
                     break;

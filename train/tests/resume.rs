@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{data, logs, request};
+use common::{data, exported_weights, logs, request};
 use retina_train::config::{ModelSection, Overrides, TrainConfig};
 use retina_train::trainer::{self, Resume};
 use std::path::Path;
@@ -72,30 +72,7 @@ fn resume_matches_an_uninterrupted_run() {
             );
         }
     }
-    // Every tensor of the exported weights (safetensors: an 8-byte header length, a JSON header
-    // of name -> data offsets, then the data), in name order.
-    let weights = |run: &std::path::Path| -> Vec<f32> {
-        let bytes = std::fs::read(run.join("model/weights.safetensors")).unwrap();
-        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-        let data = &bytes[8 + n..];
-        let mut out = Vec::new();
-        for (name, t) in &header {
-            if name == "__metadata__" {
-                continue;
-            }
-            assert_eq!(t["dtype"], "F32", "{name}");
-            let [a, b] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize);
-            out.extend(
-                data[a..b]
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
-            );
-        }
-        out
-    };
-    let (wa, wb) = (weights(&straight), weights(&out));
+    let (wa, wb) = (exported_weights(&straight), exported_weights(&out));
     assert_eq!(wa.len(), wb.len());
     let worst = wa
         .iter()

@@ -27,8 +27,12 @@ use std::path::Path;
 pub struct TrainConfig {
     /// Epochs.
     pub epochs: usize,
-    /// Batch size.
+    /// Batch size: the samples of one optimizer step, over all ranks together.
     pub batch_size: usize,
+    /// Micro-batches each rank splits its share of a batch into, their gradients summed before
+    /// the step (gradient accumulation: a large batch in little memory). One process with
+    /// `accumulate = K` takes the same steps as K MPI ranks.
+    pub accumulate: usize,
     /// Seed of everything random.
     pub seed: u64,
     /// Validation metric that picks the exported epoch (`diagnosis.referable_auc`, `val_loss`,
@@ -52,6 +56,7 @@ impl Default for TrainConfig {
         TrainConfig {
             epochs: 12,
             batch_size: 16,
+            accumulate: 1,
             seed: 0,
             select_metric: "diagnosis.referable_auc".into(),
             model: ModelSection::default(),
@@ -194,6 +199,7 @@ impl TrainConfig {
         if self.epochs == 0 || self.batch_size == 0 {
             bail!("epochs and batch_size must be at least 1");
         }
+        crate::distributed::check_split(self.batch_size, 1, self.accumulate)?;
         if !(0.0..0.9).contains(&self.data.val_fraction) {
             bail!(
                 "data.val_fraction must be in [0, 0.9), not {}",

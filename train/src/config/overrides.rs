@@ -281,7 +281,9 @@ pub fn changes(a: &TrainConfig, b: &TrainConfig) -> Result<Vec<Change>> {
 pub fn resume_rule(key: &str) -> Result<(), &'static str> {
     let section = key.split('.').next().unwrap_or(key);
     match (section, key) {
-        (_, "epochs" | "batch_size" | "select_metric" | "data.cache_images") => Ok(()),
+        (_, "epochs" | "batch_size" | "accumulate" | "select_metric" | "data.cache_images") => {
+            Ok(())
+        }
         ("schedule", _) => Ok(()),
         (_, "optimizer.learning_rate" | "optimizer.clip_grad_norm") => Ok(()),
         (_, "optimizer.kind") => Err(
@@ -317,7 +319,7 @@ pub fn resume_rule(key: &str) -> Result<(), &'static str> {
 }
 
 /// The keys a resumed run may change.
-pub const RESUMABLE: &str = "epochs, batch_size, select_metric, data.cache_images, schedule.*, \
+pub const RESUMABLE: &str = "epochs, batch_size, accumulate, select_metric, data.cache_images, schedule.*, \
                              optimizer.learning_rate, optimizer.clip_grad_norm";
 
 /// Checks that `changes` may be applied to a resumed run.

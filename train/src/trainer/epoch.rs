@@ -1,9 +1,18 @@
 //! One training epoch: the optimizer steps over the epoch's batches, the stop on a non-finite
 //! loss, the per-head loss sums and the progress bar.
+//!
+//! A step takes one global batch of `batch_size` samples from the epoch's order and splits it
+//! into `ranks x accumulate` micro-batches ([`crate::distributed::part`]): rank `r` computes
+//! the gradients of micro-batches `r * accumulate ..`, each weighted by its share of the batch,
+//! sums them, and the ranks sum theirs in one all-reduce. One process with `accumulate = K`
+//! therefore takes the same steps as K ranks (the same samples, augmentations and batch-norm
+//! batches), which is what the MPI tests compare.
 
 use super::schedule::Schedule;
-use crate::data::{LoaderSpec, QualityBatch, Sampling, epoch_order};
+use crate::data::{HostBatch, LoaderSpec, QualityBatch, Sampling, epoch_order};
 use crate::dataset::Sample;
+use crate::distributed::sync::{self, StepReduce};
+use crate::distributed::{Collective, part, together};
 use crate::loss::{HeadTargets, RetinaLoss};
 use anyhow::{Context, Result};
 use burn::module::{Module, ParamGroup};
@@ -38,8 +47,14 @@ pub(super) struct EpochPlan<'a> {
     pub schedule: &'a Schedule,
     /// Autodiff device.
     pub device: &'a Device,
+    /// The device under autodiff (where gradients live).
+    pub base_device: &'a Device,
     /// The run directory (named in the non-finite-loss message).
     pub run_dir: &'a Path,
+    /// The ranks training this model.
+    pub group: &'a dyn Collective,
+    /// Micro-batches per step on each rank.
+    pub accumulate: usize,
 }
 
 /// Means over one epoch's training samples.
@@ -59,6 +74,24 @@ pub(super) struct EpochTotals {
     pub data_wait_s: f64,
     /// Images skipped as unreadable.
     pub bad_images: usize,
+    /// Seconds spent in the gradient all-reduce (0 with one rank).
+    pub allreduce_s: f64,
+    /// Bytes each rank sent to the all-reduce per step (0 with one rank).
+    pub allreduce_bytes: usize,
+    /// Optimizer steps taken.
+    pub steps: usize,
+}
+
+/// Where the numbers of a step's host side sit in the buffer that travels with its gradients.
+struct StepStats;
+impl StepStats {
+    const NON_FINITE: usize = 0;
+    const TOTAL: usize = 1;
+    const N: usize = 2;
+    const QUALITY: usize = 3;
+    const N_QUALITY: usize = 4;
+    const L2: usize = 5;
+    const HEADS: usize = 6;
 }
 
 impl EpochPlan<'_> {
@@ -73,6 +106,7 @@ impl EpochPlan<'_> {
         model: &RetinaNet,
         all: &ParamGroup,
         qb: QualityBatch,
+        scale: f32,
     ) -> Result<Option<(GradientsParams, f64, usize)>> {
         let s = self.spec.preprocess.image_size;
         let n = qb.labels.len();
@@ -106,8 +140,91 @@ impl EpochPlan<'_> {
             // The caller stops the run, as for the main loss.
             return Ok(Some((GradientsParams::new(), value as f64, n)));
         }
-        let grads = GradientsParams::from_grads((loss * head.weight).backward(), &frozen_bn);
+        let grads =
+            GradientsParams::from_grads((loss * (head.weight * scale)).backward(), &frozen_bn);
         Ok(Some((grads, value as f64 * n as f64, n)))
+    }
+
+    /// The gradients of one micro-batch (clinical and quality examples), its loss weighted by
+    /// `weight` (its share of the global batch); its loss sums are added to `stats`. `Err`
+    /// carries a non-finite loss value.
+    fn micro_batch(
+        &self,
+        model: &RetinaNet,
+        all: &ParamGroup,
+        batch: HostBatch,
+        weight: f32,
+        stats: &mut [f32],
+    ) -> Result<std::result::Result<Option<GradientsParams>, f32>> {
+        let s = self.spec.preprocess.image_size;
+        let heads = self.spec.heads.len();
+        let mut grads = None;
+        if let Some(qb) = batch.quality
+            && let Some((g, v, n)) = self.quality_grads(model, all, qb, weight)?
+        {
+            if !v.is_finite() {
+                return Ok(Err(v as f32));
+            }
+            stats[StepStats::QUALITY] += v as f32;
+            stats[StepStats::N_QUALITY] += n as f32;
+            grads = Some(g);
+        }
+        if batch.n == 0 {
+            return Ok(Ok(grads));
+        }
+        let x = Tensor::<4>::from_data(
+            TensorData::new(batch.images, [batch.n, 3, s, s]),
+            self.device,
+        );
+        let t = HeadTargets::batch(&batch.targets, self.device);
+        let out = model.forward(x);
+        let l = self.loss.forward(model, &out, &t);
+        // One host read per micro-batch for the NaN check and the logs.
+        let mut parts = vec![l.total.clone()];
+        parts.extend(l.heads.iter().map(|(_, v)| v.clone()));
+        parts.push(l.l2_sum.clone());
+        let host: Vec<f32> = Tensor::cat(parts.iter().map(|p| p.clone().detach()).collect(), 0)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("f32 host data");
+        if !host.iter().all(|v| v.is_finite()) {
+            return Ok(Err(host[0]));
+        }
+        let total = if weight == 1.0 {
+            l.total
+        } else {
+            l.total * weight
+        };
+        let g = GradientsParams::from_grads(total.backward(), model);
+        let n = batch.n as f32;
+        stats[StepStats::TOTAL] += host[0] * n;
+        for (i, v) in host[1..=heads].iter().enumerate() {
+            stats[StepStats::HEADS + i] += v * n;
+        }
+        stats[StepStats::L2] += host.last().expect("l2") * self.loss.l2 * n;
+        stats[StepStats::N] += n;
+        Ok(Ok(Some(match grads {
+            Some(q) => add_gradients(model, g, q),
+            None => g,
+        })))
+    }
+
+    /// This rank's micro-batches of `epoch`: for each step, `accumulate` of them, each with
+    /// its augmentation number and its weight (its share of the global batch).
+    fn micro_batches(&self, epoch: usize) -> (Vec<(u64, Vec<usize>)>, Vec<f32>) {
+        let order = epoch_order(self.samples, self.sampling, self.seed, epoch);
+        let parts = self.group.size() * self.accumulate;
+        let first = self.group.rank() * self.accumulate;
+        let (mut batches, mut weights) = (Vec::new(), Vec::new());
+        for (j, batch) in order.chunks(self.batch_size).enumerate() {
+            let global = (epoch * self.steps_per_epoch + j) as u64;
+            for p in first..first + self.accumulate {
+                let range = part(batch.len(), p, parts);
+                weights.push(range.len() as f32 / batch.len() as f32);
+                batches.push((global * parts as u64 + p as u64, batch[range].to_vec()));
+            }
+        }
+        (batches, weights)
     }
 
     /// Trains `epoch` (1-based), advancing the global `step`. `last_good` is the epoch of the
@@ -121,17 +238,13 @@ impl EpochPlan<'_> {
         step: &mut usize,
         last_good: usize,
     ) -> Result<(RetinaNet, EpochTotals)> {
-        let s = self.spec.preprocess.image_size;
         let heads = self.spec.heads.len();
-        let order = epoch_order(self.samples, self.sampling, self.seed, epoch);
-        let rx = self.spec.clone().spawn(
-            self.samples.clone(),
-            order,
-            self.batch_size,
-            3,
-            (epoch * self.steps_per_epoch) as u64,
-        );
-        let bar = if std::io::stderr().is_terminal() {
+        let (batches, weights) = self.micro_batches(epoch);
+        let rx = self
+            .spec
+            .clone()
+            .spawn_batches(self.samples.clone(), batches, 3);
+        let bar = if self.group.is_root() && std::io::stderr().is_terminal() {
             ProgressBar::new(self.steps_per_epoch as u64).with_style(
                 ProgressStyle::with_template("epoch {msg} {bar:30} {pos}/{len} [{elapsed}<{eta}]")
                     .expect("valid template"),
@@ -146,91 +259,111 @@ impl EpochPlan<'_> {
         let mut data_wait = 0.0f64;
         let mut bad_images = 0usize;
         let (mut sum_quality, mut n_quality) = (0.0f64, 0usize);
+        let (mut allreduce_s, mut allreduce_bytes, mut steps) = (0.0f64, 0usize, 0usize);
         // Every parameter's id: optimizer steps keep them, so once an epoch is enough.
         let all = ParamGroup::ids_from_module(model.clone());
         let mut lr = 0.0;
-        let mut batches = rx.into_iter().enumerate();
-        loop {
-            let waiting = Instant::now();
-            let Some((b, batch)) = batches.next() else {
-                break;
-            };
-            data_wait += waiting.elapsed().as_secs_f64();
-            let batch = batch
-                .with_context(|| format!("loading training batch {} of epoch {epoch}", b + 1))?;
-            bad_images += batch.bad.len();
-            for e in &batch.bad {
-                eprintln!("skipped: {e}");
+        let mut batches = rx.into_iter();
+        let mut weights = weights.into_iter();
+        for j in 0..self.steps_per_epoch {
+            let t_step = Instant::now();
+            let mut waited = 0.0;
+            let mut grads: Option<GradientsParams> = None;
+            let mut stats = vec![0f32; StepStats::HEADS + heads];
+            let mut own_non_finite = None;
+            // With several micro-batches, each updates batch norm's running statistics from
+            // the same start and the step keeps their mean, as K ranks do (each updates its
+            // own, and the ranks average them).
+            let start_stats = (self.accumulate > 1).then(|| sync::running_statistics(&model));
+            let mut stats_sum = vec![0f32; start_stats.as_ref().map_or(0, Vec::len)];
+            for a in 0..self.accumulate {
+                if let Some(start) = &start_stats {
+                    if a > 0 {
+                        model = sync::set_running_statistics(model, start);
+                    }
+                }
+                let waiting = Instant::now();
+                let Some(batch) = batches.next() else {
+                    break;
+                };
+                let weight = weights.next().expect("one weight per micro-batch");
+                waited += waiting.elapsed().as_secs_f64();
+                let batch = batch.with_context(|| {
+                    format!("loading training batch {} of epoch {epoch}", j + 1)
+                })?;
+                bad_images += batch.bad.len();
+                for e in &batch.bad {
+                    eprintln!("skipped: {e}");
+                }
+                if own_non_finite.is_none() {
+                    match self.micro_batch(&model, &all, batch, weight, &mut stats)? {
+                        Ok(Some(g)) => {
+                            grads = Some(match grads {
+                                Some(a) => add_gradients(&model, a, g),
+                                None => g,
+                            })
+                        }
+                        Ok(None) => {}
+                        Err(value) => own_non_finite = Some(value),
+                    }
+                }
+                if start_stats.is_some() {
+                    let now = sync::running_statistics(&model);
+                    stats_sum.iter_mut().zip(now).for_each(|(s, v)| *s += v);
+                }
             }
-            let t0 = Instant::now();
-            let non_finite = |value: f32| {
-                anyhow::anyhow!(
-                    "the loss became non-finite ({value}) at epoch {epoch}, batch {}: training stopped. \
-                     The last good checkpoint (epoch {last_good}) is kept in {}; lower the \
-                     learning rate (now {:.2e}) and continue with --resume {}",
-                    b + 1,
+            if start_stats.is_some() {
+                let k = self.accumulate as f32;
+                stats_sum.iter_mut().for_each(|v| *v /= k);
+                model = sync::set_running_statistics(model, &stats_sum);
+            }
+            if own_non_finite.is_some() {
+                stats[StepStats::NON_FINITE] = 1.0;
+            }
+            let mut grads = grads.unwrap_or_default();
+            if self.group.size() > 1 {
+                let t = Instant::now();
+                let (sum, r) =
+                    StepReduce::all_reduce(self.group, &model, grads, &mut stats, self.base_device);
+                grads = sum;
+                allreduce_s += t.elapsed().as_secs_f64();
+                allreduce_bytes = r.bytes;
+            }
+            if stats[StepStats::NON_FINITE] > 0.0 {
+                bar.finish_and_clear();
+                let value = own_non_finite.map_or("on another rank".into(), |v| v.to_string());
+                let ranks = if self.group.size() > 1 {
+                    format!(" (on {} of {} ranks)", stats[0], self.group.size())
+                } else {
+                    String::new()
+                };
+                let e = anyhow::anyhow!(
+                    "the loss became non-finite ({value}) at epoch {epoch}, batch {}{ranks}: \
+                     training stopped. The last good checkpoint (epoch {last_good}) is kept in \
+                     {}; lower the learning rate (now {:.2e}) and continue with --resume {}",
+                    j + 1,
                     self.run_dir.join("checkpoint").display(),
                     self.schedule.peak,
                     self.run_dir.display()
-                )
-            };
-            let quality = match batch.quality {
-                Some(qb) => self.quality_grads(&model, &all, qb)?,
-                None => None,
-            };
-            if let Some((_, v, _)) = &quality
-                && !v.is_finite()
-            {
-                bar.finish_and_clear();
-                return Err(non_finite(*v as f32));
+                );
+                return Err(together(self.group, e));
             }
-            if let Some((_, loss, n)) = &quality {
-                sum_quality += loss;
-                n_quality += n;
+            if !grads.is_empty() {
+                lr = self.schedule.at(*step);
+                model = optim.step(lr, model, grads);
+                steps += 1;
             }
-            if batch.n == 0 {
-                if let Some((grads, _, _)) = quality {
-                    lr = self.schedule.at(*step);
-                    model = optim.step(lr, model, grads);
-                    *step += 1;
-                }
-                step_time += t0.elapsed().as_secs_f64();
-                continue;
-            }
-            let x = Tensor::<4>::from_data(
-                TensorData::new(batch.images, [batch.n, 3, s, s]),
-                self.device,
-            );
-            let t = HeadTargets::batch(&batch.targets, self.device);
-            let out = model.forward(x);
-            let l = self.loss.forward(&model, &out, &t);
-            // One host read per step for the NaN check and the logs.
-            let mut parts = vec![l.total.clone()];
-            parts.extend(l.heads.iter().map(|(_, v)| v.clone()));
-            parts.push(l.l2_sum.clone());
-            let host: Vec<f32> = Tensor::cat(parts.iter().map(|p| p.clone().detach()).collect(), 0)
-                .into_data()
-                .try_into_vec_as::<f32>()
-                .expect("f32 host data");
-            if !host.iter().all(|v| v.is_finite()) {
-                bar.finish_and_clear();
-                return Err(non_finite(host[0]));
-            }
-            lr = self.schedule.at(*step);
-            let mut grads = GradientsParams::from_grads(l.total.backward(), &model);
-            if let Some((extra, _, _)) = quality {
-                grads = add_gradients(&model, grads, extra);
-            }
-            model = optim.step(lr, model, grads);
             *step += 1;
-            step_time += t0.elapsed().as_secs_f64();
-            let n = batch.n as f64;
-            sum_total += host[0] as f64 * n;
-            for (i, v) in host[1..=heads].iter().enumerate() {
-                sum_heads[i] += *v as f64 * n;
+            data_wait += waited;
+            step_time += t_step.elapsed().as_secs_f64() - waited;
+            sum_total += stats[StepStats::TOTAL] as f64;
+            for (i, v) in stats[StepStats::HEADS..].iter().enumerate() {
+                sum_heads[i] += *v as f64;
             }
-            sum_l2 += *host.last().expect("l2") as f64 * self.loss.l2 as f64 * n;
-            n_seen += batch.n;
+            sum_l2 += stats[StepStats::L2] as f64;
+            n_seen += stats[StepStats::N] as usize;
+            sum_quality += stats[StepStats::QUALITY] as f64;
+            n_quality += stats[StepStats::N_QUALITY] as usize;
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -252,6 +385,9 @@ impl EpochPlan<'_> {
                 img_per_s: n_seen as f64 / step_time.max(1e-9),
                 data_wait_s: data_wait,
                 bad_images,
+                allreduce_s,
+                allreduce_bytes,
+                steps,
             },
         ))
     }

@@ -26,6 +26,7 @@ pub use validation::validation_metrics;
 use crate::config::overrides::{Change, changes, check_resume};
 use crate::config::{Overrides, TrainConfig};
 use crate::dataset::DatasetFormat;
+use crate::distributed::{self, AllRanks, Collective, Quiet, sync, together};
 use crate::scoring;
 use anyhow::{Result, anyhow, bail};
 use burn::prelude::*;
@@ -160,6 +161,20 @@ pub struct FitSummary {
     pub seconds: f64,
     /// Hash of the data set (labels and image list).
     pub dataset_hash: String,
+    /// Ranks (MPI processes) that trained the model.
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
+    /// Each rank's hash of its weights and running statistics after the last epoch, in rank
+    /// order: all equal (the run stops when they are not).
+    #[serde(default)]
+    pub rank_weight_hashes: Vec<String>,
+    /// The rank that returned this summary (only rank 0 writes and prints it).
+    #[serde(skip)]
+    pub rank: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// The request a resumption of the run in `dir` would train: the run's own, with the changes
@@ -214,22 +229,88 @@ pub fn fit(req: FitRequest) -> Result<FitSummary> {
 }
 
 fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
+    let group = distributed::join()?;
+    let group = group.as_ref();
+    match train(req, resuming, group) {
+        Ok(summary) => Ok(summary),
+        // Every rank met these errors together and returns; MPI finalises as each exits.
+        Err(e) if group.size() == 1 || e.is::<Quiet>() || e.is::<AllRanks>() => Err(e),
+        // An error on one rank that the others cannot know of (an unreadable image, a full
+        // disk): they would wait in the next collective forever, so end the job.
+        Err(e) => {
+            eprintln!("error on rank {} of {}: {e:#}", group.rank(), group.size());
+            group.abort(2)
+        }
+    }
+}
+
+fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<FitSummary> {
     let started = Instant::now();
+    let root = group.is_root();
+    if group.size() > 1 {
+        // Rank 0's request (config, data source, backend), so every rank runs the same.
+        let bytes = group.broadcast(if root {
+            serde_json::to_vec(&req)?
+        } else {
+            Vec::new()
+        });
+        req = serde_json::from_slice(&bytes)?;
+    }
     let cfg = req.config.clone();
     cfg.validate()?;
     let model_config: RetinaConfig = cfg.model_config()?;
     scoring::check_metric(&cfg.select_metric, &model_config.heads).map_err(|e| anyhow!(e))?;
+    distributed::check_split(cfg.batch_size, group.size(), cfg.accumulate)?;
     let run = RunDir::new(&req.out);
-    run.write_request(&req)?;
+    if resuming {
+        let ranks = run.read_state()?.ranks;
+        if ranks != group.size() {
+            return Err(together(
+                group,
+                anyhow!(
+                    "{} was trained on {ranks} rank(s) and this resumption has {}: the data \
+                     order, micro-batches and optimizer steps depend on the number of ranks\n\
+                     hint: resume with {}",
+                    req.out.display(),
+                    group.size(),
+                    if ranks == 1 {
+                        "one process (no mpirun)".to_string()
+                    } else {
+                        format!("mpirun -np {ranks}")
+                    }
+                ),
+            ));
+        }
+    }
+    if root {
+        run.write_request(&req)?;
+    }
 
     let choice: BackendChoice = req.backend.parse().map_err(|e: String| anyhow!(e))?;
+    if group.local_size() > 1 && matches!(choice, BackendChoice::Wgpu | BackendChoice::Auto) {
+        // One GPU per rank on a machine: the local rank's.
+        retina_model::backend::use_gpu_of_local_rank(group.local_rank(), group.local_size());
+    }
     let backend = choice.select()?;
-    eprintln!("backend: {}", backend.description);
+    if root {
+        eprintln!("backend: {}", backend.description);
+        if group.size() > 1 {
+            eprintln!("ranks: {}", group.describe());
+        }
+    }
     let device = backend.device.clone();
     device.seed(cfg.seed);
     let ad = device.clone().autodiff();
 
-    let data = samples::load(&req, &model_config)?;
+    // Rank 0 first: it may write the data (a synthetic set) the others then read.
+    let data = if root {
+        let d = samples::load(&req, &model_config);
+        group.barrier();
+        d?
+    } else {
+        group.barrier();
+        samples::load(&req, &model_config)?
+    };
     if data.train.is_empty() {
         bail!("no training samples left after the split");
     }
@@ -241,26 +322,36 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
     };
     let loss = cfg.loss.init(&model_config.heads, &counts)?;
     let train_grades = counts(retina_model::DIAGNOSIS).unwrap_or_default();
-    eprintln!(
-        "data: {} training / {} validation images; training grades 0-4: {:?}; sampling {:?}",
-        data.train.len(),
-        data.val.len(),
-        train_grades,
-        cfg.data.sampling
-    );
+    if root {
+        eprintln!(
+            "data: {} training / {} validation images; training grades 0-4: {:?}; sampling {:?}",
+            data.train.len(),
+            data.val.len(),
+            train_grades,
+            cfg.data.sampling
+        );
+    }
 
     let mut metadata = BundleMetadata::new(model_config.clone());
     let mut model = model_config.init(&ad)?;
     let mut optim = cfg.optimizer.init();
     let mut logs = Vec::new();
-    let mut state = CheckpointState::default();
+    let mut state = CheckpointState {
+        ranks: group.size(),
+        ..CheckpointState::default()
+    };
     if resuming {
         let (m, o, st) = run.read_checkpoint(model, optim)?;
         (model, optim) = (m, o);
         logs = run.read_logs()?;
         logs.retain(|l| l.epoch <= st.epoch);
-        eprintln!("resuming after epoch {} (step {})", st.epoch, st.step);
+        if root {
+            eprintln!("resuming after epoch {} (step {})", st.epoch, st.step);
+        }
         state = st;
+    } else {
+        // Every rank starts from rank 0's weights.
+        model = sync::broadcast_model(group, model);
     }
 
     let (train_spec, val_spec) = samples::loader_specs(&req, &model_config, &data);
@@ -268,6 +359,11 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
     let mut hash = None;
     let train = Arc::new(data.train);
     let val = Arc::new(data.val);
+    // Each rank validates a contiguous shard; the predictions are gathered in order.
+    let val_shard = {
+        let r = distributed::part(val.len(), group.rank(), group.size());
+        Arc::new(val[r].to_vec())
+    };
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let schedule = Schedule::new(
         cfg.optimizer.learning_rate,
@@ -286,7 +382,10 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         epochs: cfg.epochs,
         schedule: &schedule,
         device: &ad,
+        base_device: &device,
         run_dir: run.root(),
+        group,
+        accumulate: cfg.accumulate,
     };
     let mut bad_images = 0usize;
     let mut best_val = logs
@@ -294,19 +393,23 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         .find(|l| l.epoch == state.best_epoch)
         .map(|l| l.val.clone())
         .unwrap_or_default();
+    let mut weight_hashes = Vec::new();
 
     for epoch in state.epoch + 1..=cfg.epochs {
         let t_epoch = Instant::now();
         let (trained, totals) = plan.run(epoch, model, &mut optim, &mut state.step, state.epoch)?;
-        model = trained;
+        // Each rank's batch-norm statistics come from its own shard: one average for all.
+        model = sync::average_running_statistics(group, trained);
+        weight_hashes = sync::check_identical(group, &model).map_err(|e| together(group, e))?;
         bad_images += totals.bad_images;
 
         // Validation on the inference snapshot (batch norm in eval mode, no autodiff).
-        let (preds, val_loss) = scoring::predict(
+        let (preds, val_loss) = validation::predict_sharded(
+            group,
             &model.valid(),
-            Some(&loss),
+            &loss,
             &val_spec,
-            &val,
+            &val_shard,
             cfg.batch_size,
             &device,
         )?;
@@ -314,6 +417,7 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         if let Some(v) = val_loss {
             val_metrics.insert(scoring::VAL_LOSS.into(), v);
         }
+        let parallel = group.size() > 1;
         let log = EpochLog {
             epoch,
             train_loss: totals.loss,
@@ -324,33 +428,45 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
             train_img_per_s: totals.img_per_s,
             data_wait_s: totals.data_wait_s,
             seconds: t_epoch.elapsed().as_secs_f64(),
+            ranks: parallel.then_some(group.size()),
+            allreduce_s_per_step: parallel.then(|| totals.allreduce_s / totals.steps.max(1) as f64),
+            allreduce_bytes_per_step: parallel.then_some(totals.allreduce_bytes),
         };
-        report(&log, cfg.epochs);
-        logs.push(log);
-        run.write_logs(&logs)?;
-
-        // Export the best epoch as the run's model bundle.
         let current = val_metrics
             .get(&cfg.select_metric)
             .copied()
             .or_else(|| val_metrics.get(scoring::VAL_LOSS).copied());
-        let hash =
-            hash.get_or_insert_with(|| crate::dataset::content_hash(&train, &train_spec.hashes));
-        metadata.provenance = provenance::provenance(&req, hash, epoch, &val_metrics);
-        if select::improves(
+        let improves = select::improves(
             &cfg.select_metric,
             current,
             state.best_metric,
             state.best_epoch,
-        ) {
+        );
+        if improves {
             state.best_epoch = epoch;
             state.best_metric = current;
-            best_val = val_metrics;
-            run.export_best(model.valid(), &metadata)?;
+            best_val = val_metrics.clone();
         }
         state.epoch = epoch;
+        logs.push(log.clone());
+        if !root {
+            continue;
+        }
+        report(&log, cfg.epochs);
+        run.write_logs(&logs)?;
+
+        // Export the best epoch as the run's model bundle.
+        let hash =
+            hash.get_or_insert_with(|| crate::dataset::content_hash(&train, &train_spec.hashes));
+        metadata.provenance = provenance::provenance(&req, hash, epoch, &val_metrics);
+        if improves {
+            run.export_best(model.valid(), &metadata)?;
+        }
         run.write_checkpoint(&model, &optim, &metadata, &state)?;
     }
+    // The other ranks read nothing rank 0 writes after this point, but their summary must not
+    // claim an exported model before it exists.
+    group.barrier();
 
     let summary = FitSummary {
         out: req.out.clone(),
@@ -377,8 +493,13 @@ fn fit_inner(req: FitRequest, resuming: bool) -> Result<FitSummary> {
         seconds: started.elapsed().as_secs_f64(),
         dataset_hash: hash
             .unwrap_or_else(|| crate::dataset::content_hash(&train, &train_spec.hashes)),
+        ranks: group.size(),
+        rank_weight_hashes: weight_hashes.iter().map(|h| format!("{h:016x}")).collect(),
+        rank: group.rank(),
     };
-    run.write_summary(&summary)?;
+    if root {
+        run.write_summary(&summary)?;
+    }
     Ok(summary)
 }
 

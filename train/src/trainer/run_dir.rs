@@ -36,10 +36,19 @@ pub struct EpochLog {
     pub data_wait_s: f64,
     /// Wall time of the epoch, seconds.
     pub seconds: f64,
+    /// Ranks that trained the epoch (MPI), when more than one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<usize>,
+    /// Mean seconds per step in the gradient all-reduce (with more than one rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce_s_per_step: Option<f64>,
+    /// Bytes each rank sends to the all-reduce per step (with more than one rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce_bytes_per_step: Option<usize>,
 }
 
 /// Progress of a run, stored with each checkpoint.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct CheckpointState {
     /// Last finished epoch.
     pub epoch: usize,
@@ -49,6 +58,26 @@ pub(super) struct CheckpointState {
     pub best_epoch: usize,
     /// The selection metric's value there.
     pub best_metric: Option<f64>,
+    /// The number of ranks (MPI processes) the run trains with: its data order, micro-batches
+    /// and optimizer steps depend on it, so a resumption must use the same.
+    #[serde(default = "one")]
+    pub ranks: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for CheckpointState {
+    fn default() -> Self {
+        CheckpointState {
+            epoch: 0,
+            step: 0,
+            best_epoch: 0,
+            best_metric: None,
+            ranks: 1,
+        }
+    }
 }
 
 const CHECKPOINT: &str = "checkpoint";

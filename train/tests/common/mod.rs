@@ -44,3 +44,27 @@ pub fn request(labels: &Path, out: &Path, config: TrainConfig) -> FitRequest {
 pub fn logs(dir: &Path) -> Vec<EpochLog> {
     read_logs(&dir.join("metrics.jsonl")).unwrap()
 }
+
+/// Every tensor of a run's exported weights (safetensors: an 8-byte header length, a JSON header
+/// of name -> data offsets, then the data), in name order, concatenated.
+pub fn exported_weights(run: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(run.join("model/weights.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut out = Vec::new();
+    for (name, t) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        assert_eq!(t["dtype"], "F32", "{name}");
+        let [a, b] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize);
+        out.extend(
+            data[a..b]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
+        );
+    }
+    out
+}
