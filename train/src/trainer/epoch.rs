@@ -277,10 +277,10 @@ impl EpochPlan<'_> {
             let start_stats = (self.accumulate > 1).then(|| sync::running_statistics(&model));
             let mut stats_sum = vec![0f32; start_stats.as_ref().map_or(0, Vec::len)];
             for a in 0..self.accumulate {
-                if let Some(start) = &start_stats {
-                    if a > 0 {
-                        model = sync::set_running_statistics(model, start);
-                    }
+                if let Some(start) = &start_stats
+                    && a > 0
+                {
+                    model = sync::set_running_statistics(model, start);
                 }
                 let waiting = Instant::now();
                 let Some(batch) = batches.next() else {
