@@ -259,3 +259,21 @@ fn a_killed_rank_ends_the_run_with_an_error_not_a_hang() {
     assert!(err.contains("rank 1") || err.contains("signal 9"), "{err}");
     assert!(logs(&out).len() < 200, "the run went on");
 }
+
+/// The ranks train on the GPU backend too (Mesa's software Vulkan driver in CI, where each
+/// rank shares the one adapter; on a machine with discrete GPUs each takes its local rank's).
+#[test]
+fn ranks_train_on_the_wgpu_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut args = fit_args(&out, 1);
+    args.extend(["--backend".into(), "wgpu".into()]);
+    // 48 eyes: the software rasteriser is slow.
+    args[2] = "48".into();
+    let run = ok(mpirun(2, &args));
+    let s = summary(&run);
+    assert!(s["backend"].as_str().unwrap().starts_with("wgpu"), "{s}");
+    let hashes = s["rank_weight_hashes"].as_array().unwrap();
+    assert_eq!(hashes.len(), 2);
+    assert_eq!(hashes[0], hashes[1]);
+}
