@@ -222,6 +222,11 @@ fn every_row_of_each_public_format_reads_as_written() {
             .samples
             .iter()
             .map(|s| {
+                // What the split and balanced sampling read: the same grade.
+                assert_eq!(
+                    s.grade().map(|g| g as f32),
+                    s.labels.get("diagnosis").copied()
+                );
                 (
                     s.image.clone(),
                     s.labels.get("diagnosis").copied(),
@@ -296,4 +301,65 @@ fn every_row_of_each_public_format_reads_as_written() {
             ("images/20170413102628830.jpg", 1.0, None),
         ],
     );
+}
+
+/// Cases a mutation run of the parsers (`cargo mutants`) showed unchecked: grades off the
+/// scale, rows one field short or long, bytes that are not text, patients.
+#[test]
+fn off_scale_grades_odd_rows_and_patients_are_read_or_refused_where_they_are() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    // A public format's grade is an integer 0-4: each of these is refused at its cell.
+    for bad in ["5", "-1", "2.5"] {
+        let e = err(
+            dir,
+            DatasetFormat::Eyepacs,
+            &format!("image,level\n10_left,0\n10_right,{bad}\n"),
+        );
+        assert!(
+            e.contains("labels.csv:3:2:") && e.contains("expected a grade 0-4"),
+            "{bad}: {e}"
+        );
+    }
+    // DDR's scale goes to 5 (ungradable), no further.
+    let p = write(dir, "ddr.txt", "a.jpg 2\nb.jpg 6\n");
+    let e = read_labels(&p, DatasetFormat::Ddr, None, &heads())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ddr.txt:2:2: expected a grade 0-5"), "{e}");
+    // One field short of the last label column is a short row, not a missing label.
+    let e = err(
+        dir,
+        DatasetFormat::Native,
+        "image,diagnosis,fluid\na.png,2,1\nb.png,2\n",
+    );
+    assert!(e.contains(":3:2: expected 3 fields, found 2"), "{e}");
+    // An empty trailing field is tolerated (spreadsheets write them); a filled one is not.
+    let p = write(dir, "trailing.csv", "image,diagnosis\na.png,1,\nb.png,2,\n");
+    let f = read_labels(&p, DatasetFormat::Native, None, &heads()).unwrap();
+    assert_eq!(f.samples.len(), 2);
+    // Not UTF-8: located at the line of the first bad byte.
+    let p = dir.join("latin1.csv");
+    std::fs::write(&p, b"image,diagnosis\na.png,1\nb\xe9.png,2\n").unwrap();
+    let e = read_labels(&p, DatasetFormat::Native, None, &heads())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.ends_with("latin1.csv:3:1: the file is not UTF-8 text"),
+        "{e}"
+    );
+    // The native format's patient column groups eyes; a blank cell is no patient.
+    let p = write(
+        dir,
+        "patients.csv",
+        "image,patient,diagnosis\na.png,p1,1\nb.png, p1 ,2\nc.png,,0\n",
+    );
+    let f = read_labels(&p, DatasetFormat::Native, None, &heads()).unwrap();
+    let patients: Vec<Option<&str>> = f.samples.iter().map(|s| s.patient.as_deref()).collect();
+    assert_eq!(patients, [Some("p1"), Some("p1"), None]);
+    // EyePACS: a patient only from `{id}_left` / `{id}_right`.
+    let p = write(dir, "eyepacs.csv", "image,level\nscan_3,1\n10_left,0\n");
+    let f = read_labels(&p, DatasetFormat::Eyepacs, None, &heads()).unwrap();
+    assert_eq!(f.samples[0].patient, None);
+    assert_eq!(f.samples[1].patient.as_deref(), Some("10"));
 }
