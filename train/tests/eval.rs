@@ -287,3 +287,209 @@ fn eval_reports_a_damaged_training_log_where_it_is() {
     .to_string();
     assert!(e.contains("metrics.jsonl:2:"), "{e}");
 }
+
+/// Targets as the command line writes them.
+#[test]
+fn targets_parse_every_form_and_refuse_the_rest() {
+    assert_eq!(
+        "sensitivity=0.95".parse::<Target>().unwrap(),
+        Target::Sensitivity(0.95)
+    );
+    assert_eq!("youden".parse::<Target>().unwrap(), Target::Youden);
+    for bad in [
+        "recall=0.9",
+        "sensitivity",
+        "sensitivity=high",
+        "specificity=-0.1",
+        "",
+    ] {
+        let e = bad.parse::<Target>().unwrap_err();
+        assert!(e.contains("use sensitivity=0.95"), "{bad}: {e}");
+    }
+    assert_eq!(Target::Sensitivity(0.9).default_name(), "screening");
+    assert_eq!(Target::Specificity(0.9).default_name(), "confirmation");
+}
+
+/// Where no score separates enough negatives, the threshold goes just above the highest score
+/// (the next float up), positive or negative, so nothing is called positive.
+#[test]
+fn a_target_only_met_above_every_score_gets_the_next_float_up() {
+    for (scores, top) in [([0.2f32, 0.9, 0.5], 0.9f32), ([-0.7, -0.5, -0.6], -0.5)] {
+        let truth = [false, false, true];
+        let t = choose_threshold(&scores, &truth, Target::Specificity(1.0)).unwrap();
+        assert!(t > top, "{t} <= {top}");
+        assert_eq!(
+            t,
+            f32::from_bits(if top > 0.0 {
+                top.to_bits() + 1
+            } else {
+                top.to_bits() - 1
+            })
+        );
+        let c = BinaryCounts::at(&scores, &truth, t);
+        assert_eq!(c.specificity(), Some(1.0));
+    }
+}
+
+/// Youden's index against a brute-force maximum over many generated score sets (where the sum
+/// and, say, the product of sensitivity and specificity pick different thresholds).
+#[test]
+fn youden_is_the_maximum_of_sensitivity_plus_specificity_on_any_set() {
+    let mut state = 12345u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    };
+    for _ in 0..200 {
+        let n = 12;
+        let truth: Vec<bool> = (0..n).map(|i| i % 3 == 0).collect();
+        let scores: Vec<f32> = truth
+            .iter()
+            .map(|&t| next() * 0.8 + if t { 0.2 } else { 0.0 })
+            .collect();
+        let j = |t: f32| {
+            let c = BinaryCounts::at(&scores, &truth, t);
+            c.sensitivity().unwrap() + c.specificity().unwrap()
+        };
+        let best = scores.iter().map(|s| j(*s)).fold(f64::MIN, f64::max);
+        let t = choose_threshold(&scores, &truth, Target::Youden).unwrap();
+        assert!(
+            (j(t) - best).abs() < 1e-12,
+            "{scores:?}: {} at {t}, best {best}",
+            j(t)
+        );
+    }
+}
+
+/// A bundle's first calibration fits its classification heads' temperatures and becomes its
+/// default point; a second keeps both. A head whose labels are all one class keeps 1.
+#[test]
+fn the_first_calibration_fits_temperatures_and_sets_the_default_and_later_ones_keep_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let heads = vec![
+        HeadSpec::default_heads()
+            .into_iter()
+            .find(|h| h.name == "diagnosis")
+            .unwrap(),
+        HeadSpec::new("lesion_type".into(), HeadKind::Multiclass(3)),
+    ];
+    let (model, labels) = setup(dir.path(), Some(heads));
+    // The generated labels, rewritten for these heads: `lesion_type` all class 0.
+    let text = std::fs::read_to_string(&labels).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let (img, grade) = (
+        header.iter().position(|h| *h == "image").unwrap(),
+        header.iter().position(|h| *h == "diagnosis").unwrap(),
+    );
+    let mut rewritten = String::from("image,diagnosis,lesion_type\n");
+    for l in lines {
+        let f: Vec<&str> = l.split(',').collect();
+        rewritten += &format!("{},{},0\n", f[img], f[grade]);
+    }
+    let labels = labels.with_file_name("lesions.csv");
+    std::fs::write(&labels, rewritten).unwrap();
+
+    let calibrate = |target, name| {
+        eval::calibrate(
+            &model,
+            &labels,
+            DatasetFormat::Native,
+            None,
+            target,
+            name,
+            BackendChoice::Cpu,
+        )
+    };
+    let (_, _, report) = calibrate(Target::Sensitivity(0.9), None).unwrap();
+    let meta = BundleMetadata::load(&model).unwrap();
+    assert_eq!(meta.default_point, "screening");
+    let t_diag = meta.config.heads[0].temperature;
+    assert!(t_diag.is_some_and(|t| t != 1.0), "{report:?}");
+    assert_eq!(meta.config.heads[1].temperature, None, "{report:?}");
+    assert!(
+        report
+            .iter()
+            .any(|l| l.contains("lesion_type") && l.contains("temperature left at 1")),
+        "{report:?}"
+    );
+    let (_, _, report) = calibrate(Target::Specificity(0.9), None).unwrap();
+    let meta = BundleMetadata::load(&model).unwrap();
+    assert_eq!(
+        meta.default_point, "screening",
+        "a later point is not made the default"
+    );
+    assert!(meta.operating_points.contains_key("confirmation"));
+    assert_eq!(meta.config.heads[0].temperature, t_diag, "{report:?}");
+    assert!(
+        report.iter().any(|l| l.contains("temperatures kept")),
+        "{report:?}"
+    );
+}
+
+/// A decision with one class in the calibration set cannot be calibrated: refused, nothing
+/// written (never the default point's 0.5 passed off as calibrated).
+#[test]
+fn calibration_on_a_one_class_set_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, labels) = setup(dir.path(), None);
+    let text = std::fs::read_to_string(&labels).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let grade = header.split(',').position(|h| h == "diagnosis").unwrap();
+    let healthy: String = std::iter::once(header.to_string())
+        .chain(lines.map(|l| {
+            let mut f: Vec<String> = l.split(',').map(str::to_string).collect();
+            f[grade] = "0".into();
+            f.join(",")
+        }))
+        .map(|l| l + "\n")
+        .collect();
+    let labels = labels.with_file_name("healthy.csv");
+    std::fs::write(&labels, healthy).unwrap();
+    let before = std::fs::read(model.join("model.json")).unwrap();
+    let e = eval::calibrate(
+        &model,
+        &labels,
+        DatasetFormat::Native,
+        None,
+        Target::Sensitivity(0.9),
+        None,
+        BackendChoice::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("cannot calibrate referable (0 positive"), "{e}");
+    assert_eq!(std::fs::read(model.join("model.json")).unwrap(), before);
+    // A decision with no labels at all is as uncalibrated as one with one class (only the
+    // refusing decision may keep the default point's threshold when nothing labels it).
+    let text = std::fs::read_to_string(labels.with_file_name("labels.csv")).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let fluid = header.split(',').position(|h| h == "fluid").unwrap();
+    let unlabelled: String = std::iter::once(header.to_string())
+        .chain(lines.map(|l| {
+            let mut f: Vec<String> = l.split(',').map(str::to_string).collect();
+            f[fluid] = String::new();
+            f.join(",")
+        }))
+        .map(|l| l + "\n")
+        .collect();
+    let labels = labels.with_file_name("no_fluid.csv");
+    std::fs::write(&labels, unlabelled).unwrap();
+    let e = eval::calibrate(
+        &model,
+        &labels,
+        DatasetFormat::Native,
+        None,
+        Target::Sensitivity(0.9),
+        None,
+        BackendChoice::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("fluid (0 positive, 0 negative)"), "{e}");
+    assert_eq!(std::fs::read(model.join("model.json")).unwrap(), before);
+}
