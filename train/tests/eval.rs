@@ -231,6 +231,17 @@ fn eval_writes_stable_keys_report_and_figures_and_calibrate_adds_a_point() {
     .unwrap();
     assert_eq!(m["operating_point"]["name"], "screening");
     assert!(m["diagnosis"]["referable_sensitivity"].as_f64().unwrap() >= 0.95);
+    // Both classification heads got a temperature (fluid has exactly two classes), and the
+    // report scores the probabilities before it as well as after.
+    let meta = BundleMetadata::load(&model).unwrap();
+    for head in ["diagnosis", "fluid"] {
+        let t = meta.config.head(head).unwrap().temperature;
+        assert!(t.is_some_and(|t| t != 1.0), "{head}: {t:?}");
+    }
+    assert_ne!(
+        m["fluid"]["brier"].as_f64().unwrap(),
+        m["fluid"]["brier_uncalibrated"].as_f64().unwrap()
+    );
 }
 
 #[test]
