@@ -440,67 +440,60 @@ fn the_first_calibration_fits_temperatures_and_sets_the_default_and_later_ones_k
     );
 }
 
+/// `labels` with every cell of `column` set to `value`, written beside it as `name`.
+fn with_column(labels: &Path, column: &str, value: &str, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(labels).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let at = header.split(',').position(|h| h == column).unwrap();
+    let out: String = std::iter::once(header.to_string())
+        .chain(lines.map(|l| {
+            let mut f: Vec<&str> = l.split(',').collect();
+            f[at] = value;
+            f.join(",")
+        }))
+        .map(|l| l + "\n")
+        .collect();
+    let path = labels.with_file_name(name);
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
 /// A decision with one class in the calibration set cannot be calibrated: refused, nothing
-/// written (never the default point's 0.5 passed off as calibrated).
+/// written (never the default point's 0.5 passed off as calibrated). A decision with no labels
+/// at all is as uncalibrated (only the refusing decision may keep the default point's threshold
+/// when nothing labels it).
 #[test]
 fn calibration_on_a_one_class_set_is_refused_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (model, labels) = setup(dir.path(), None);
-    let text = std::fs::read_to_string(&labels).unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let grade = header.split(',').position(|h| h == "diagnosis").unwrap();
-    let healthy: String = std::iter::once(header.to_string())
-        .chain(lines.map(|l| {
-            let mut f: Vec<String> = l.split(',').map(str::to_string).collect();
-            f[grade] = "0".into();
-            f.join(",")
-        }))
-        .map(|l| l + "\n")
-        .collect();
-    let labels = labels.with_file_name("healthy.csv");
-    std::fs::write(&labels, healthy).unwrap();
     let before = std::fs::read(model.join("model.json")).unwrap();
-    let e = eval::calibrate(
-        &model,
-        &labels,
-        DatasetFormat::Native,
-        None,
-        Target::Sensitivity(0.9),
-        None,
-        BackendChoice::Cpu,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("cannot calibrate referable (0 positive"), "{e}");
-    assert_eq!(std::fs::read(model.join("model.json")).unwrap(), before);
-    // A decision with no labels at all is as uncalibrated as one with one class (only the
-    // refusing decision may keep the default point's threshold when nothing labels it).
-    let text = std::fs::read_to_string(labels.with_file_name("labels.csv")).unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let fluid = header.split(',').position(|h| h == "fluid").unwrap();
-    let unlabelled: String = std::iter::once(header.to_string())
-        .chain(lines.map(|l| {
-            let mut f: Vec<String> = l.split(',').map(str::to_string).collect();
-            f[fluid] = String::new();
-            f.join(",")
-        }))
-        .map(|l| l + "\n")
-        .collect();
-    let labels = labels.with_file_name("no_fluid.csv");
-    std::fs::write(&labels, unlabelled).unwrap();
-    let e = eval::calibrate(
-        &model,
-        &labels,
-        DatasetFormat::Native,
-        None,
-        Target::Sensitivity(0.9),
-        None,
-        BackendChoice::Cpu,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("fluid (0 positive, 0 negative)"), "{e}");
-    assert_eq!(std::fs::read(model.join("model.json")).unwrap(), before);
+    for (column, value, name, expected) in [
+        (
+            "diagnosis",
+            "0",
+            "healthy.csv",
+            "cannot calibrate referable (0 positive",
+        ),
+        (
+            "fluid",
+            "",
+            "no_fluid.csv",
+            "fluid (0 positive, 0 negative)",
+        ),
+    ] {
+        let e = eval::calibrate(
+            &model,
+            &with_column(&labels, column, value, name),
+            DatasetFormat::Native,
+            None,
+            Target::Sensitivity(0.9),
+            None,
+            BackendChoice::Cpu,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(expected), "{e}");
+        assert_eq!(std::fs::read(model.join("model.json")).unwrap(), before);
+    }
 }

@@ -441,15 +441,8 @@ impl LatencyWindow {
 mod tests {
     use super::*;
 
-    /// A forward pass that panics fails its own batch with `Failed` (HTTP 500), and the model
-    /// thread goes on to answer the next one.
-    #[test]
-    fn a_failing_forward_pass_fails_its_batch_and_the_model_thread_serves_the_next() {
-        let policy = BatchPolicy {
-            max_batch: 4,
-            max_wait: Duration::from_millis(1),
-            queue_capacity: 8,
-        };
+    /// A batcher over the embedded model, started and loaded; and the model's input side.
+    fn start(policy: BatchPolicy) -> (Batcher<usize>, usize) {
         let (ready, ready_rx) = oneshot::channel();
         let (batcher, _thread) = Batcher::start(
             policy,
@@ -463,6 +456,19 @@ mod tests {
         )
         .unwrap();
         let side = ready_rx.blocking_recv().unwrap().unwrap();
+        (batcher, side)
+    }
+
+    /// A forward pass that panics fails its own batch with `Failed` (HTTP 500), and the model
+    /// thread goes on to answer the next one.
+    #[test]
+    fn a_failing_forward_pass_fails_its_batch_and_the_model_thread_serves_the_next() {
+        let policy = BatchPolicy {
+            max_batch: 4,
+            max_wait: Duration::from_millis(1),
+            queue_capacity: 8,
+        };
+        let (batcher, side) = start(policy);
         // An input of the wrong length: building the batch tensor panics inside the pass.
         let bad = batcher
             .submit(vec![0.0; 7], 0)
@@ -502,19 +508,7 @@ mod tests {
             max_wait: Duration::from_millis(300),
             queue_capacity: 8,
         };
-        let (ready, ready_rx) = oneshot::channel();
-        let (batcher, _thread) = Batcher::start(
-            policy,
-            |_| {
-                let engine = Engine::load(None, retina_model::BackendChoice::Cpu)?;
-                let side = engine.bundle.metadata.config.preprocess.image_size;
-                Ok((engine, side))
-            },
-            ready,
-            Arc::new(|_| {}),
-        )
-        .unwrap();
-        let side = ready_rx.blocking_recv().unwrap().unwrap();
+        let (batcher, side) = start(policy);
         let kept = batcher.submit(vec![0.0; 3 * side * side], 0).unwrap();
         drop(batcher.submit(vec![0.0; 3 * side * side], 0).unwrap());
         assert!(kept.blocking_recv().unwrap().is_ok());
