@@ -8,12 +8,13 @@
 //!
 //!     cargo run --example auxiliary_heads -- [WORK_DIR] [SEEDS] [EPOCHS]
 
+mod common;
+
 use anyhow::Result;
 use retina_model::BackendChoice;
 use retina_train::config::TrainConfig;
 use retina_train::dataset::DatasetFormat;
 use retina_train::eval;
-use retina_train::synth::{self, SynthOptions};
 use retina_train::trainer::{self, DataSource, FitRequest};
 use std::path::PathBuf;
 
@@ -25,25 +26,8 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join("retina-auxiliary-heads"));
     let seeds: u64 = args.next().map_or(Ok(3), |s| s.parse())?;
     let epochs: usize = args.next().map_or(Ok(12), |s| s.parse())?;
-    let make = |name: &str, count: usize, seed: u64| -> Result<PathBuf> {
-        let out = work.join(name);
-        if !out.join("labels.csv").is_file() {
-            synth::generate(&SynthOptions {
-                out: out.clone(),
-                count,
-                size: 128,
-                seed,
-                grades: [0.4, 0.1, 0.3, 0.1, 0.1],
-                missing: 0.0,
-                ungradable: 0.0,
-                format: DatasetFormat::Native,
-                progress: false,
-            })?;
-        }
-        Ok(out.join("labels.csv"))
-    };
-    let train = make("train", 600, 41)?;
-    let test = make("test", 300, 42)?;
+    let train = common::generated(&work, "train", 600, 41)?;
+    let test = common::generated(&work, "test", 300, 42)?;
     println!("| auxiliary heads | seed | diagnosis kappa | referable AUC |");
     println!("|---|---|---|---|");
     for (label, aux_weight) in [("on", None), ("off", Some(0.0))] {

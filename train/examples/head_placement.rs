@@ -9,6 +9,8 @@
 //!
 //!     cargo run --example head_placement -- [WORK_DIR]
 
+mod common;
+
 use anyhow::Result;
 use retina_model::burn::prelude::*;
 use retina_model::{AttachPoint, BackendChoice, FLUID, HeadSpec, ModelBundle};
@@ -16,7 +18,6 @@ use retina_train::config::{ModelSection, OptimizerConfig, TrainConfig};
 use retina_train::data::LoaderSpec;
 use retina_train::dataset::{DatasetFormat, read_labels};
 use retina_train::metrics::roc_auc;
-use retina_train::synth::{self, SynthOptions};
 use retina_train::trainer::{self, DataSource, FitRequest};
 use std::path::PathBuf;
 
@@ -25,25 +26,8 @@ fn main() -> Result<()> {
         .nth(1)
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("retina-head-placement"));
-    let make = |name: &str, count: usize, seed: u64| -> Result<PathBuf> {
-        let out = work.join(name);
-        if !out.join("labels.csv").is_file() {
-            synth::generate(&SynthOptions {
-                out: out.clone(),
-                count,
-                size: 128,
-                seed,
-                grades: [0.4, 0.1, 0.3, 0.1, 0.1],
-                missing: 0.0,
-                ungradable: 0.0,
-                format: DatasetFormat::Native,
-                progress: false,
-            })?;
-        }
-        Ok(out.join("labels.csv"))
-    };
-    let train = make("train", 600, 31)?;
-    let test = make("test", 300, 32)?;
+    let train = common::generated(&work, "train", 600, 31)?;
+    let test = common::generated(&work, "test", 300, 32)?;
     let test_samples = std::sync::Arc::new(
         read_labels(
             &test,

@@ -62,18 +62,7 @@ fn a_threshold_for_sensitivity_095_really_gives_it() {
             "target {target}: {below} < {t} also meets it"
         );
     }
-    // Youden: the maximum of sensitivity + specificity over every threshold, by brute force.
-    let j = |t: f32| {
-        let c = BinaryCounts::at(&scores, &truth, t);
-        c.sensitivity().unwrap() + c.specificity().unwrap()
-    };
-    let best = scores.iter().map(|s| j(*s)).fold(f64::MIN, f64::max);
-    let t = choose_threshold(&scores, &truth, Target::Youden).unwrap();
-    assert!(
-        (j(t) - best).abs() < 1e-12,
-        "Youden {} at {t}, best {best}",
-        j(t)
-    );
+    assert_youden_is_the_best(&scores, &truth);
     assert_eq!(
         choose_threshold(&[0.1, 0.2], &[true, true], Target::Youden),
         None
@@ -342,6 +331,22 @@ fn a_target_only_met_above_every_score_gets_the_next_float_up() {
     }
 }
 
+/// Youden's threshold reaches the maximum of sensitivity + specificity over every threshold,
+/// found by brute force.
+fn assert_youden_is_the_best(scores: &[f32], truth: &[bool]) {
+    let j = |t: f32| {
+        let c = BinaryCounts::at(scores, truth, t);
+        c.sensitivity().unwrap() + c.specificity().unwrap()
+    };
+    let best = scores.iter().map(|s| j(*s)).fold(f64::MIN, f64::max);
+    let t = choose_threshold(scores, truth, Target::Youden).unwrap();
+    assert!(
+        (j(t) - best).abs() < 1e-12,
+        "{scores:?}: Youden {} at {t}, best {best}",
+        j(t)
+    );
+}
+
 /// Youden's index against a brute-force maximum over many generated score sets (where the sum
 /// and, say, the product of sensitivity and specificity pick different thresholds).
 #[test]
@@ -360,17 +365,7 @@ fn youden_is_the_maximum_of_sensitivity_plus_specificity_on_any_set() {
             .iter()
             .map(|&t| next() * 0.8 + if t { 0.2 } else { 0.0 })
             .collect();
-        let j = |t: f32| {
-            let c = BinaryCounts::at(&scores, &truth, t);
-            c.sensitivity().unwrap() + c.specificity().unwrap()
-        };
-        let best = scores.iter().map(|s| j(*s)).fold(f64::MIN, f64::max);
-        let t = choose_threshold(&scores, &truth, Target::Youden).unwrap();
-        assert!(
-            (j(t) - best).abs() < 1e-12,
-            "{scores:?}: {} at {t}, best {best}",
-            j(t)
-        );
+        assert_youden_is_the_best(&scores, &truth);
     }
 }
 

@@ -18,131 +18,126 @@ fn trainable<const D: usize>(param: &Param<Tensor<D>>) -> bool {
     param.val().is_require_grad()
 }
 
-/// A step's gradients and the host numbers that travel with them, summed over the ranks in one
-/// all-reduce: `[gradients of every trainable parameter (zeros where a rank has none), one
-/// presence count per parameter, extra...]`.
-pub struct StepReduce {
-    /// Bytes each rank sends per step.
-    pub bytes: usize,
-}
-
-impl StepReduce {
-    /// Sums `grads` and `extra` over the ranks. A parameter gets a gradient back when at least
-    /// one rank had one (the others count as zero), so the optimizer treats a parameter no rank
-    /// touched (the quality head in a step without quality examples) as a single process would.
-    /// `device` is the device gradients live on (the backend under autodiff).
-    pub fn all_reduce(
-        group: &dyn Collective,
-        model: &RetinaNet,
+/// A step's gradients and the host numbers that travel with them (`extra`), summed over the
+/// ranks in one all-reduce of `[gradients of every trainable parameter (zeros where a rank has
+/// none), one presence count per parameter, extra...]`; returns the summed gradients and the
+/// bytes each rank sent.
+///
+/// Sums `grads` and `extra` over the ranks. A parameter gets a gradient back when at least
+/// one rank had one (the others count as zero), so the optimizer treats a parameter no rank
+/// touched (the quality head in a step without quality examples) as a single process would.
+/// `device` is the device gradients live on (the backend under autodiff).
+pub fn all_reduce_step(
+    group: &dyn Collective,
+    model: &RetinaNet,
+    grads: GradientsParams,
+    extra: &mut [f32],
+    device: &Device,
+) -> (GradientsParams, usize) {
+    // Pack: the present gradients concatenated on the device, one read to the host.
+    struct Pack {
         grads: GradientsParams,
-        extra: &mut [f32],
-        device: &Device,
-    ) -> (GradientsParams, StepReduce) {
-        // Pack: the present gradients concatenated on the device, one read to the host.
-        struct Pack {
-            grads: GradientsParams,
-            shapes: Vec<Vec<usize>>,
-            present: Vec<f32>,
-            tensors: Vec<Tensor<1>>,
-            offsets: Vec<usize>,
-            len: usize,
-        }
-        impl ModuleVisitor for Pack {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                if !trainable(param) {
-                    return;
-                }
-                let dims = param.val().dims().to_vec();
-                let numel: usize = dims.iter().product();
-                match self.grads.remove::<D>(param.id) {
-                    Some(g) => {
-                        self.tensors.push(g.reshape([numel]));
-                        self.offsets.push(self.len);
-                        self.present.push(1.0);
-                    }
-                    None => self.present.push(0.0),
-                }
-                self.shapes.push(dims);
-                self.len += numel;
-            }
-        }
-        let mut pack = Pack {
-            grads,
-            shapes: Vec::new(),
-            present: Vec::new(),
-            tensors: Vec::new(),
-            offsets: Vec::new(),
-            len: 0,
-        };
-        model.visit(&mut pack);
-        let Pack {
-            shapes,
-            present,
-            tensors,
-            offsets,
-            len,
-            ..
-        } = pack;
-        let mut buf = vec![0f32; len + present.len() + extra.len()];
-        if !tensors.is_empty() {
-            let sizes: Vec<usize> = tensors.iter().map(|t| t.dims()[0]).collect();
-            let host = Tensor::cat(tensors, 0)
-                .into_data()
-                .try_into_vec::<f32>()
-                .expect("f32 gradients");
-            let mut at = 0;
-            for (off, n) in offsets.iter().zip(sizes) {
-                buf[*off..off + n].copy_from_slice(&host[at..at + n]);
-                at += n;
-            }
-        }
-        buf[len..len + present.len()].copy_from_slice(&present);
-        buf[len + present.len()..].copy_from_slice(extra);
-
-        group.all_reduce_sum(&mut buf);
-
-        extra.copy_from_slice(&buf[len + shapes.len()..]);
-        let counts = buf[len..len + shapes.len()].to_vec();
-        buf.truncate(len);
-        // Unpack: one upload, sliced per parameter on the device.
-        struct Unpack {
-            flat: Tensor<1>,
-            shapes: std::vec::IntoIter<Vec<usize>>,
-            counts: std::vec::IntoIter<f32>,
-            at: usize,
-            out: GradientsParams,
-        }
-        impl ModuleVisitor for Unpack {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                if !trainable(param) {
-                    return;
-                }
-                let dims = self.shapes.next().expect("the same parameters");
-                let numel: usize = dims.iter().product();
-                let count = self.counts.next().expect("one count per parameter");
-                if count > 0.0 {
-                    let shape: [usize; D] = dims.try_into().expect("the parameter's rank");
-                    let g = self
-                        .flat
-                        .clone()
-                        .slice(self.at..self.at + numel)
-                        .reshape(shape);
-                    self.out.register(param.id, g);
-                }
-                self.at += numel;
-            }
-        }
-        let bytes = (len + shapes.len() + extra.len()) * 4;
-        let mut unpack = Unpack {
-            flat: Tensor::from_data(TensorData::new(buf, [len]), device),
-            shapes: shapes.into_iter(),
-            counts: counts.into_iter(),
-            at: 0,
-            out: GradientsParams::new(),
-        };
-        model.visit(&mut unpack);
-        (unpack.out, StepReduce { bytes })
+        shapes: Vec<Vec<usize>>,
+        present: Vec<f32>,
+        tensors: Vec<Tensor<1>>,
+        offsets: Vec<usize>,
+        len: usize,
     }
+    impl ModuleVisitor for Pack {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !trainable(param) {
+                return;
+            }
+            let dims = param.val().dims().to_vec();
+            let numel: usize = dims.iter().product();
+            match self.grads.remove::<D>(param.id) {
+                Some(g) => {
+                    self.tensors.push(g.reshape([numel]));
+                    self.offsets.push(self.len);
+                    self.present.push(1.0);
+                }
+                None => self.present.push(0.0),
+            }
+            self.shapes.push(dims);
+            self.len += numel;
+        }
+    }
+    let mut pack = Pack {
+        grads,
+        shapes: Vec::new(),
+        present: Vec::new(),
+        tensors: Vec::new(),
+        offsets: Vec::new(),
+        len: 0,
+    };
+    model.visit(&mut pack);
+    let Pack {
+        shapes,
+        present,
+        tensors,
+        offsets,
+        len,
+        ..
+    } = pack;
+    let mut buf = vec![0f32; len + present.len() + extra.len()];
+    if !tensors.is_empty() {
+        let sizes: Vec<usize> = tensors.iter().map(|t| t.dims()[0]).collect();
+        let host = Tensor::cat(tensors, 0)
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("f32 gradients");
+        let mut at = 0;
+        for (off, n) in offsets.iter().zip(sizes) {
+            buf[*off..off + n].copy_from_slice(&host[at..at + n]);
+            at += n;
+        }
+    }
+    buf[len..len + present.len()].copy_from_slice(&present);
+    buf[len + present.len()..].copy_from_slice(extra);
+
+    group.all_reduce_sum(&mut buf);
+
+    extra.copy_from_slice(&buf[len + shapes.len()..]);
+    let counts = buf[len..len + shapes.len()].to_vec();
+    buf.truncate(len);
+    // Unpack: one upload, sliced per parameter on the device.
+    struct Unpack {
+        flat: Tensor<1>,
+        shapes: std::vec::IntoIter<Vec<usize>>,
+        counts: std::vec::IntoIter<f32>,
+        at: usize,
+        out: GradientsParams,
+    }
+    impl ModuleVisitor for Unpack {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !trainable(param) {
+                return;
+            }
+            let dims = self.shapes.next().expect("the same parameters");
+            let numel: usize = dims.iter().product();
+            let count = self.counts.next().expect("one count per parameter");
+            if count > 0.0 {
+                let shape: [usize; D] = dims.try_into().expect("the parameter's rank");
+                let g = self
+                    .flat
+                    .clone()
+                    .slice(self.at..self.at + numel)
+                    .reshape(shape);
+                self.out.register(param.id, g);
+            }
+            self.at += numel;
+        }
+    }
+    let bytes = (len + shapes.len() + extra.len()) * 4;
+    let mut unpack = Unpack {
+        flat: Tensor::from_data(TensorData::new(buf, [len]), device),
+        shapes: shapes.into_iter(),
+        counts: counts.into_iter(),
+        at: 0,
+        out: GradientsParams::new(),
+    };
+    model.visit(&mut unpack);
+    (unpack.out, bytes)
 }
 
 /// Every float tensor of `model` that `keep` selects, flattened in visiting order into one host
@@ -280,8 +275,12 @@ fn from_bytes(b: &[u8]) -> Vec<f32> {
 }
 
 /// Every rank's hash of its model, in rank order; an error (on every rank alike) when they
-/// differ, which would mean the ranks no longer train one model.
+/// differ, which would mean the ranks no longer train one model. With one rank there is
+/// nothing to compare and nothing is read (empty).
 pub fn check_identical(group: &dyn Collective, model: &RetinaNet) -> anyhow::Result<Vec<u64>> {
+    if group.size() == 1 {
+        return Ok(Vec::new());
+    }
     let hashes: Vec<u64> = group
         .all_gather(&weight_hash(model).to_le_bytes())
         .iter()

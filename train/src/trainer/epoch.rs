@@ -11,7 +11,7 @@
 use super::schedule::Schedule;
 use crate::data::{HostBatch, LoaderSpec, QualityBatch, Sampling, epoch_order};
 use crate::dataset::Sample;
-use crate::distributed::sync::{self, StepReduce};
+use crate::distributed::sync;
 use crate::distributed::{Collective, part, together};
 use crate::loss::{HeadTargets, RetinaLoss};
 use anyhow::{Context, Result};
@@ -323,11 +323,11 @@ impl EpochPlan<'_> {
             let mut grads = grads.unwrap_or_default();
             if self.group.size() > 1 {
                 let t = Instant::now();
-                let (sum, r) =
-                    StepReduce::all_reduce(self.group, &model, grads, &mut stats, self.base_device);
+                let (sum, bytes) =
+                    sync::all_reduce_step(self.group, &model, grads, &mut stats, self.base_device);
                 grads = sum;
                 allreduce_s += t.elapsed().as_secs_f64();
-                allreduce_bytes = r.bytes;
+                allreduce_bytes = bytes;
             }
             if stats[StepStats::NON_FINITE] > 0.0 {
                 bar.finish_and_clear();

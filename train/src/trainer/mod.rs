@@ -165,8 +165,8 @@ pub struct FitSummary {
     #[serde(default = "one_rank")]
     pub ranks: usize,
     /// Each rank's hash of its weights and running statistics after the last epoch, in rank
-    /// order: all equal (the run stops when they are not).
-    #[serde(default)]
+    /// order: all equal (the run stops when they are not). Absent with one rank.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rank_weight_hashes: Vec<String>,
     /// The rank that returned this summary (only rank 0 writes and prints it).
     #[serde(skip)]
