@@ -70,6 +70,9 @@ pub struct Provenance {
     pub command: Option<String>,
     /// Retina version that wrote the bundle.
     pub retina_version: Option<String>,
+    /// The teacher bundle a distilled model learned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<String>,
 }
 
 /// The JSON half of a bundle.

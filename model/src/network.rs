@@ -240,15 +240,33 @@ impl RetinaConfig {
 impl RetinaNet {
     /// Runs the network on a preprocessed batch `[N, 3, S, S]`.
     pub fn forward(&self, images: Tensor<4>) -> RetinaOutput {
-        let n = self.trunk.stages.len();
         // Stop after the deepest stage any head reads.
-        let last = self
-            .specs
+        let embeddings = self.trunk.forward_pooled(images, self.deepest_read());
+        self.heads_from(embeddings)
+    }
+
+    /// [`Self::forward`], and the feature map of trunk stage `stage` (1-based) as `[N, C, H,
+    /// W]`, from the same pass (the stages up to `stage` are computed even where no head reads
+    /// them). Panics when the trunk has fewer stages.
+    pub fn forward_keeping(&self, images: Tensor<4>, stage: usize) -> (RetinaOutput, Tensor<4>) {
+        let last = self.deepest_read().max(stage);
+        let (embeddings, map) = self.trunk.forward_pooled_keeping(images, last, stage);
+        (self.heads_from(embeddings), map)
+    }
+
+    /// The deepest stage a head reads: a pass need not go further.
+    fn deepest_read(&self) -> usize {
+        let n = self.trunk.stages.len();
+        self.specs
             .iter()
             .map(|s| s.attach.stage_index(n))
             .max()
-            .unwrap_or(n);
-        let embeddings: Vec<Tensor<2>> = self.trunk.forward_pooled(images, last);
+            .unwrap_or(n)
+    }
+
+    /// Every head's output from the pooled stage outputs.
+    fn heads_from(&self, embeddings: Vec<Tensor<2>>) -> RetinaOutput {
+        let n = self.trunk.stages.len();
         let heads = self
             .heads
             .iter()

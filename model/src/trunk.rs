@@ -270,6 +270,38 @@ impl Trunk {
             .collect()
     }
 
+    /// [`Self::forward_pooled`] up to stage `last`, and the feature map of stage `keep` (1-based,
+    /// at most `last`) as `[N, C, H, W]`: a loss on a stage's feature map (distillation's
+    /// feature matching) in the same pass as the heads.
+    pub fn forward_pooled_keeping(
+        &self,
+        x: Tensor<4>,
+        last: usize,
+        keep: usize,
+    ) -> (Vec<Tensor<2>>, Tensor<4>) {
+        assert!(
+            (1..=last.min(self.stages.len())).contains(&keep),
+            "stage {keep} is not computed in a pass to stage {last}"
+        );
+        let plan = self.plan(&x);
+        let mut x = self.stem.apply(plan.enter(x), &plan);
+        let mut kept = None;
+        let pooled = self
+            .stages
+            .iter()
+            .take(last)
+            .enumerate()
+            .map(|(i, stage)| {
+                x = stage.apply(x.clone(), &plan);
+                if i + 1 == keep {
+                    kept = Some(plan.leave(x.clone()));
+                }
+                plan.pool(x.clone())
+            })
+            .collect();
+        (pooled, kept.expect("the kept stage is computed"))
+    }
+
     /// The plan of a [`Self::forward_pooled`] pass on `x`: the activations' layout and each
     /// unit's path, with this trunk's cache of packed inference kernels.
     pub fn plan(&self, x: &Tensor<4>) -> Plan<'_> {

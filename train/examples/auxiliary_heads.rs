@@ -58,6 +58,7 @@ fn main() -> Result<()> {
                 skip_bad_images: false,
                 command: "examples/auxiliary_heads".into(),
                 resumed: Vec::new(),
+                teacher: None,
             })?;
             let m = eval::evaluate(
                 &out.join("model"),

@@ -72,6 +72,7 @@ fn main() -> Result<()> {
             skip_bad_images: false,
             command: "examples/head_placement".into(),
             resumed: Vec::new(),
+            teacher: None,
         })?;
         let device = BackendChoice::Cpu.select()?.device;
         let bundle = ModelBundle::load(&out.join("model"), &device)?;
@@ -87,6 +88,7 @@ fn main() -> Result<()> {
             store: None,
             quality: None,
             check: None,
+            teacher: None,
         };
         let (mut channels, mut fluid_p, mut truth): (Vec<Vec<f32>>, Vec<f32>, Vec<bool>) =
             (Vec::new(), Vec::new(), Vec::new());

@@ -278,6 +278,7 @@ pub fn run_pipeline(
         store: None,
         quality: None,
         check: None,
+        teacher: None,
     };
     let order: Vec<usize> = (0..labels.samples.len()).collect();
     let time_loader = |spec: &LoaderSpec| -> Result<(usize, f64)> {

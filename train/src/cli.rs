@@ -13,7 +13,7 @@ use retina_model::burn::prelude::Device;
 use retina_model::host::write_atomic;
 use retina_model::{BackendChoice, BundleMetadata, ModelBundle, RetinaConfig};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Train, evaluate and generate data for the Retina diabetic-retinopathy screening network.
@@ -28,6 +28,11 @@ pub struct Cli {
 enum Command {
     /// Train a model on a labelled data set (or on generated images with --synthetic N).
     Fit(Box<FitArgs>),
+    /// Train a student network with losses between it and a trained teacher bundle (the
+    /// teacher's diagnosis logits, its binary heads' probabilities and a stage's features; the
+    /// weights and the temperature in the config's [distill]) as well as the labels; takes
+    /// every flag of `fit`.
+    Distill(Box<DistillArgs>),
     /// Decode, disc-crop and resize every photograph of a label file once, into a store that
     /// `fit --data STORE` trains from without decoding again (resumes if interrupted).
     Prepare(PrepareArgs),
@@ -181,6 +186,16 @@ impl FitArgs {
         .filter_map(|(f, given)| given.then_some(f))
         .collect()
     }
+}
+
+#[derive(clap::Args, Debug)]
+struct DistillArgs {
+    /// The teacher: a model bundle (a run's `model` directory). Its input size and
+    /// preprocessing may differ from the student's; it sees the same augmented views.
+    #[arg(long, required_unless_present = "resume")]
+    teacher: Option<PathBuf>,
+    #[command(flatten)]
+    fit: FitArgs,
 }
 
 /// A labelled image set: label file, its format and the image folder.
@@ -355,7 +370,17 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Fit(a) => fit(*a),
+        Command::Fit(a) => fit(*a, None),
+        Command::Distill(a) => {
+            let DistillArgs { teacher, fit: f } = *a;
+            if let (Some(_), Some(dir)) = (&teacher, &f.resume) {
+                bail!(
+                    "--teacher cannot be used with --resume: the run keeps its teacher (see {})",
+                    dir.join("run.json").display()
+                );
+            }
+            fit(f, teacher)
+        }
         Command::Prepare(a) => prepare(a),
         Command::Eval(a) => {
             let m = crate::eval::evaluate(
@@ -550,7 +575,7 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn fit(a: FitArgs) -> Result<()> {
+fn fit(a: FitArgs, teacher: Option<PathBuf>) -> Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let overrides = a.overrides()?;
     let summary = if let Some(dir) = &a.resume {
@@ -634,6 +659,7 @@ fn fit(a: FitArgs) -> Result<()> {
             skip_bad_images: a.skip_bad_images,
             command,
             resumed: Vec::new(),
+            teacher: teacher.map(|t| absolute(&t)).transpose()?,
         })?
     };
     if summary.rank != 0 {
@@ -717,12 +743,8 @@ fn pin_default_device(cli: &Cli) {
         return;
     }
     let backend = match &cli.command {
-        Command::Fit(a) => match (&a.backend, &a.resume) {
-            (Some(b), _) => b.clone(),
-            // A resumed run keeps the backend in its run.json.
-            (None, Some(dir)) => trainer::recorded_backend(dir).unwrap_or_else(|| "cpu".into()),
-            (None, None) => "cpu".into(),
-        },
+        Command::Fit(a) => fit_backend(a),
+        Command::Distill(a) => fit_backend(&a.fit),
         _ => return,
     };
     let name = match backend.parse::<BackendChoice>() {
@@ -740,4 +762,32 @@ fn cpu() -> Device {
         .select()
         .expect("the CPU backend is always available")
         .device
+}
+
+/// `path` made absolute (a run's teacher must be found again when it resumes elsewhere),
+/// checked to be a model bundle.
+fn absolute(path: &Path) -> Result<PathBuf> {
+    let abs = std::fs::canonicalize(path).with_context(|| {
+        format!(
+            "--teacher {}: no such model bundle directory",
+            path.display()
+        )
+    })?;
+    if !abs.join(retina_model::bundle::METADATA_FILE).is_file() {
+        bail!(
+            "--teacher {}: not a model bundle (no model.json); give a run's `model` directory",
+            path.display()
+        );
+    }
+    Ok(abs)
+}
+
+/// The backend a fit (or distill) runs on: the flag, else a resumed run's own, else the CPU.
+fn fit_backend(a: &FitArgs) -> String {
+    match (&a.backend, &a.resume) {
+        (Some(b), _) => b.clone(),
+        // A resumed run keeps the backend in its run.json.
+        (None, Some(dir)) => trainer::recorded_backend(dir).unwrap_or_else(|| "cpu".into()),
+        (None, None) => "cpu".into(),
+    }
 }

@@ -264,6 +264,9 @@ pub struct HostBatch {
     pub refusals: Vec<Option<Refusal>>,
     /// Examples for the refusing head, when the loader teaches it.
     pub quality: Option<QualityBatch>,
+    /// The same views as `images` in a distillation teacher's preprocessing (its input size
+    /// and normalisation), where the loader has one; empty otherwise.
+    pub teacher_images: Vec<f32>,
 }
 
 /// Views and quality classes that teach the refusing head (see [`LoaderSpec::load_batch`]).
@@ -314,6 +317,26 @@ pub struct LoaderSpec {
     pub quality: Option<QualityTeaching>,
     /// Run the gradability check on each view (for scoring).
     pub check: Option<GradabilityCheck>,
+    /// A distillation teacher's preprocessing, where it differs from `preprocess`: each
+    /// training view also becomes the teacher's input, augmented once for both (views are
+    /// then made at the larger of the two sizes and resized down for the smaller).
+    pub teacher: Option<PreprocessConfig>,
+}
+
+/// `view` as the input of a network with preprocessing `pre`: resized to its input size
+/// where the view was made larger (for a distillation teacher), then normalised.
+fn network_input(pre: &PreprocessConfig, view: &RgbImage) -> Vec<f32> {
+    let s = pre.image_size as u32;
+    if view.dimensions() == (s, s) {
+        pre.normalise(view)
+    } else {
+        pre.normalise(&image::imageops::resize(
+            view,
+            s,
+            s,
+            image::imageops::FilterType::Triangle,
+        ))
+    }
 }
 
 /// A batch or the error that stopped the loader.
@@ -348,7 +371,14 @@ impl LoaderSpec {
             source,
         })?;
         self.hashes.record(&s.image, &bytes);
-        let v = self.preprocess.view_from_bytes(&bytes, &name)?;
+        let v = match &self.teacher {
+            Some(t) if t.image_size > self.preprocess.image_size => PreprocessConfig {
+                image_size: t.image_size,
+                ..self.preprocess.clone()
+            }
+            .view_from_bytes(&bytes, &name)?,
+            _ => self.preprocess.view_from_bytes(&bytes, &name)?,
+        };
         let view = Arc::new(LoadedView {
             image: v.image,
             disc_found: v.disc_found,
@@ -376,6 +406,7 @@ impl LoaderSpec {
     pub fn load_batch(&self, samples: &[Sample], idx: &[usize], batch_no: u64) -> LoadResult {
         struct Loaded {
             input: Option<Vec<f32>>,
+            teacher: Option<Vec<f32>>,
             refusal: Option<Refusal>,
             quality: Option<(Vec<f32>, f32)>,
         }
@@ -402,7 +433,8 @@ impl LoaderSpec {
                     .and_then(|c| c.check(&view.image, view.disc_found));
                 let Some(a) = self.augment else {
                     return Ok(Loaded {
-                        input: Some(self.preprocess.normalise(&view.image)),
+                        input: Some(network_input(&self.preprocess, &view.image)),
+                        teacher: None,
                         refusal,
                         quality: None,
                     });
@@ -415,8 +447,12 @@ impl LoaderSpec {
                 // A photograph labelled ungradable always teaches quality: it teaches nothing
                 // else.
                 let quality = teach.filter(|q| own_ungradable || rng.random::<f32>() < q.share);
-                let input =
-                    (teach.is_none() || !own_ungradable).then(|| self.preprocess.normalise(&img));
+                let input = (teach.is_none() || !own_ungradable)
+                    .then(|| network_input(&self.preprocess, &img));
+                let teacher = input
+                    .as_ref()
+                    .and(self.teacher.as_ref())
+                    .map(|t| network_input(t, &img));
                 let quality = quality.map(|q| {
                     let own = samples[i].labels.get(&self.heads[q.head]).copied();
                     if !q.degradations.is_empty() && rng.random::<f32>() < q.fraction {
@@ -430,12 +466,13 @@ impl LoaderSpec {
                         // The same view as the clinical batch's, normalised once.
                         let x = input
                             .clone()
-                            .unwrap_or_else(|| self.preprocess.normalise(&img));
+                            .unwrap_or_else(|| network_input(&self.preprocess, &img));
                         (x, own.unwrap_or(0.0))
                     }
                 });
                 Ok(Loaded {
                     input,
+                    teacher,
                     refusal,
                     quality,
                 })
@@ -446,6 +483,7 @@ impl LoaderSpec {
         let mut targets = vec![Vec::with_capacity(idx.len()); self.heads.len()];
         let mut bad = Vec::new();
         let mut refusals = Vec::with_capacity(idx.len());
+        let mut teacher_images = Vec::new();
         let mut quality = teach.map(|_| QualityBatch::default());
         for (r, &i) in per.into_iter().zip(idx) {
             let l = match r {
@@ -462,6 +500,9 @@ impl LoaderSpec {
             }
             let Some(input) = l.input else { continue };
             images.extend_from_slice(&input);
+            if let Some(t) = l.teacher {
+                teacher_images.extend_from_slice(&t);
+            }
             refusals.push(l.refusal);
             let refused = ungradable(i);
             for (h, (t, name)) in targets.iter_mut().zip(&self.heads).enumerate() {
@@ -484,6 +525,7 @@ impl LoaderSpec {
             bad,
             refusals,
             quality,
+            teacher_images,
         })
     }
 

@@ -82,6 +82,7 @@ pub fn score(
         store: None,
         quality: None,
         check: Some(bundle.metadata.config.gradability()),
+        teacher: None,
     };
     let samples = Arc::new(file.samples);
     let (preds, _) = predict(&bundle.model, None, &spec, &samples, 16, &backend.device)?;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod dataset;
 pub mod degrade;
+pub mod distill;
 pub mod distributed;
 pub mod eval;
 pub mod gallery;

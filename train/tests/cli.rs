@@ -180,3 +180,62 @@ fn prepare_and_fit_from_a_store_through_the_binary() {
         stderr(&out)
     );
 }
+
+/// `distill` takes `fit`'s flags and a teacher: it trains a student at its own input size,
+/// records the teacher, refuses a teacher with `--resume`, and resumes with the run's own.
+#[test]
+fn distill_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let teacher = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/default-model");
+    let distill = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_retina-train"))
+            .arg("distill")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = distill(&[
+        "--teacher",
+        teacher,
+        "--synthetic",
+        "24",
+        "--synthetic-size",
+        "64",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--set",
+        "data.quality_share=0",
+        "--set",
+        "distill.temperature=2",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("temperature 2"), "{}", stderr(&o));
+    let log = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(log.contains("\"train_distill_loss\""), "{log}");
+    let o = distill(&["--resume", run.to_str().unwrap(), "--teacher", teacher]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("keeps its teacher"), "{}", stderr(&o));
+    let o = distill(&[
+        "--resume",
+        run.to_str().unwrap(),
+        "--set",
+        "distill.logits=2",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("distill.logits"), "{}", stderr(&o));
+    let o = distill(&["--resume", run.to_str().unwrap(), "--epochs", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = distill(&[
+        "--synthetic",
+        "8",
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--teacher"), "{}", stderr(&o));
+}

@@ -112,6 +112,7 @@ fn the_loader_keeps_ungradable_images_out_of_the_clinical_batches() {
         store: None,
         quality: QualityTeaching::for_heads(&heads, 1.0, 0.5),
         check: None,
+        teacher: None,
     };
     let idx: Vec<usize> = (0..samples.len()).collect();
     let b = spec.load_batch(&samples, &idx, 0).unwrap();

@@ -63,6 +63,7 @@ fn request(data: DataSource, out: &Path, cfg: TrainConfig) -> FitRequest {
         skip_bad_images: false,
         command: "test".into(),
         resumed: Vec::new(),
+        teacher: None,
     }
 }
 

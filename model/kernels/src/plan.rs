@@ -302,6 +302,14 @@ impl<'c> Plan<'c> {
         channels_last::to_channels_last(path.run(self.cache, conv, bn, x, residual, relu))
     }
 
+    /// Activations in this plan's layout as `[N, C, H, W]` (a view: differentiable).
+    pub fn leave(&self, x: Tensor<4>) -> Tensor<4> {
+        match self.layout {
+            Layout::Nchw => x,
+            _ => channels_last::to_channels_first(x),
+        }
+    }
+
     /// Global average pooling of activations in this plan's layout, to `[N, C]`.
     pub fn pool(&self, x: Tensor<4>) -> Tensor<2> {
         match self.layout {

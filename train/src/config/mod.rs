@@ -12,6 +12,7 @@ pub use optimizer::{OptimizerConfig, OptimizerKind};
 pub use overrides::{Change, Overrides, Set};
 
 use crate::data::{Augment, Sampling};
+use crate::distill::DistillConfig;
 use crate::loss::LossConfig;
 use anyhow::{Context, Result, bail};
 use retina_model::RetinaConfig;
@@ -49,6 +50,8 @@ pub struct TrainConfig {
     pub data: DataConfig,
     /// The objective.
     pub loss: LossConfig,
+    /// The losses between a teacher and this student (`retina-train distill` only).
+    pub distill: DistillConfig,
 }
 
 impl Default for TrainConfig {
@@ -64,6 +67,7 @@ impl Default for TrainConfig {
             schedule: ScheduleConfig::default(),
             data: DataConfig::default(),
             loss: LossConfig::new(),
+            distill: DistillConfig::default(),
         }
     }
 }

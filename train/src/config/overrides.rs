@@ -298,7 +298,7 @@ pub fn resume_rule(key: &str) -> Result<(), &'static str> {
             "the checkpoint's weights belong to the run's network and preprocessing; start a \
              new run (--out) for another model",
         ),
-        ("loss", _) => Err(
+        ("loss" | "distill", _) => Err(
             "the objective defines the run: its logged losses, class weights and the exported \
              epoch were measured with it",
         ),

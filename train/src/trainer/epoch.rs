@@ -11,6 +11,7 @@
 use super::schedule::Schedule;
 use crate::data::{HostBatch, LoaderSpec, QualityBatch, Sampling, epoch_order};
 use crate::dataset::Sample;
+use crate::distill::{DistillTerms, Distiller, Projection, TERMS};
 use crate::distributed::sync;
 use crate::distributed::{Collective, part, together};
 use crate::loss::{HeadTargets, RetinaLoss};
@@ -20,6 +21,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use retina_model::RetinaNet;
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Arc;
@@ -55,6 +57,8 @@ pub(super) struct EpochPlan<'a> {
     pub group: &'a dyn Collective,
     /// Micro-batches per step on each rank.
     pub accumulate: usize,
+    /// The teacher and its losses, in a distillation run.
+    pub distill: Option<&'a Distiller>,
 }
 
 /// Means over one epoch's training samples.
@@ -80,6 +84,8 @@ pub(super) struct EpochTotals {
     pub allreduce_bytes: usize,
     /// Optimizer steps taken.
     pub steps: usize,
+    /// Mean of each distillation term (weighted), by name; empty without a teacher.
+    pub distill: BTreeMap<String, f64>,
 }
 
 /// Where the numbers of a step's host side sit in the buffer that travels with its gradients.
@@ -92,6 +98,10 @@ impl StepStats {
     const N_QUALITY: usize = 4;
     const L2: usize = 5;
     const HEADS: usize = 6;
+    /// The distillation terms follow the heads' losses.
+    fn distill(heads: usize) -> std::ops::Range<usize> {
+        Self::HEADS + heads..Self::HEADS + heads + TERMS.len()
+    }
 }
 
 impl EpochPlan<'_> {
@@ -151,6 +161,7 @@ impl EpochPlan<'_> {
     fn micro_batch(
         &self,
         model: &RetinaNet,
+        projection: Option<&Projection>,
         all: &ParamGroup,
         batch: HostBatch,
         weight: f32,
@@ -177,12 +188,39 @@ impl EpochPlan<'_> {
             self.device,
         );
         let t = HeadTargets::batch(&batch.targets, self.device);
-        let out = model.forward(x);
+        let (out, kept) = match self.distill.and_then(Distiller::student_stage) {
+            Some(stage) => {
+                let (out, map) = model.forward_keeping(x.clone(), stage);
+                (out, Some(map))
+            }
+            None => (model.forward(x.clone()), None),
+        };
         let l = self.loss.forward(model, &out, &t);
+        let terms = self.distill.map(|d| {
+            let teacher_x = match &d.teacher_preprocess {
+                None => x,
+                Some(p) => {
+                    let side = p.image_size;
+                    Tensor::<4>::from_data(
+                        TensorData::new(batch.teacher_images, [batch.n, 3, side, side]),
+                        self.base_device,
+                    )
+                }
+            };
+            d.terms(&out, kept, projection, teacher_x)
+        });
+        let total = match terms.as_ref().and_then(DistillTerms::sum) {
+            Some(d) => l.total + d,
+            None => l.total,
+        };
         // One host read per micro-batch for the NaN check and the logs.
-        let mut parts = vec![l.total.clone()];
+        let mut parts = vec![total.clone()];
         parts.extend(l.heads.iter().map(|(_, v)| v.clone()));
         parts.push(l.l2_sum.clone());
+        let zero = || Tensor::<1>::zeros([1], self.device);
+        if let Some(terms) = &terms {
+            parts.extend(terms.parts().map(|t| t.cloned().unwrap_or_else(zero)));
+        }
         let host: Vec<f32> = Tensor::cat(parts.iter().map(|p| p.clone().detach()).collect(), 0)
             .into_data()
             .try_into_vec_as::<f32>()
@@ -190,21 +228,30 @@ impl EpochPlan<'_> {
         if !host.iter().all(|v| v.is_finite()) {
             return Ok(Err(host[0]));
         }
-        let total = if weight == 1.0 {
-            l.total
-        } else {
-            l.total * weight
-        };
-        let g = GradientsParams::from_grads(total.backward(), model);
+        let total = if weight == 1.0 { total } else { total * weight };
+        let mut backward = total.backward();
+        let mut g = GradientsParams::from_module(&mut backward, model);
+        if let Some(p) = projection {
+            let mut pg = GradientsParams::from_module(&mut backward, p);
+            move_gradients(p, &mut pg, &mut g);
+        }
         let n = batch.n as f32;
         stats[StepStats::TOTAL] += host[0] * n;
         for (i, v) in host[1..=heads].iter().enumerate() {
             stats[StepStats::HEADS + i] += v * n;
         }
-        stats[StepStats::L2] += host.last().expect("l2") * self.loss.l2 * n;
+        stats[StepStats::L2] += host[heads + 1] * self.loss.l2 * n;
         stats[StepStats::N] += n;
+        if terms.is_some() {
+            for (slot, v) in StepStats::distill(heads).zip(&host[heads + 2..]) {
+                stats[slot] += v * n;
+            }
+        }
         Ok(Ok(Some(match grads {
-            Some(q) => add_gradients(model, g, q),
+            Some(mut q) => {
+                add_gradients(model, projection, &mut q, g);
+                q
+            }
             None => g,
         })))
     }
@@ -234,6 +281,7 @@ impl EpochPlan<'_> {
         &self,
         epoch: usize,
         mut model: RetinaNet,
+        projection: &mut Option<Projection>,
         optim: &mut ModuleOptimizer,
         step: &mut usize,
         last_good: usize,
@@ -255,6 +303,7 @@ impl EpochPlan<'_> {
         bar.set_message(format!("{epoch}/{}", self.epochs));
         let (mut sum_total, mut sum_l2, mut n_seen) = (0.0f64, 0.0f64, 0usize);
         let mut sum_heads = vec![0.0f64; heads];
+        let mut sum_distill = [0.0f64; TERMS.len()];
         let mut step_time = 0.0f64;
         let mut data_wait = 0.0f64;
         let mut bad_images = 0usize;
@@ -269,7 +318,7 @@ impl EpochPlan<'_> {
             let t_step = Instant::now();
             let mut waited = 0.0;
             let mut grads: Option<GradientsParams> = None;
-            let mut stats = vec![0f32; StepStats::HEADS + heads];
+            let mut stats = vec![0f32; StepStats::distill(heads).end];
             let mut own_non_finite = None;
             // With several micro-batches, each updates batch norm's running statistics from
             // the same start and the step keeps their mean, as K ranks do (each updates its
@@ -296,10 +345,20 @@ impl EpochPlan<'_> {
                     eprintln!("skipped: {e}");
                 }
                 if own_non_finite.is_none() {
-                    match self.micro_batch(&model, &all, batch, weight, &mut stats)? {
+                    match self.micro_batch(
+                        &model,
+                        projection.as_ref(),
+                        &all,
+                        batch,
+                        weight,
+                        &mut stats,
+                    )? {
                         Ok(Some(g)) => {
                             grads = Some(match grads {
-                                Some(a) => add_gradients(&model, a, g),
+                                Some(mut a) => {
+                                    add_gradients(&model, projection.as_ref(), &mut a, g);
+                                    a
+                                }
                                 None => g,
                             })
                         }
@@ -350,6 +409,12 @@ impl EpochPlan<'_> {
             }
             if !grads.is_empty() {
                 lr = self.schedule.at(*step);
+                // One optimizer for both: its state is keyed by parameter id.
+                if let Some(p) = projection.take() {
+                    let mut own = GradientsParams::new();
+                    move_gradients(&p, &mut grads, &mut own);
+                    *projection = Some(optim.step(lr, p, own));
+                }
                 model = optim.step(lr, model, grads);
                 steps += 1;
             }
@@ -357,8 +422,17 @@ impl EpochPlan<'_> {
             data_wait += waited;
             step_time += t_step.elapsed().as_secs_f64() - waited;
             sum_total += stats[StepStats::TOTAL] as f64;
-            for (i, v) in stats[StepStats::HEADS..].iter().enumerate() {
+            for (i, v) in stats[StepStats::HEADS..StepStats::HEADS + heads]
+                .iter()
+                .enumerate()
+            {
                 sum_heads[i] += *v as f64;
+            }
+            for (sum, &v) in sum_distill
+                .iter_mut()
+                .zip(&stats[StepStats::distill(heads)])
+            {
+                *sum += v as f64;
             }
             sum_l2 += stats[StepStats::L2] as f64;
             n_seen += stats[StepStats::N] as usize;
@@ -388,29 +462,50 @@ impl EpochPlan<'_> {
                 allreduce_s,
                 allreduce_bytes,
                 steps,
+                distill: match self.distill {
+                    Some(_) => TERMS
+                        .iter()
+                        .zip(sum_distill)
+                        .map(|(name, v)| (name.to_string(), v / n))
+                        .collect(),
+                    None => BTreeMap::new(),
+                },
             },
         ))
     }
 }
 
-/// `a + b`, parameter by parameter (a parameter with a gradient in only one keeps it).
-fn add_gradients(model: &RetinaNet, a: GradientsParams, b: GradientsParams) -> GradientsParams {
-    struct Add {
-        a: GradientsParams,
-        b: GradientsParams,
+/// `a += b`, parameter by parameter, over the model's and the projection's parameters (a
+/// parameter with a gradient in only one keeps it).
+fn add_gradients(
+    model: &RetinaNet,
+    projection: Option<&Projection>,
+    a: &mut GradientsParams,
+    mut b: GradientsParams,
+) {
+    move_gradients(model, &mut b, a);
+    if let Some(p) = projection {
+        move_gradients(p, &mut b, a);
     }
-    impl burn::module::ModuleVisitor for Add {
+}
+
+/// Moves the gradient of each of `module`'s parameters from `from` into `to`, adding it to
+/// the one `to` holds.
+fn move_gradients<M: Module>(module: &M, from: &mut GradientsParams, to: &mut GradientsParams) {
+    struct Move<'a> {
+        from: &'a mut GradientsParams,
+        to: &'a mut GradientsParams,
+    }
+    impl burn::module::ModuleVisitor for Move<'_> {
         fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
-            if let Some(g) = self.b.remove::<D>(param.id) {
-                let sum = match self.a.remove::<D>(param.id) {
+            if let Some(g) = self.from.remove::<D>(param.id) {
+                let sum = match self.to.remove::<D>(param.id) {
                     Some(f) => f + g,
                     None => g,
                 };
-                self.a.register(param.id, sum);
+                self.to.register(param.id, sum);
             }
         }
     }
-    let mut add = Add { a, b };
-    burn::module::Module::visit(model, &mut add);
-    add.a
+    module.visit(&mut Move { from, to });
 }

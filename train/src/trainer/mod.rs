@@ -26,6 +26,7 @@ pub use validation::validation_metrics;
 use crate::config::overrides::{Change, changes, check_resume};
 use crate::config::{Overrides, TrainConfig};
 use crate::dataset::DatasetFormat;
+use crate::distill::Distiller;
 use crate::distributed::{self, AllRanks, Collective, Quiet, sync, together};
 use crate::scoring;
 use anyhow::{Result, anyhow, bail};
@@ -92,6 +93,10 @@ pub struct FitRequest {
     /// Each time the run was resumed: when, by which command, and what it changed.
     #[serde(default)]
     pub resumed: Vec<ResumeRecord>,
+    /// The teacher bundle of a distillation run (`retina-train distill`; losses in the
+    /// config's `[distill]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<PathBuf>,
 }
 
 /// One resumption of a run, recorded in its `run.json`.
@@ -302,6 +307,35 @@ fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<
     device.seed(cfg.seed);
     let ad = device.clone().autodiff();
 
+    // Before the data: a teacher that does not fit the student fails at once.
+    let distiller = match &req.teacher {
+        None => None,
+        Some(_) if group.size() > 1 => {
+            return Err(together(
+                group,
+                anyhow!(
+                    "distillation runs in one process: its projection's gradients are not                      all-reduced\nhint: run without mpirun; --set accumulate=K trains the same                      global batch in K parts"
+                ),
+            ));
+        }
+        Some(dir) => {
+            let d = Distiller::new(cfg.distill.clone(), dir, &model_config, &device)?;
+            if root {
+                eprintln!(
+                    "teacher: {} (temperature {}; weights: labels {}, logits {}, binary {}, \
+                     features {})",
+                    dir.display(),
+                    cfg.distill.temperature,
+                    cfg.distill.labels,
+                    cfg.distill.logits,
+                    cfg.distill.binary,
+                    cfg.distill.features
+                );
+            }
+            Some(d)
+        }
+    };
+
     // Rank 0 first: it may write the data (a synthetic set) the others then read.
     let data = if root {
         let d = samples::load(&req, &model_config);
@@ -320,7 +354,11 @@ fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<
             .head(h)
             .and_then(|spec| label_counts(&data.train, h, spec.kind))
     };
-    let loss = cfg.loss.init(&model_config.heads, &counts)?;
+    let mut loss = cfg.loss.init(&model_config.heads, &counts)?;
+    if let Some(d) = &distiller {
+        d.scale_labels(&mut loss, &model_config);
+    }
+    let loss = loss;
     let train_grades = counts(retina_model::DIAGNOSIS).unwrap_or_default();
     if root {
         eprintln!(
@@ -334,6 +372,7 @@ fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<
 
     let mut metadata = BundleMetadata::new(model_config.clone());
     let mut model = model_config.init(&ad)?;
+    let mut projection = distiller.as_ref().and_then(|d| d.projection(&ad));
     let mut optim = cfg.optimizer.init();
     let mut logs = Vec::new();
     let mut state = CheckpointState {
@@ -341,8 +380,8 @@ fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<
         ..CheckpointState::default()
     };
     if resuming {
-        let (m, o, st) = run.read_checkpoint(model, optim)?;
-        (model, optim) = (m, o);
+        let (m, o, p, st) = run.read_checkpoint(model, optim, projection)?;
+        (model, optim, projection) = (m, o, p);
         logs = run.read_logs()?;
         logs.retain(|l| l.epoch <= st.epoch);
         if root {
@@ -354,7 +393,10 @@ fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<
         model = sync::broadcast_model(group, model);
     }
 
-    let (train_spec, val_spec) = samples::loader_specs(&req, &model_config, &data);
+    let (mut train_spec, val_spec) = samples::loader_specs(&req, &model_config, &data);
+    train_spec.teacher = distiller
+        .as_ref()
+        .and_then(|d| d.teacher_preprocess.clone());
     // Named by the images' bytes, hashed as the first epoch decodes them.
     let mut hash = None;
     let train = Arc::new(data.train);
@@ -386,6 +428,7 @@ fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<
         run_dir: run.root(),
         group,
         accumulate: cfg.accumulate,
+        distill: distiller.as_ref(),
     };
     let mut bad_images = 0usize;
     let mut best_val = logs
@@ -397,7 +440,14 @@ fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<
 
     for epoch in state.epoch + 1..=cfg.epochs {
         let t_epoch = Instant::now();
-        let (trained, totals) = plan.run(epoch, model, &mut optim, &mut state.step, state.epoch)?;
+        let (trained, totals) = plan.run(
+            epoch,
+            model,
+            &mut projection,
+            &mut optim,
+            &mut state.step,
+            state.epoch,
+        )?;
         // Each rank's batch-norm statistics come from its own shard: one average for all.
         model = sync::average_running_statistics(group, trained);
         weight_hashes = sync::check_identical(group, &model).map_err(|e| together(group, e))?;
@@ -431,6 +481,7 @@ fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<
             ranks: parallel.then_some(group.size()),
             allreduce_s_per_step: parallel.then(|| totals.allreduce_s / totals.steps.max(1) as f64),
             allreduce_bytes_per_step: parallel.then_some(totals.allreduce_bytes),
+            train_distill_loss: totals.distill.clone(),
         };
         let current = val_metrics
             .get(&cfg.select_metric)
@@ -462,7 +513,7 @@ fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<
         if improves {
             run.export_best(model.valid(), &metadata)?;
         }
-        run.write_checkpoint(&model, &optim, &metadata, &state)?;
+        run.write_checkpoint(&model, &optim, projection.as_ref(), &metadata, &state)?;
     }
     // The other ranks read nothing rank 0 writes after this point, but their summary must not
     // claim an exported model before it exists.

@@ -45,5 +45,6 @@ pub(super) fn provenance(
         git_revision: git_revision(),
         command: Some(req.command.clone()),
         retina_version: Some(env!("CARGO_PKG_VERSION").into()),
+        teacher: req.teacher.as_ref().map(|t| t.display().to_string()),
     }
 }

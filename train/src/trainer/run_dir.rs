@@ -3,6 +3,7 @@
 //! exported bundle of the best epoch in `model/`.
 
 use super::FitRequest;
+use crate::distill::Projection;
 use anyhow::{Context, Result, anyhow, bail};
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
@@ -45,6 +46,10 @@ pub struct EpochLog {
     /// Bytes each rank sends to the all-reduce per step (with more than one rank).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allreduce_bytes_per_step: Option<usize>,
+    /// Mean training value of each distillation term (weighted as in the total), in a
+    /// `retina-train distill` run.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub train_distill_loss: BTreeMap<String, f64>,
 }
 
 /// Progress of a run, stored with each checkpoint.
@@ -84,6 +89,8 @@ const CHECKPOINT: &str = "checkpoint";
 const METRICS: &str = "metrics.jsonl";
 const REQUEST: &str = "run.json";
 const MODEL: &str = "model";
+/// The distillation projection's weights in a checkpoint (not part of the exported student).
+const PROJECTION: &str = "projection.bpk";
 
 /// Reads a `metrics.jsonl` (no file: no epochs yet). The one reader of the format: a bad line is
 /// an error at `file:line:column`, never skipped.
@@ -189,9 +196,25 @@ impl RunDir {
         &self,
         model: RetinaNet,
         optim: ModuleOptimizer,
-    ) -> Result<(RetinaNet, ModuleOptimizer, CheckpointState)> {
+        projection: Option<Projection>,
+    ) -> Result<(
+        RetinaNet,
+        ModuleOptimizer,
+        Option<Projection>,
+        CheckpointState,
+    )> {
         let ck = self.checkpoint();
         let state = self.read_state()?;
+        let projection = projection
+            .map(|p| {
+                p.try_load_file(ck.join(PROJECTION)).map_err(|e| {
+                    anyhow!(
+                        "cannot load the distillation projection {}: {e:?}",
+                        ck.join(PROJECTION).display()
+                    )
+                })
+            })
+            .transpose()?;
         let model = model.try_load_file(ck.join("model.bpk")).map_err(|e| {
             anyhow!(
                 "cannot load the checkpoint weights {}: {e:?}",
@@ -201,7 +224,7 @@ impl RunDir {
         let optim = optim
             .load(ck.join("optimizer.bpk"))
             .map_err(|e| anyhow!("cannot load the optimizer state: {e:?}"))?;
-        Ok((model, optim, state))
+        Ok((model, optim, projection, state))
     }
 
     /// Writes a checkpoint: into a partial directory first, then swapped in, so a crash leaves
@@ -210,6 +233,7 @@ impl RunDir {
         &self,
         model: &RetinaNet,
         optim: &ModuleOptimizer,
+        projection: Option<&Projection>,
         meta: &BundleMetadata,
         state: &CheckpointState,
     ) -> Result<()> {
@@ -226,6 +250,11 @@ impl RunDir {
                 &partial.join("model.json"),
                 serde_json::to_string_pretty(meta)?.as_bytes(),
             )?;
+            if let Some(p) = projection {
+                p.clone()
+                    .save_file(partial.join(PROJECTION))
+                    .map_err(|e| anyhow!("cannot save the distillation projection: {e:?}"))?;
+            }
             optim
                 .save(partial.join("optimizer.bpk"))
                 .map_err(|e| anyhow!("cannot save the optimizer state: {e:?}"))?;

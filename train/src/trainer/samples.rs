@@ -179,6 +179,7 @@ pub(super) fn loader_specs(
                 cfg.data.degrade,
             ),
             check: None,
+            teacher: None,
         };
         let val = LoaderSpec {
             augment: None,
@@ -211,6 +212,7 @@ pub(super) fn loader_specs(
         store: None,
         quality: QualityTeaching::for_heads(&model.heads, cfg.data.quality_share, cfg.data.degrade),
         check: None,
+        teacher: None,
     };
     let val = LoaderSpec {
         augment: None,

@@ -38,6 +38,7 @@ pub fn request(labels: &Path, out: &Path, config: TrainConfig) -> FitRequest {
         skip_bad_images: false,
         command: "test".into(),
         resumed: Vec::new(),
+        teacher: None,
     }
 }
 
