@@ -11,27 +11,17 @@
 mod common;
 
 use anyhow::Result;
-use retina_model::BackendChoice;
-use retina_train::config::TrainConfig;
-use retina_train::dataset::DatasetFormat;
-use retina_train::eval;
-use retina_train::trainer::{self, DataSource, FitRequest};
-use std::path::PathBuf;
 
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let work = args
-        .next()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("retina-auxiliary-heads"));
-    let seeds: u64 = args.next().map_or(Ok(3), |s| s.parse())?;
-    let epochs: usize = args.next().map_or(Ok(12), |s| s.parse())?;
+    let (work, seeds, epochs) = common::args("auxiliary-heads", 12)?;
     let train = common::generated(&work, "train", 600, 41)?;
     let test = common::generated(&work, "test", 300, 42)?;
-    println!("| auxiliary heads | seed | diagnosis kappa | referable AUC |");
-    println!("|---|---|---|---|");
+    println!(
+        "{}",
+        common::header("auxiliary heads", &["diagnosis kappa", "referable AUC"])
+    );
     for (label, aux_weight) in [("on", None), ("off", Some(0.0))] {
-        let (mut kappas, mut aucs) = (Vec::new(), Vec::new());
+        let mut per_seed = Vec::new();
         for seed in 0..seeds {
             let off = aux_weight.map_or(String::new(), |w: f64| {
                 format!(
@@ -39,55 +29,19 @@ fn main() -> Result<()> {
                      [[loss.heads]]\nhead = \"vessel_growth\"\nweight = {w}\n"
                 )
             });
-            let config: TrainConfig = toml::from_str(&format!(
+            let config = format!(
                 "epochs = {epochs}\nseed = {seed}\n[model]\nimage_size = 96\n\
                  [optimizer]\nlearning_rate = 3e-3\n[data]\nquality_share = 0.0\n[loss]\n{off}"
-            ))?;
-            let out = work.join(format!("run-{label}-{seed}"));
-            let _ = std::fs::remove_dir_all(&out);
-            trainer::fit(FitRequest {
-                data: DataSource::Labels {
-                    path: train.clone(),
-                    format: DatasetFormat::Native,
-                    images: None,
-                    val: None,
-                },
-                out: out.clone(),
-                config,
-                backend: "cpu".into(),
-                skip_bad_images: false,
-                command: "examples/auxiliary_heads".into(),
-                resumed: Vec::new(),
-                teacher: None,
-            })?;
-            let m = eval::evaluate(
-                &out.join("model"),
-                &test,
-                DatasetFormat::Native,
-                None,
-                &out.join("eval"),
-                None,
-                BackendChoice::Cpu,
-            )?;
-            let kappa = m["diagnosis"]["quadratic_kappa"]
-                .as_f64()
-                .unwrap_or(f64::NAN);
-            let auc = m["diagnosis"]["referable_auc"].as_f64().unwrap_or(f64::NAN);
-            println!("| {label} | {seed} | {kappa:.3} | {auc:.3} |");
-            kappas.push(kappa);
-            aucs.push(auc);
+            );
+            let name = format!("run-{label}-{seed}");
+            let out = common::train(&work, &name, &train, &config, None)?;
+            let m = common::score(&out.join("model"), &test, &out.join("eval"))?;
+            per_seed.push(vec![
+                common::metric(&m, "diagnosis", "quadratic_kappa"),
+                common::metric(&m, "diagnosis", "referable_auc"),
+            ]);
         }
-        let (km, ks) = mean_sd(&kappas);
-        let (am, asd) = mean_sd(&aucs);
-        println!("| {label} | mean ± sd | {km:.3} ± {ks:.3} | {am:.3} ± {asd:.3} |");
+        println!("{}", common::row(label, &per_seed));
     }
     Ok(())
-}
-
-/// Mean and sample standard deviation.
-fn mean_sd(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (mean, var.sqrt())
 }

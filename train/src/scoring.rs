@@ -154,7 +154,16 @@ fn score_head(
                 "quadratic_kappa".into(),
                 metrics::quadratic_kappa(&truth, &pred, k),
             );
-            confusion = Some(metrics::confusion(&truth, &pred, k));
+            let c = metrics::confusion(&truth, &pred, k);
+            // Each class's recall: a rare grade a model never predicts hides in the kappa.
+            for (class, row) in c.iter().enumerate() {
+                let n: usize = row.iter().sum();
+                m.insert(
+                    format!("recall_{class}"),
+                    (n > 0).then(|| row[class] as f64 / n as f64),
+                );
+            }
+            confusion = Some(c);
         }
         HeadKind::Binary => {
             let truth: Vec<usize> = pairs.iter().map(|(l, _)| usize::from(*l > 0.5)).collect();
@@ -272,6 +281,9 @@ pub fn metric_names(specs: &[HeadSpec]) -> Vec<String> {
             HeadKind::Regression => &["mae", "rmse", "pearson_r"],
         };
         names.extend(own.iter().map(|k| format!("{}.{k}", spec.name)));
+        if let HeadKind::Multiclass(k) = spec.kind {
+            names.extend((0..k).map(|c| format!("{}.recall_{c}", spec.name)));
+        }
         if let Some(d) = spec.decision_rule() {
             let prefix = decision_prefix(spec, &d);
             names.extend(
@@ -370,6 +382,21 @@ mod tests {
         }
         assert_eq!(flat["diagnosis.referable_auc"], 1.0);
         assert_eq!(flat["diagnosis.accuracy"], 1.0);
+        assert_eq!(flat["diagnosis.recall_3"], 1.0);
+        // No eye of grade 2 or 4: no recall, rather than 0 or 1.
+        assert!(!flat.contains_key("diagnosis.recall_2"));
+        // One of the two grade-0 eyes called mild: recall 1/2.
+        let preds = vec![
+            pred([0.7, 0.2, 0.05, 0.03, 0.02], 0.2, 0.1),
+            pred([0.1, 0.1, 0.2, 0.5, 0.1], 0.8, 0.4),
+            pred([0.2, 0.5, 0.2, 0.05, 0.05], 0.4, 0.0),
+            pred([0.2, 0.5, 0.2, 0.05, 0.05], 0.4, 0.0),
+        ];
+        let mut samples = samples.clone();
+        samples.push(sample(&[("diagnosis", 0.0)]));
+        let two = super::flat(&score_heads(&specs, &samples, &preds, &point));
+        assert_eq!(two["diagnosis.recall_0"], 0.5);
+        assert_eq!(two["diagnosis.recall_1"], 1.0);
         assert_eq!(flat["fluid.auc"], 1.0);
         assert!((flat["vessel_growth.mae"] - 0.1).abs() < 1e-6);
         assert_eq!(scores[1].n, 2);
