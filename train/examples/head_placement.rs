@@ -109,7 +109,7 @@ fn probe(
         (Vec::new(), Vec::new(), Vec::new());
     let idx: Vec<usize> = (0..test_samples.len()).collect();
     for (b, chunk) in idx.chunks(32).enumerate() {
-        let batch = spec.load_batch(&test_samples, chunk, b as u64)?;
+        let batch = spec.load_batch(test_samples, chunk, b as u64)?;
         let s = pre.image_size;
         let x = Tensor::<4>::from_data(TensorData::new(batch.images, [batch.n, 3, s, s]), &device);
         let out = bundle.model.forward(x);
