@@ -30,8 +30,8 @@ fn main() -> Result<()> {
                 )
             });
             let config = format!(
-                "epochs = {epochs}\nseed = {seed}\n[model]\nimage_size = 96\n\
-                 [optimizer]\nlearning_rate = 3e-3\n[data]\nquality_share = 0.0\n[loss]\n{off}"
+                "epochs = {epochs}\nseed = {seed}\nselect_metric = \"diagnosis.referable_auc\"\n[model]\nimage_size = 96\n\
+                 [optimizer]\nlearning_rate = 3e-3\n[data]\nquality_share = 0.0\nsampling = \"shuffle\"\n[loss]\n{off}"
             );
             let name = format!("run-{label}-{seed}");
             let out = common::train(&work, &name, &train, &config, None)?;

@@ -33,10 +33,10 @@ fn main() -> Result<()> {
         )
     );
     let conditions = [
-        ("neither", "", ""),
+        ("neither", "sampling = \"shuffle\"\n", ""),
         (
             "class weights (auto)",
-            "",
+            "sampling = \"shuffle\"\n",
             "[[loss.heads]]\nhead = \"diagnosis\"\nclass_weights = \"auto\"\n",
         ),
         ("oversampling (balanced)", "sampling = \"balanced\"\n", ""),
@@ -45,7 +45,7 @@ fn main() -> Result<()> {
         let mut per_seed = Vec::new();
         for seed in 0..seeds {
             let config = format!(
-                "epochs = {epochs}\nseed = {seed}\n[model]\nimage_size = 96\n\
+                "epochs = {epochs}\nseed = {seed}\nselect_metric = \"diagnosis.referable_auc\"\n[model]\nimage_size = 96\n\
                  [optimizer]\nlearning_rate = 3e-3\n[data]\nquality_share = 0.0\n{data}[loss]\n{loss}"
             );
             let name = format!("run-{}-{seed}", label.split(' ').next().unwrap_or(label));

@@ -14,8 +14,8 @@ mod common;
 use anyhow::Result;
 use retina_model::burn::prelude::*;
 use retina_model::{AttachPoint, BackendChoice, FLUID, HeadSpec, ModelBundle};
-use retina_train::config::{ModelSection, OptimizerConfig, TrainConfig};
-use retina_train::data::LoaderSpec;
+use retina_train::config::{DataConfig, ModelSection, OptimizerConfig, TrainConfig};
+use retina_train::data::{LoaderSpec, Sampling};
 use retina_train::dataset::{DatasetFormat, Sample, read_labels};
 use retina_train::metrics::roc_auc;
 use std::path::Path;
@@ -75,6 +75,11 @@ fn probe(
         },
         epochs,
         seed,
+        select_metric: "diagnosis.referable_auc".into(),
+        data: DataConfig {
+            sampling: Sampling::Shuffle,
+            ..DataConfig::default()
+        },
         optimizer: OptimizerConfig {
             learning_rate: 3e-3,
             ..OptimizerConfig::default()

@@ -56,10 +56,10 @@ pub fn split(samples: &[Sample], val_fraction: f32, seed: u64) -> (Vec<Sample>, 
 #[serde(rename_all = "snake_case")]
 pub enum Sampling {
     /// Every sample once per epoch, shuffled.
-    #[default]
     Shuffle,
     /// Grades drawn equally often (with replacement): oversampling the rare grades, the
-    /// alternative to class weights.
+    /// alternative to class weights (the default: see `DataConfig`).
+    #[default]
     Balanced,
 }
 

@@ -154,7 +154,7 @@ pub struct Distiller {
     pub config: DistillConfig,
     /// The teacher bundle's directory.
     pub path: PathBuf,
-    /// The teacher, in inference mode on the device under autodiff.
+    /// The teacher, on the device under autodiff (no gradients: inference mode).
     teacher: RetinaNet,
     /// The teacher's preprocessing, where it differs from the student's (its own input size
     /// or normalisation): the loader then makes a second input from each view.
@@ -167,8 +167,8 @@ pub struct Distiller {
 }
 
 impl Distiller {
-    /// Loads the teacher bundle in `dir` onto `device` (the device under autodiff) and pairs
-    /// it with a student of config `student`.
+    /// Loads the teacher bundle in `dir` onto `device` (the plain device the student's
+    /// autodiff device wraps) and pairs it with a student of config `student`.
     pub fn new(
         config: DistillConfig,
         dir: &Path,

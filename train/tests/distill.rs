@@ -16,7 +16,7 @@ fn default_model() -> PathBuf {
 
 fn config(text: &str) -> TrainConfig {
     toml::from_str(&format!(
-        "batch_size = 8\n{text}\n[data]\nquality_share = 0.0\n"
+        "batch_size = 8\n{text}\n[data]\nquality_share = 0.0\nsampling = \"shuffle\"\n"
     ))
     .unwrap()
 }

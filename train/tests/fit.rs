@@ -4,6 +4,7 @@ mod common;
 
 use common::{data, logs, request};
 use retina_train::config::{DataConfig, ModelSection, OptimizerConfig, TrainConfig};
+use retina_train::data::Sampling;
 use retina_train::trainer;
 
 /// The runs in this file one at a time: burn's CPU device draws initial weights and batches from
@@ -31,9 +32,14 @@ fn short_run(quality_share: f32) -> TrainConfig {
             learning_rate: 3e-3,
             ..OptimizerConfig::default()
         },
+        // The floors below were measured with shuffled batches and the epoch picked by referable
+        // AUC. With the defaults (balanced sampling, kappa) this set, 40 % healthy and 10 % of
+        // each rare grade, learns slower: referable AUC 0.47 -> 0.68 over the 8 epochs.
+        select_metric: "diagnosis.referable_auc".into(),
         data: DataConfig {
             val_fraction: 0.25,
             quality_share,
+            sampling: Sampling::Shuffle,
             ..DataConfig::default()
         },
         ..TrainConfig::default()
@@ -303,9 +309,9 @@ fn fit_options_take_effect() {
         "smooth",
         toml("[[loss.heads]]\nhead = \"diagnosis\"\nlabel_smoothing = 0.2\n"),
     );
-    let balanced = diagnosis_loss("balanced", toml("[data]\nsampling = \"balanced\"\n"));
+    let shuffled = diagnosis_loss("shuffled", toml("[data]\nsampling = \"shuffle\"\n"));
     // Focal loss down-weights every example: below cross entropy; smoothing adds the uniform
-    // term; balanced sampling draws other images.
+    // term; shuffled sampling draws other images than the default balanced one.
     assert!(
         focal < 0.8 * plain,
         "focal {focal} vs cross entropy {plain}"
@@ -315,8 +321,8 @@ fn fit_options_take_effect() {
         "label smoothing {smooth} vs {plain}"
     );
     assert!(
-        (balanced - plain).abs() > 1e-4,
-        "balanced {balanced} vs shuffle {plain}"
+        (shuffled - plain).abs() > 1e-4,
+        "shuffled {shuffled} vs balanced (the default) {plain}"
     );
 
     // A separate validation file: its rows are the validation set, the whole label file trains.

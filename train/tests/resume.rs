@@ -135,7 +135,7 @@ fn resuming_applies_safe_changes_and_refuses_the_others() {
     for (key, value, why) in [
         ("model.preset", toml::Value::from("reference"), "network"),
         ("seed", toml::Value::from(3), "split"),
-        ("data.sampling", toml::Value::from("balanced"), "mid-run"),
+        ("data.sampling", toml::Value::from("shuffle"), "mid-run"),
         (
             "optimizer.kind",
             toml::Value::from("sgd"),

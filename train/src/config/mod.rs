@@ -61,7 +61,9 @@ impl Default for TrainConfig {
             batch_size: 16,
             accumulate: 1,
             seed: 0,
-            select_metric: "diagnosis.referable_auc".into(),
+            // Referable AUC reaches 0.99+ within a few epochs and then cannot tell a model that
+            // grades from one that only separates healthy from diseased; kappa can.
+            select_metric: "diagnosis.quadratic_kappa".into(),
             model: ModelSection::default(),
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
@@ -130,7 +132,9 @@ impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
             val_fraction: 0.2,
-            sampling: Sampling::Shuffle,
+            // Measured (`fit --synthetic 2000`, seed 0, 1,000 held-out eyes): shuffled, the
+            // diagnosis stayed at the class prior (kappa 0.00); balanced, kappa 0.92.
+            sampling: Sampling::Balanced,
             augment: Some(Augment::default()),
             cache_images: true,
             quality_share: 0.25,
