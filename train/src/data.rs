@@ -434,7 +434,7 @@ impl LoaderSpec {
                 let Some(a) = self.augment else {
                     return Ok(Loaded {
                         input: Some(network_input(&self.preprocess, &view.image)),
-                        teacher: None,
+                        teacher: self.teacher.as_ref().map(|t| network_input(t, &view.image)),
                         refusal,
                         quality: None,
                     });

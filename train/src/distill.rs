@@ -176,8 +176,13 @@ impl Distiller {
         device: &Device,
     ) -> Result<Distiller> {
         config.validate()?;
-        let bundle = ModelBundle::load(dir, device)
-            .with_context(|| format!("cannot load the teacher bundle {}", dir.display()))?;
+        let bundle = ModelBundle::load(dir, device).with_context(|| {
+            format!(
+                "cannot load the teacher bundle {} (a resumed run uses the teacher its \
+                     run.json names; restore the bundle there)",
+                dir.display()
+            )
+        })?;
         let teacher_config = &bundle.metadata.config;
         let mut pairs = Vec::new();
         for (s, spec) in student.heads.iter().enumerate() {

@@ -63,6 +63,26 @@ fn a_student_trained_from_the_teacher_alone_moves_toward_it() {
     assert!(meta.contains("\"image_size\": 48"), "{meta}");
 }
 
+/// Without augmentation the loader still makes the teacher's own input (its 128 px from the
+/// student's 32 px run).
+#[test]
+fn the_teacher_gets_its_own_input_without_augmentation() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = data(&dir.path().join("data"), 24, 64, 5);
+    let out = dir.path().join("run");
+    let mut req = request(
+        &labels,
+        &out,
+        config("epochs = 1\n[model]\nimage_size = 32\n[distill]\nfeatures = 1.0"),
+    );
+    req.config.data.augment = None;
+    req.teacher = Some(default_model());
+    trainer::fit(req).unwrap();
+    let l = &logs(&out)[0];
+    assert!(l.train_distill_loss["logits"] > 0.0, "{l:?}");
+    assert!(l.train_distill_loss["features"] > 0.0, "{l:?}");
+}
+
 #[test]
 fn a_resumed_distillation_continues_as_if_uninterrupted() {
     let dir = tempfile::tempdir().unwrap();

@@ -277,3 +277,28 @@ fn ranks_train_on_the_wgpu_backend() {
     assert_eq!(hashes.len(), 2);
     assert_eq!(hashes[0], hashes[1]);
 }
+
+/// Distillation refuses to run on several ranks (its projection is not all-reduced), with one
+/// message and no abort, before any data is generated.
+#[test]
+fn distillation_refuses_several_ranks_with_one_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut args = fit_args(&out, 1);
+    args[0] = "distill".into();
+    args.extend([
+        "--teacher".into(),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/default-model").into(),
+    ]);
+    let run = mpirun(2, &args).output().unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(
+        err.matches("distillation runs in one process").count(),
+        1,
+        "{err}"
+    );
+    assert!(err.contains("accumulate=K"), "{err}");
+    assert!(!err.contains("error on rank"), "not an abort: {err}");
+    assert!(!out.join("synthetic").exists(), "no data made");
+}

@@ -314,7 +314,9 @@ fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<
             return Err(together(
                 group,
                 anyhow!(
-                    "distillation runs in one process: its projection's gradients are not                      all-reduced\nhint: run without mpirun; --set accumulate=K trains the same                      global batch in K parts"
+                    "distillation runs in one process: its projection's gradients are not \
+                     all-reduced\nhint: run without mpirun; --set accumulate=K trains the same \
+                     global batch in K parts"
                 ),
             ));
         }
@@ -393,10 +395,10 @@ fn train(mut req: FitRequest, resuming: bool, group: &dyn Collective) -> Result<
         model = sync::broadcast_model(group, model);
     }
 
-    let (mut train_spec, val_spec) = samples::loader_specs(&req, &model_config, &data);
-    train_spec.teacher = distiller
+    let teacher_input = distiller
         .as_ref()
-        .and_then(|d| d.teacher_preprocess.clone());
+        .and_then(|d| d.teacher_preprocess.as_ref());
+    let (train_spec, val_spec) = samples::loader_specs(&req, &model_config, &data, teacher_input);
     // Named by the images' bytes, hashed as the first epoch decodes them.
     let mut hash = None;
     let train = Arc::new(data.train);

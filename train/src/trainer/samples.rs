@@ -7,7 +7,7 @@ use crate::dataset::{DatasetFormat, ImageHashes, LabelFile, Sample, check_images
 use crate::store::ViewStore;
 use crate::synth::{self, SynthOptions};
 use anyhow::{Result, anyhow};
-use retina_model::RetinaConfig;
+use retina_model::{PreprocessConfig, RetinaConfig};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -150,12 +150,37 @@ pub(super) fn load(req: &FitRequest, model: &RetinaConfig) -> Result<Samples> {
 }
 
 /// Loader settings for training (augmented) and validation (not), sharing one cache of decoded
-/// views when it fits the budget.
+/// views when it fits the budget. With a distillation `teacher` whose input differs from the
+/// model's, training also makes the teacher's input from each view.
 pub(super) fn loader_specs(
     req: &FitRequest,
     model: &RetinaConfig,
     data: &Samples,
+    teacher: Option<&PreprocessConfig>,
 ) -> (LoaderSpec, LoaderSpec) {
+    let teacher = teacher.cloned();
+    if let Some(t) = &teacher {
+        let (mine, theirs) = (&model.preprocess, t);
+        if (mine.crop_to_disc, mine.disc_threshold, mine.max_dimension)
+            != (
+                theirs.crop_to_disc,
+                theirs.disc_threshold,
+                theirs.max_dimension,
+            )
+        {
+            eprintln!(
+                "warning: the teacher crops photographs otherwise than the student \
+                 (crop_to_disc, disc_threshold, max_dimension); it sees the student's crop"
+            );
+        }
+        if data.stores.is_some() && theirs.image_size > mine.image_size {
+            eprintln!(
+                "warning: the store holds {} px views; the teacher's {} px input is resized up \
+                 from them (train from the label file for views at the teacher's size)",
+                mine.image_size, theirs.image_size
+            );
+        }
+    }
     let cfg = &req.config;
     let images = data.train.len() + data.val.len();
     if let Some((train_store, val_store)) = &data.stores {
@@ -179,10 +204,11 @@ pub(super) fn loader_specs(
                 cfg.data.degrade,
             ),
             check: None,
-            teacher: None,
+            teacher: teacher.clone(),
         };
         let val = LoaderSpec {
             augment: None,
+            teacher: None,
             store: Some(val_store.clone()),
             check: Some(model.gradability()),
             ..train.clone()
@@ -191,7 +217,11 @@ pub(super) fn loader_specs(
     }
     // Decoded views cost S*S*3 bytes each; past the budget, decode every epoch instead of
     // exhausting memory on a large data set.
-    let side = model.preprocess.image_size;
+    // Views are made at the larger of the student's and the teacher's input sizes.
+    let side = teacher
+        .as_ref()
+        .map_or(0, |t| t.image_size)
+        .max(model.preprocess.image_size);
     let cache_bytes = images * side * side * 3;
     let cache_images = cfg.data.cache_images && cache_bytes <= CACHE_BUDGET_BYTES;
     if cfg.data.cache_images && !cache_images {
@@ -212,10 +242,11 @@ pub(super) fn loader_specs(
         store: None,
         quality: QualityTeaching::for_heads(&model.heads, cfg.data.quality_share, cfg.data.degrade),
         check: None,
-        teacher: None,
+        teacher,
     };
     let val = LoaderSpec {
         augment: None,
+        teacher: None,
         check: Some(model.gradability()),
         ..train.clone()
     };
