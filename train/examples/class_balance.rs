@@ -45,7 +45,7 @@ fn main() -> Result<()> {
         let mut per_seed = Vec::new();
         for seed in 0..seeds {
             let config = format!(
-                "epochs = {epochs}\nseed = {seed}\nselect_metric = \"diagnosis.referable_auc\"\n[model]\nimage_size = 96\n\
+                "epochs = {epochs}\nseed = {seed}\nselect_metric = \"diagnosis.referable_auc\"\n[model]\nimage_size = 96\n[model.preprocess]\ngraham = false\n\
                  [optimizer]\nlearning_rate = 3e-3\n[data]\nquality_share = 0.0\n{data}[loss]\n{loss}"
             );
             let name = format!("run-{}-{seed}", label.split(' ').next().unwrap_or(label));

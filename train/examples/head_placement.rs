@@ -14,7 +14,9 @@ mod common;
 use anyhow::Result;
 use retina_model::burn::prelude::*;
 use retina_model::{AttachPoint, BackendChoice, FLUID, HeadSpec, ModelBundle};
-use retina_train::config::{DataConfig, ModelSection, OptimizerConfig, TrainConfig};
+use retina_train::config::{
+    DataConfig, ModelSection, OptimizerConfig, PreprocessSection, TrainConfig,
+};
 use retina_train::data::{LoaderSpec, Sampling};
 use retina_train::dataset::{DatasetFormat, Sample, read_labels};
 use retina_train::metrics::roc_auc;
@@ -71,6 +73,10 @@ fn probe(
         model: ModelSection {
             image_size: Some(96),
             heads: Some(heads),
+            preprocess: PreprocessSection {
+                graham: Some(false),
+                ..PreprocessSection::default()
+            },
             ..ModelSection::default()
         },
         epochs,
