@@ -197,3 +197,29 @@ impl ModelSection {
         Ok(c)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::TrainConfig;
+
+    fn graham(toml: &str) -> bool {
+        let c: TrainConfig = toml::from_str(toml).unwrap();
+        c.model_config().unwrap().preprocess.graham
+    }
+
+    /// Graham's subtraction is on by default, also where `[model.preprocess]` changes something
+    /// else (serde fills the table's missing keys from the section's own default), and off
+    /// where asked; the preset alone leaves it off (bundles carry their own preprocessing).
+    #[test]
+    fn graham_is_on_unless_turned_off() {
+        assert!(graham(""));
+        assert!(graham("[model.preprocess]\ncrop_to_disc = false\n"));
+        assert!(!graham("[model.preprocess]\ngraham = false\n"));
+        assert!(
+            !retina_model::RetinaConfig::preset("small")
+                .unwrap()
+                .preprocess
+                .graham
+        );
+    }
+}
