@@ -440,8 +440,39 @@ mod tests {
             .reshape([2, 2, 8, 8]);
         let v: f32 = feature_term(fine, teacher.clone(), &proj).into_scalar();
         assert!(v.abs() < 1e-6, "{v}");
+        // Twice the teacher: an error of exactly the teacher's own mean square.
         let off: f32 = feature_term(teacher.clone() * 2.0, teacher, &proj).into_scalar();
-        assert!(off > 0.5, "{off}");
+        assert!((off - 1.0).abs() < 1e-3, "{off}");
+    }
+
+    #[test]
+    fn weights_are_checked_and_any_one_of_them_may_carry_the_student() {
+        let with = |labels, logits, binary, features| DistillConfig {
+            labels,
+            logits,
+            binary,
+            features,
+            ..DistillConfig::default()
+        };
+        for ok in [
+            with(0.0, 1.0, 0.0, 0.0),
+            with(1.0, 1.0, 0.0, 0.0),
+            with(0.0, 0.0, 1.0, 1.0),
+            with(0.0, 0.0, 0.0, 2.0),
+        ] {
+            assert!(ok.validate().is_ok(), "{ok:?}");
+        }
+        let e = with(1.0, -1.0, 1.0, 1.0)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("distill.logits"), "{e}");
+        let e = with(1.0, 1.0, f32::NAN, 1.0)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("distill.binary"), "{e}");
+        assert!(with(0.0, 0.0, 0.0, 0.0).validate().is_err());
     }
 
     #[test]

@@ -158,3 +158,59 @@ fn a_teacher_that_cannot_teach_the_student_is_refused_before_the_data_is_read() 
         "{e}"
     );
 }
+
+/// Each term is its divergence times its weight, and a term whose weight is 0 is absent: the
+/// same student output and teacher input under two sets of weights.
+#[test]
+fn each_term_is_weighted_by_its_own_weight() {
+    use retina_model::burn::prelude::*;
+    use retina_model::{BackendChoice, RetinaConfig};
+    use retina_train::distill::{DistillConfig, Distiller};
+    let device = BackendChoice::Cpu.select().unwrap().device;
+    let ad = device.clone().autodiff();
+    let mut student = RetinaConfig::preset("small").unwrap();
+    student.preprocess.image_size = 32;
+    let distiller = |logits: f32, binary: f32, features: f32| {
+        let config = DistillConfig {
+            logits,
+            binary,
+            features,
+            ..DistillConfig::default()
+        };
+        Distiller::new(config, &default_model(), &student, &device).unwrap()
+    };
+    let one = distiller(1.0, 1.0, 1.0);
+    let net = student.init(&ad).unwrap();
+    let projection = one.projection(&ad);
+    let x = Tensor::<4>::random(
+        [2, 3, 32, 32],
+        retina_model::burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &ad,
+    );
+    let t = Tensor::<4>::random(
+        [2, 3, 128, 128],
+        retina_model::burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
+    let (out, map) = net.forward_keeping(x, one.student_stage().unwrap());
+    let value = |d: &Distiller| -> Vec<Option<f32>> {
+        d.terms(&out, Some(map.clone()), projection.as_ref(), t.clone())
+            .parts()
+            .iter()
+            .map(|p| p.map(|v| v.clone().into_scalar()))
+            .collect()
+    };
+    let base = value(&one);
+    assert!(base.iter().all(|v| v.is_some_and(|v| v > 0.0)), "{base:?}");
+    let scaled = value(&distiller(2.0, 3.0, 0.5));
+    for (k, (b, s)) in base.iter().zip(&scaled).enumerate() {
+        let (b, s) = (b.unwrap(), s.unwrap());
+        let w = [2.0, 3.0, 0.5][k];
+        assert!(
+            (s - w * b).abs() <= 1e-4 * s.abs(),
+            "term {k}: {s} vs {w} x {b}"
+        );
+    }
+    let off = value(&distiller(1.0, 0.0, 1.0));
+    assert!(off[1].is_none(), "a binary term at weight 0: {off:?}");
+}
