@@ -356,13 +356,12 @@ pub fn main() -> ExitCode {
     pin_default_device(&cli);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        // Another MPI rank reports this error.
-        Err(e) if e.is::<crate::distributed::Quiet>() => ExitCode::from(2),
+        // Reported already, by rank 0 before the ranks parted (`distributed::together`).
+        Err(e) if e.is::<crate::distributed::Quiet>() || e.is::<crate::distributed::AllRanks>() => {
+            ExitCode::from(2)
+        }
         Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            crate::util::report_error(&e);
             ExitCode::from(2)
         }
     }

@@ -22,3 +22,11 @@ pub fn parse_grade_mix(s: &str) -> Result<[f32; 5], String> {
     }
     Ok(out)
 }
+
+/// Prints `e` and its causes on stderr, as the binary ends with them.
+pub fn report_error(e: &anyhow::Error) {
+    eprintln!("error: {e}");
+    for cause in e.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+}

@@ -149,13 +149,21 @@ impl std::fmt::Display for AllRanks {
 
 impl std::error::Error for AllRanks {}
 
-/// `e`, met on every rank alike: rank 0's to report, the others' to end quietly. With one
-/// process, `e` itself.
+/// `e`, met on every rank alike: rank 0 reports it, then every rank ends (the others
+/// quietly). Rank 0 prints before the ranks part at a barrier: a rank that exited first would
+/// have mpirun kill rank 0 before it said why. With one process, `e` itself.
 pub fn together(group: &dyn Collective, e: anyhow::Error) -> anyhow::Error {
-    match (group.size(), group.is_root()) {
-        (1, _) => e,
-        (_, true) => AllRanks(e).into(),
-        (_, false) => Quiet.into(),
+    if group.size() == 1 {
+        return e;
+    }
+    if group.is_root() {
+        crate::util::report_error(&e);
+    }
+    group.barrier();
+    if group.is_root() {
+        AllRanks(e).into()
+    } else {
+        Quiet.into()
     }
 }
 
