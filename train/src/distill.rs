@@ -31,7 +31,7 @@ use retina_model::{
     HeadKind, ModelBundle, PreprocessConfig, RetinaConfig, RetinaNet, RetinaOutput,
 };
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// `[distill]`: the weights of the losses between teacher and student, read by
 /// `retina-train distill` (a `fit` has no teacher and ignores them).
@@ -152,8 +152,6 @@ impl DistillTerms {
 pub struct Distiller {
     /// The loss weights.
     pub config: DistillConfig,
-    /// The teacher bundle's directory.
-    pub path: PathBuf,
     /// The teacher, on the device under autodiff (no gradients: inference mode).
     teacher: RetinaNet,
     /// The teacher's preprocessing, where it differs from the student's (its own input size
@@ -252,7 +250,6 @@ impl Distiller {
             .then(|| teacher_config.preprocess.clone());
         Ok(Distiller {
             config,
-            path: dir.to_path_buf(),
             teacher: bundle.model,
             teacher_preprocess,
             pairs,
