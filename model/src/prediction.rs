@@ -96,7 +96,7 @@ impl Prediction {
                 probability: row[0],
             },
             HeadKind::Regression => HeadAnswer::Regression {
-                value: spec.clamp(row[0]),
+                value: spec.value(row[0]),
             },
         };
         if let Some(d) = spec.decision_rule() {

@@ -28,6 +28,45 @@ fn torch_head_name(name: &str) -> &str {
 
 /// The names of the tensors in a safetensors file (its JSON header; no tensor is read).
 pub fn tensor_names(path: &Path) -> Result<Vec<String>, BundleError> {
+    Ok(header(path)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != "__metadata__")
+        .collect())
+}
+
+/// The key of a regression head's link in the file's metadata.
+fn link_key(head: &str) -> String {
+    format!("retina.{head}.link")
+}
+
+/// The link of each regression head of `config` as a PyTorch-layout file gives it: what
+/// [`RetinaNet::export_torch`] recorded in the file's metadata, else the identity (a PyTorch
+/// network's regression output is its value: the reference's vessel output is trained with L1).
+pub fn regression_links(
+    path: &Path,
+    config: &RetinaConfig,
+) -> Result<Vec<(String, crate::Link)>, BundleError> {
+    let meta = header(path)?
+        .remove("__metadata__")
+        .and_then(|m| m.as_object().cloned())
+        .unwrap_or_default();
+    Ok(config
+        .heads
+        .iter()
+        .filter(|h| h.kind == crate::HeadKind::Regression)
+        .map(|h| {
+            let link = match meta.get(&link_key(&h.name)).and_then(|v| v.as_str()) {
+                Some("logistic") => crate::Link::Logistic,
+                _ => crate::Link::Identity,
+            };
+            (h.name.clone(), link)
+        })
+        .collect())
+}
+
+/// A safetensors file's JSON header.
+fn header(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, BundleError> {
     use std::io::Read;
     let invalid = |m: String| BundleError::Io {
         path: path.to_path_buf(),
@@ -50,13 +89,8 @@ pub fn tensor_names(path: &Path) -> Result<Vec<String>, BundleError> {
     let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header)
         .map_err(|_| invalid("truncated safetensors header".into()))?;
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| invalid(format!("safetensors header is not a JSON object: {e}")))?;
-    Ok(map
-        .into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| k != "__metadata__")
-        .collect())
+    serde_json::from_slice(&header)
+        .map_err(|e| invalid(format!("safetensors header is not a JSON object: {e}")))
 }
 
 /// Whether a PyTorch-layout file holds weights of `head`.
@@ -126,13 +160,20 @@ fn remapper(config: &RetinaConfig, to_torch: bool) -> KeyRemapper {
 
 impl RetinaNet {
     /// Writes the weights as a PyTorch-layout safetensors file (`torch.nn.Module.load_state_dict`
-    /// accepts it for the matching PyTorch module). Written atomically.
+    /// accepts it for the matching PyTorch module). Written atomically. A regression head with
+    /// the logistic link is named in the file's metadata (`retina.{head}.link`), so that
+    /// [`regression_links`] gives it back on import.
     pub fn export_torch(&self, config: &RetinaConfig, path: &Path) -> Result<(), BundleError> {
         let mut store = SafetensorsStore::from_file(path)
             .with_to_adapter(BurnToPyTorchAdapter)
             .remap(remapper(config, true))
             .map_indices_contiguous(false)
             .overwrite(true);
+        for h in &config.heads {
+            if h.link == crate::Link::Logistic {
+                store = store.metadata(link_key(&h.name), "logistic");
+            }
+        }
         self.save_into(&mut store).map_err(|e| BundleError::Write {
             path: path.to_path_buf(),
             message: e.to_string(),

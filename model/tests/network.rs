@@ -271,7 +271,11 @@ fn format_1_bundles_are_read_with_the_rules_they_implied() {
     assert_eq!(meta.format_version, BUNDLE_FORMAT_VERSION);
     let c = &meta.config;
     assert_eq!(c.heads[0], HeadSpec::diagnosis());
-    assert_eq!(c.heads[2], HeadSpec::vessel_growth());
+    // The link came later: such a bundle's vessel output is the value itself.
+    assert_eq!(
+        c.heads[2],
+        HeadSpec::vessel_growth().with_link(Link::Identity)
+    );
     let names: Vec<String> = c.decisions().into_iter().map(|d| d.name).collect();
     assert_eq!(names, ["referable", "fluid"]);
     assert_eq!(meta.class_names()["diagnosis"][4], "proliferative");
@@ -396,6 +400,17 @@ fn pytorch_layout_export_has_the_reference_state_dict_keys_and_round_trips() {
         host(&net.forward(x.clone()).heads[0]),
         host(&other.forward(x).heads[0])
     );
+
+    // The logistic link of the vessel head travels in the file's metadata; a head with the
+    // identity link, like a file PyTorch wrote, records none and reads as the identity.
+    let links = retina_model::torch::regression_links(&file, &config).unwrap();
+    assert_eq!(links, [("vessel_growth".to_string(), Link::Logistic)]);
+    let mut raw = config.clone();
+    raw.heads[2].link = Link::Identity;
+    let plain = dir.path().join("identity.safetensors");
+    net.export_torch(&raw, &plain).unwrap();
+    let links = retina_model::torch::regression_links(&plain, &config).unwrap();
+    assert_eq!(links, [("vessel_growth".to_string(), Link::Identity)]);
 
     // The wrong architecture is refused with a named tensor.
     let small_cfg = small(32);

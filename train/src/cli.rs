@@ -561,6 +561,21 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 config.heads.remove(i);
             }
+            // A PyTorch network's regression output is its value, unless the file was written
+            // by `export-torch` from a head with the logistic link (its metadata says so).
+            for (name, link) in retina_model::torch::regression_links(&weights, &config)? {
+                let head = config.heads.iter_mut().find(|h| h.name == name);
+                if let Some(h) = head.filter(|h| h.link != link) {
+                    if link == retina_model::Link::Identity {
+                        eprintln!(
+                            "note: {} records no link for `{name}`: its output is read as the \
+                             value itself, as PyTorch networks give it",
+                            weights.display()
+                        );
+                    }
+                    h.link = link;
+                }
+            }
             let mut net = config.init(&device)?;
             net.import_torch(&config, &weights)
                 .with_context(|| format!("importing {}", weights.display()))?;

@@ -9,12 +9,14 @@
 //! - weighted cross entropy: `sum_i m_i w[y_i] nll_i / sum_i m_i w[y_i]`;
 //! - BCE with logits and a positive weight `p` (stable form):
 //!   `(1 - t) softplus(x) + p t softplus(-x)`, averaged over present labels;
-//! - L1 / MSE / Huber: averaged over present labels.
+//! - L1 / MSE / Huber: averaged over present labels; on a regression with the logistic link
+//!   (see `retina_model::Link`) they compare the linked value with the label, and BCE (that
+//!   head's default) takes the label scaled into 0..1 as a soft target.
 
 use burn::nn::loss::{HuberLossConfig, MseLoss};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softplus};
-use retina_model::{HeadKind, HeadSpec, RetinaNet, RetinaOutput};
+use retina_model::{HeadKind, HeadSpec, Link, RetinaNet, RetinaOutput};
 use serde::{Deserialize, Serialize};
 
 /// The loss family of a head.
@@ -28,7 +30,8 @@ pub enum LossKind {
         /// Focusing parameter (2 in Lin et al. 2017).
         gamma: f32,
     },
-    /// Binary cross entropy with logits (binary heads).
+    /// Binary cross entropy with logits (binary heads; regressions with the logistic link,
+    /// whose label scaled into 0..1 is the soft target).
     Bce,
     /// Mean absolute error (regression heads).
     L1,
@@ -42,26 +45,29 @@ pub enum LossKind {
 }
 
 impl LossKind {
-    /// The usual loss for a head kind: CE, BCE, L1.
-    pub fn default_for(kind: HeadKind) -> LossKind {
-        match kind {
-            HeadKind::Multiclass(_) => LossKind::CrossEntropy,
-            HeadKind::Binary => LossKind::Bce,
-            HeadKind::Regression => LossKind::L1,
+    /// The usual loss for a head: CE, BCE, L1; BCE on a regression with the logistic link.
+    pub fn default_for(spec: &HeadSpec) -> LossKind {
+        match (spec.kind, spec.link) {
+            (HeadKind::Multiclass(_), _) => LossKind::CrossEntropy,
+            (HeadKind::Binary, _) | (HeadKind::Regression, Link::Logistic) => LossKind::Bce,
+            (HeadKind::Regression, Link::Identity) => LossKind::L1,
         }
     }
 
-    fn fits(self, kind: HeadKind) -> bool {
+    fn fits(self, spec: &HeadSpec) -> bool {
         matches!(
-            (self, kind),
+            (self, spec.kind, spec.link),
             (
                 LossKind::CrossEntropy | LossKind::Focal { .. },
-                HeadKind::Multiclass(_)
-            ) | (LossKind::Bce | LossKind::Focal { .. }, HeadKind::Binary)
+                HeadKind::Multiclass(_),
+                _
+            ) | (LossKind::Bce | LossKind::Focal { .. }, HeadKind::Binary, _)
                 | (
                     LossKind::L1 | LossKind::Mse | LossKind::Huber { .. },
-                    HeadKind::Regression
+                    HeadKind::Regression,
+                    _
                 )
+                | (LossKind::Bce, HeadKind::Regression, Link::Logistic)
         )
     }
 }
@@ -118,7 +124,8 @@ pub struct HeadLossConfig {
     /// Weight of this head's loss in the total; 0 switches the head's training off.
     #[serde(default = "one")]
     pub weight: f32,
-    /// Loss family; defaults to CE / BCE / L1 by head kind.
+    /// Loss family; defaults to CE / BCE / L1 by head kind (BCE for a regression with the
+    /// logistic link).
     #[serde(default)]
     pub loss: Option<LossKind>,
     /// Class weights (multiclass: one per class; binary: `[negative, positive]`).
@@ -272,6 +279,9 @@ pub struct HeadLoss {
     pub binary_weights: [f32; 2],
     /// Label smoothing.
     pub label_smoothing: f32,
+    /// `[low, high]` of a regression with the logistic link: its value is
+    /// `low + (high - low) * sigmoid(output)`.
+    pub logistic: Option<[f32; 2]>,
 }
 
 /// The runtime objective, built by [`LossConfig::init`].
@@ -376,10 +386,15 @@ impl LossConfig {
                 .find(|h| h.head == spec.name)
                 .cloned()
                 .unwrap_or_else(|| HeadLossConfig::for_spec(spec));
-            let loss = cfg.loss.unwrap_or(LossKind::default_for(spec.kind));
-            if !loss.fits(spec.kind) {
+            let loss = cfg.loss.unwrap_or(LossKind::default_for(spec));
+            if !loss.fits(spec) {
+                let bce = if spec.kind == HeadKind::Regression && loss == LossKind::Bce {
+                    " (BCE needs link = \"logistic\" on the head)"
+                } else {
+                    ""
+                };
                 return bad(format!(
-                    "head `{}` is {} and cannot use {loss:?}",
+                    "head `{}` is {} and cannot use {loss:?}{bce}",
                     spec.name, spec.kind
                 ));
             }
@@ -464,6 +479,10 @@ impl LossConfig {
                 class_weights: weights,
                 binary_weights,
                 label_smoothing: smoothing,
+                logistic: match (spec.link, spec.range) {
+                    (Link::Logistic, Some(r)) => Some(r),
+                    _ => None,
+                },
             });
         }
         Ok(RetinaLoss {
@@ -480,6 +499,15 @@ fn masked_mean(per_sample: Tensor<1>, weights: Tensor<1>) -> Tensor<1> {
 }
 
 impl HeadLoss {
+    /// A regression's value from its raw outputs `[N]`, as `HeadSpec::value` gives it (without
+    /// the clamp, whose zero gradient outside the range would stop learning there).
+    fn value(&self, raw: Tensor<1>) -> Tensor<1> {
+        match self.logistic {
+            Some([lo, hi]) => burn::tensor::activation::sigmoid(raw) * (hi - lo) + lo,
+            None => raw,
+        }
+    }
+
     /// This head's loss for raw outputs `[N, width]`.
     pub fn forward(&self, output: Tensor<2>, t: &HeadTargets) -> Tensor<1> {
         let device = output.device();
@@ -524,7 +552,10 @@ impl HeadLoss {
             }
             LossKind::Bce | LossKind::Focal { .. } => {
                 let x = output.reshape([n]);
-                let y = t.values.clone();
+                let y = match self.logistic {
+                    Some([lo, hi]) => (t.values.clone() - lo) / (hi - lo),
+                    None => t.values.clone(),
+                };
                 let [wn, wp] = self.binary_weights;
                 let mut neg = softplus(x.clone(), 1.0) * (y.clone().neg() + 1.0) * wn;
                 let mut pos = softplus(x.clone().neg(), 1.0) * y.clone() * wp;
@@ -536,17 +567,18 @@ impl HeadLoss {
                 masked_mean(neg + pos, t.mask.clone())
             }
             LossKind::L1 => {
-                let d = (output.reshape([n]) - t.values.clone()).abs();
+                let d = (self.value(output.reshape([n])) - t.values.clone()).abs();
                 masked_mean(d, t.mask.clone())
             }
             LossKind::Mse => {
-                let d = MseLoss::new().forward_no_reduction(output.reshape([n]), t.values.clone());
+                let d = MseLoss::new()
+                    .forward_no_reduction(self.value(output.reshape([n])), t.values.clone());
                 masked_mean(d, t.mask.clone())
             }
             LossKind::Huber { delta } => {
                 let d = HuberLossConfig::new(delta)
                     .init()
-                    .forward_no_reduction(output.reshape([n]), t.values.clone());
+                    .forward_no_reduction(self.value(output.reshape([n])), t.values.clone());
                 masked_mean(d, t.mask.clone())
             }
             LossKind::CrossEntropy => unreachable!("checked in LossConfig::init"),

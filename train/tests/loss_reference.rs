@@ -5,9 +5,9 @@
 #![allow(clippy::excessive_precision)]
 
 use burn::prelude::*;
-use retina_model::{HeadKind, HeadSpec};
+use retina_model::{HeadKind, HeadSpec, Link};
 use retina_train::loss::{
-    ClassWeights, HeadLossConfig, HeadTargets, LossConfig, Objective, RetinaLoss,
+    ClassWeights, HeadLossConfig, HeadTargets, LossConfig, LossKind, Objective, RetinaLoss,
 };
 
 const LOGITS: [[f32; 5]; 4] = [
@@ -28,7 +28,8 @@ fn specs() -> Vec<HeadSpec> {
         // The diagnosis spec carries the referable rule the screening bias tilts.
         HeadSpec::diagnosis(),
         HeadSpec::new("fluid".into(), HeadKind::Binary),
-        HeadSpec::vessel_growth(),
+        // The reference's vessel output is the value itself, trained with L1.
+        HeadSpec::vessel_growth().with_link(Link::Identity),
     ]
 }
 
@@ -44,6 +45,80 @@ fn reference_loss() -> RetinaLoss {
         ])
         .init(&specs(), &|_| None)
         .unwrap()
+}
+
+/// A regression through the logistic link: its default loss is the cross entropy with the
+/// label scaled into 0..1 as the soft target, and L1 / MSE compare the linked value with the
+/// label; the gradients are those of the formulas. A raw-output regression refuses BCE and
+/// says what it needs.
+#[test]
+fn a_logistic_regression_learns_its_label_as_a_soft_target() {
+    let spec = HeadSpec::new("cdr".into(), HeadKind::Regression)
+        .with_range(Some([0.2, 1.0]))
+        .with_link(Link::Logistic);
+    let device = Device::flex().autodiff();
+    let z = [0.3f32, -1.5, 2.0, 0.0];
+    let label = [0.2f32, 0.6, 1.0, 0.9];
+    let present = [Some(label[0]), Some(label[1]), None, Some(label[3])];
+    let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+    let host_loss = |kind: Option<LossKind>| {
+        let mut h = HeadLossConfig::new("cdr".into());
+        h.loss = kind;
+        let loss = LossConfig::new()
+            .with_heads(vec![h])
+            .init(std::slice::from_ref(&spec), &|_| None)
+            .unwrap();
+        let x = Tensor::<2>::from_data([z], &device)
+            .transpose()
+            .require_grad();
+        let l = loss.heads[0].forward(x.clone(), &HeadTargets::from_options(&present, &device));
+        let grads = l.backward();
+        (host(l)[0], host(x.grad(&grads).unwrap()))
+    };
+    let kept = [0, 1, 3];
+    // BCE: -(t log s + (1 - t) log(1 - s)) with t = (y - 0.2) / 0.8; d/dz = (s - t) / 3.
+    let t = |i: usize| (label[i] - 0.2) / 0.8;
+    let want: f32 = kept
+        .iter()
+        .map(|&i| -(t(i) * sig(z[i]).ln() + (1.0 - t(i)) * (1.0 - sig(z[i])).ln()))
+        .sum::<f32>()
+        / 3.0;
+    let (got, g) = host_loss(None);
+    close(&[got], &[want], "soft-target BCE");
+    let want_g: Vec<f32> = (0..4)
+        .map(|i| {
+            if i == 2 {
+                0.0
+            } else {
+                (sig(z[i]) - t(i)) / 3.0
+            }
+        })
+        .collect();
+    close(&g, &want_g, "soft-target BCE gradient");
+    // MSE on the value 0.2 + 0.8 s.
+    let v = |i: usize| 0.2 + 0.8 * sig(z[i]);
+    let want: f32 = kept.iter().map(|&i| (v(i) - label[i]).powi(2)).sum::<f32>() / 3.0;
+    let (got, g) = host_loss(Some(LossKind::Mse));
+    close(&[got], &[want], "MSE on the linked value");
+    let i = 1;
+    let dg = 2.0 * (v(i) - label[i]) * 0.8 * sig(z[i]) * (1.0 - sig(z[i])) / 3.0;
+    close(&[g[i]], &[dg], "MSE gradient through the link");
+    let want: f32 = kept.iter().map(|&i| (v(i) - label[i]).abs()).sum::<f32>() / 3.0;
+    close(
+        &[host_loss(Some(LossKind::L1)).0],
+        &[want],
+        "L1 on the linked value",
+    );
+
+    let raw = HeadSpec::new("cdr".into(), HeadKind::Regression);
+    let mut h = HeadLossConfig::new("cdr".into());
+    h.loss = Some(LossKind::Bce);
+    let e = LossConfig::new()
+        .with_heads(vec![h])
+        .init(&[raw], &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("link = \"logistic\""), "{e}");
 }
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
