@@ -405,6 +405,14 @@ fn pytorch_layout_export_has_the_reference_state_dict_keys_and_round_trips() {
     // identity link, like a file PyTorch wrote, records none and reads as the identity.
     let links = retina_model::torch::regression_links(&file, &config).unwrap();
     assert_eq!(links, [("vessel_growth".to_string(), Link::Logistic)]);
+    // Under the key the README documents, for tools other than Retina.
+    let bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(
+        header["__metadata__"]["retina.vessel_growth.link"],
+        "logistic"
+    );
     let mut raw = config.clone();
     raw.heads[2].link = Link::Identity;
     let plain = dir.path().join("identity.safetensors");
