@@ -244,6 +244,8 @@ fn train_briefly_then_predict_with_the_bundle() {
             "24",
             "--synthetic-size",
             "64",
+            "--synthetic-grades",
+            "0,0,0,1,1",
             "--epochs",
             "1",
             "--image-size",
@@ -271,6 +273,23 @@ fn train_briefly_then_predict_with_the_bundle() {
         wait >= 0.0 && wait <= epoch["seconds"].as_f64().unwrap(),
         "{epoch}"
     );
+    // The generated grades follow --synthetic-grades, and the bundle says which mix it saw.
+    let labels = std::fs::read_to_string(run_dir.join("synthetic/labels.csv")).unwrap();
+    let grades: Vec<&str> = labels
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap())
+        .collect();
+    assert_eq!(grades.len(), 24);
+    assert!(grades.iter().all(|g| *g == "3" || *g == "4"), "{grades:?}");
+    assert!(grades.contains(&"3") && grades.contains(&"4"), "{grades:?}");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("model/model.json")).unwrap(),
+    )
+    .unwrap();
+    let dataset = meta["provenance"]["dataset"].as_str().unwrap();
+    assert!(dataset.contains("grades 0-4 0/0/0/50/50 %"), "{dataset}");
+
     let images = run_dir.join("synthetic/images");
     let out = run(
         "retina-infer",

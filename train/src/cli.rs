@@ -91,6 +91,10 @@ struct FitArgs {
     /// (see `synth --ungradable`) [default: 0].
     #[arg(long)]
     synthetic_ungradable: Option<f32>,
+    /// Relative frequency of grades 0-4 in the generated images [default: 40,15,20,12.5,12.5,
+    /// enriched for the rare grades; `73,7,15,2.5,2.5` is a screening population].
+    #[arg(long, value_parser = parse_grade_mix, value_name = "MIX")]
+    synthetic_grades: Option<[f32; 5]>,
     /// Run directory: checkpoints, metrics.jsonl, and the exported bundle in RUN_DIR/model.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -176,6 +180,7 @@ impl FitArgs {
                 "--synthetic-ungradable",
                 self.synthetic_ungradable.is_some(),
             ),
+            ("--synthetic-grades", self.synthetic_grades.is_some()),
             ("--format", self.format.is_some()),
             ("--images", self.images.is_some()),
             ("--val", self.val.is_some()),
@@ -617,11 +622,23 @@ fn fit(a: FitArgs, teacher: Option<PathBuf>) -> Result<()> {
             print!("{}", config.to_toml()?);
             return Ok(());
         }
+        if a.synthetic.is_none() {
+            for (flag, given) in [
+                ("--synthetic-size", a.synthetic_size.is_some()),
+                ("--synthetic-ungradable", a.synthetic_ungradable.is_some()),
+                ("--synthetic-grades", a.synthetic_grades.is_some()),
+            ] {
+                if given {
+                    bail!("{flag} describes generated images: it needs --synthetic N");
+                }
+            }
+        }
         let data = match (a.synthetic, a.data) {
             (Some(n), _) => DataSource::Synthetic {
                 n,
                 size: a.synthetic_size.unwrap_or(256),
                 ungradable: a.synthetic_ungradable.unwrap_or(0.0),
+                grades: a.synthetic_grades.unwrap_or(synth::TRAINING_MIX),
             },
             (None, Some(path)) if ViewStore::is_store(&path) => {
                 if a.format.is_some() || a.images.is_some() {

@@ -104,6 +104,42 @@ fn data_flags_are_refused_with_resume() {
     }
 }
 
+/// The flags that describe generated images are refused without `--synthetic`, rather than
+/// ignored; a malformed grade mix is named.
+#[test]
+fn synthetic_flags_need_synthetic() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    for flags in [
+        &["--synthetic-grades", "1,1,1,1,1"][..],
+        &["--synthetic-size", "64"],
+        &["--synthetic-ungradable", "0.1"],
+    ] {
+        let mut args = vec!["--data", "labels.csv", "--out", out_dir.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let out = fit(&args);
+        let e = stderr(&out);
+        assert!(!out.status.success(), "{flags:?}");
+        assert!(
+            e.contains(&format!("{} describes generated images", flags[0]))
+                && e.contains("--synthetic N"),
+            "{flags:?}: {e}"
+        );
+    }
+    let out = fit(&[
+        "--synthetic",
+        "8",
+        "--synthetic-grades",
+        "1,1,1",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("five comma-separated weights"), "{e}");
+    assert!(!out_dir.exists(), "nothing written");
+}
+
 /// `prepare` through the binary: its settings come from the same flags as `fit`'s, it names a
 /// bad photograph by line and exits 2, and `fit --data STORE` refuses flags that do not apply.
 #[test]

@@ -92,6 +92,23 @@ fn labels_follow_the_grading_rules_and_the_requested_mix() {
     }
 }
 
+/// A mix is reported as percentages of its total, whatever scale its weights were given in.
+#[test]
+fn a_grade_mix_reads_as_percentages() {
+    assert_eq!(
+        synth::mix_percentages(&synth::TRAINING_MIX),
+        "40/15/20/12.5/12.5"
+    );
+    assert_eq!(
+        synth::mix_percentages(&[73.0, 7.0, 15.0, 2.5, 2.5]),
+        "73/7/15/2.5/2.5"
+    );
+    assert_eq!(
+        synth::mix_percentages(&[1.0, 1.0, 1.0, 0.0, 0.0]),
+        "33.3/33.3/33.3/0/0"
+    );
+}
+
 /// Pixels where the lesion layer made the image darker and redder: red lesions (microaneurysms,
 /// haemorrhages, new vessels, beading).
 fn red_lesion_pixels(scene: &Scene) -> usize {

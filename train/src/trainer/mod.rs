@@ -72,7 +72,15 @@ pub enum DataSource {
         size: u32,
         /// Fraction made ungradable (labelled in a `quality` column).
         ungradable: f32,
+        /// Relative frequency of grades 0-4 (runs written before it was recorded generated
+        /// the screening mix).
+        #[serde(default = "screening_mix")]
+        grades: [f32; 5],
     },
+}
+
+fn screening_mix() -> [f32; 5] {
+    crate::synth::SCREENING_MIX
 }
 
 /// A training request.

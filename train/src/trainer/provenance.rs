@@ -26,6 +26,7 @@ pub(super) fn provenance(
                 n,
                 size,
                 ungradable,
+                grades,
             } => {
                 let degraded = if *ungradable > 0.0 {
                     format!(", {:.0}% made ungradable", ungradable * 100.0)
@@ -33,7 +34,8 @@ pub(super) fn provenance(
                     String::new()
                 };
                 format!(
-                    "{n} synthetic images at {size} px{degraded} (seed {})",
+                    "{n} synthetic images at {size} px, grades 0-4 {} %{degraded} (seed {})",
+                    crate::synth::mix_percentages(grades),
                     req.config.seed
                 )
             }

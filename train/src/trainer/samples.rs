@@ -70,6 +70,7 @@ pub(super) fn load(req: &FitRequest, model: &RetinaConfig) -> Result<Samples> {
             n,
             size,
             ungradable,
+            grades,
         } => {
             let dir = req.out.join("synthetic");
             let label = synth::label_path(&dir, DatasetFormat::Native);
@@ -83,7 +84,7 @@ pub(super) fn load(req: &FitRequest, model: &RetinaConfig) -> Result<Samples> {
                     count: *n,
                     size: *size,
                     seed: cfg.seed,
-                    grades: synth::SCREENING_MIX,
+                    grades: *grades,
                     missing: 0.0,
                     ungradable: *ungradable,
                     format: DatasetFormat::Native,
