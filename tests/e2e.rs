@@ -283,10 +283,9 @@ fn train_briefly_then_predict_with_the_bundle() {
     assert_eq!(grades.len(), 24);
     assert!(grades.iter().all(|g| *g == "3" || *g == "4"), "{grades:?}");
     assert!(grades.contains(&"3") && grades.contains(&"4"), "{grades:?}");
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run_dir.join("model/model.json")).unwrap(),
-    )
-    .unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("model/model.json")).unwrap())
+            .unwrap();
     let dataset = meta["provenance"]["dataset"].as_str().unwrap();
     assert!(dataset.contains("grades 0-4 0/0/0/50/50 %"), "{dataset}");
 
