@@ -308,7 +308,9 @@ fn concurrent_requests_share_batches_and_loadtest_reports() {
             let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
             assert!((a - b).abs() < 1e-5, "request {k}: {got:?}, alone {want:?}");
         }
-        distinct.insert(format!("{:.4}", got[0].as_f64().unwrap()));
+        // Every probability at full precision: a confident model answers 1.0000 for most
+        // healthy eyes, so one rounded class would not tell the images apart.
+        distinct.insert(format!("{got:?}"));
     }
     assert!(
         distinct.len() > 4,

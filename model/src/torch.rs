@@ -65,6 +65,33 @@ pub fn regression_links(
         .collect())
 }
 
+/// The key of the network's preprocessing (JSON of a [`crate::PreprocessConfig`]) in the file's
+/// metadata.
+pub const PREPROCESS_KEY: &str = "retina.preprocess";
+
+/// The preprocessing a PyTorch-layout file records ([`RetinaNet::export_torch`] writes it):
+/// `None` when it records none (a file PyTorch wrote), an error naming the file when the
+/// record is not a preprocessing config.
+pub fn recorded_preprocess(path: &Path) -> Result<Option<crate::PreprocessConfig>, BundleError> {
+    let header = header(path)?;
+    let Some(text) = header
+        .get("__metadata__")
+        .and_then(|m| m.get(PREPROCESS_KEY))
+        .and_then(|v| v.as_str())
+    else {
+        return Ok(None);
+    };
+    serde_json::from_str(text)
+        .map(Some)
+        .map_err(|e| BundleError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("metadata `{PREPROCESS_KEY}` is not a preprocessing config: {e}"),
+            ),
+        })
+}
+
 /// A safetensors file's JSON header.
 fn header(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, BundleError> {
     use std::io::Read;
@@ -160,15 +187,22 @@ fn remapper(config: &RetinaConfig, to_torch: bool) -> KeyRemapper {
 
 impl RetinaNet {
     /// Writes the weights as a PyTorch-layout safetensors file (`torch.nn.Module.load_state_dict`
-    /// accepts it for the matching PyTorch module). Written atomically. A regression head with
-    /// the logistic link is named in the file's metadata (`retina.{head}.link`), so that
-    /// [`regression_links`] gives it back on import.
+    /// accepts it for the matching PyTorch module). Written atomically. The file's metadata
+    /// records what the weights alone do not say: the preprocessing the network was trained
+    /// with ([`PREPROCESS_KEY`], read back by [`recorded_preprocess`]), and each regression
+    /// head with the logistic link (`retina.{head}.link`, read back by [`regression_links`]).
     pub fn export_torch(&self, config: &RetinaConfig, path: &Path) -> Result<(), BundleError> {
+        let preprocess =
+            serde_json::to_string(&config.preprocess).map_err(|e| BundleError::Write {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         let mut store = SafetensorsStore::from_file(path)
             .with_to_adapter(BurnToPyTorchAdapter)
             .remap(remapper(config, true))
             .map_indices_contiguous(false)
-            .overwrite(true);
+            .overwrite(true)
+            .metadata(PREPROCESS_KEY, preprocess);
         for h in &config.heads {
             if h.link == crate::Link::Logistic {
                 store = store.metadata(link_key(&h.name), "logistic");

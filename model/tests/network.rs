@@ -420,6 +420,51 @@ fn pytorch_layout_export_has_the_reference_state_dict_keys_and_round_trips() {
     let links = retina_model::torch::regression_links(&plain, &config).unwrap();
     assert_eq!(links, [("vessel_growth".to_string(), Link::Identity)]);
 
+    // So does the preprocessing, which the weights alone do not give: read back as written,
+    // whatever the preset's; a file without it gives none; a record that is not one is an
+    // error naming the file.
+    assert_eq!(
+        retina_model::torch::recorded_preprocess(&file).unwrap(),
+        Some(config.preprocess.clone())
+    );
+    let mut graham = config.clone();
+    graham.preprocess.graham = !config.preprocess.graham;
+    graham.preprocess.image_size = 96;
+    let other_prep = dir.path().join("graham.safetensors");
+    net.export_torch(&graham, &other_prep).unwrap();
+    assert_eq!(
+        retina_model::torch::recorded_preprocess(&other_prep).unwrap(),
+        Some(graham.preprocess.clone())
+    );
+    assert!(header["__metadata__"][retina_model::torch::PREPROCESS_KEY].is_string());
+    let rewrite = |meta: serde_json::Value, name: &str| {
+        let mut h = header.clone();
+        h["__metadata__"] = meta;
+        let text = serde_json::to_vec(&h).unwrap();
+        let mut out = (text.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&text);
+        out.extend_from_slice(&bytes[8 + n..]);
+        let path = dir.path().join(name);
+        std::fs::write(&path, out).unwrap();
+        path
+    };
+    let bare = rewrite(serde_json::json!({}), "bare.safetensors");
+    assert_eq!(
+        retina_model::torch::recorded_preprocess(&bare).unwrap(),
+        None
+    );
+    let bad = rewrite(
+        serde_json::json!({"retina.preprocess": "{\"graham\": \"yes\"}"}),
+        "bad.safetensors",
+    );
+    let err = retina_model::torch::recorded_preprocess(&bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad.safetensors") && err.contains("retina.preprocess"),
+        "{err}"
+    );
+
     // The wrong architecture is refused with a named tensor.
     let small_cfg = small(32);
     let mut wrong = small_cfg.init(&device).unwrap();

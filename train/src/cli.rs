@@ -581,6 +581,11 @@ fn run(cli: Cli) -> Result<()> {
                     h.link = link;
                 }
             }
+            // The weights do not say how images were prepared for them; `export-torch` records
+            // it (Graham's subtraction, input size, normalisation), else the preset's stands.
+            if let Some(p) = retina_model::torch::recorded_preprocess(&weights)? {
+                config.preprocess = p;
+            }
             let mut net = config.init(&device)?;
             net.import_torch(&config, &weights)
                 .with_context(|| format!("importing {}", weights.display()))?;
