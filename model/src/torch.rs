@@ -47,10 +47,7 @@ pub fn regression_links(
     path: &Path,
     config: &RetinaConfig,
 ) -> Result<Vec<(String, crate::Link)>, BundleError> {
-    let meta = header(path)?
-        .remove("__metadata__")
-        .and_then(|m| m.as_object().cloned())
-        .unwrap_or_default();
+    let meta = metadata(path)?;
     Ok(config
         .heads
         .iter()
@@ -73,15 +70,14 @@ pub const PREPROCESS_KEY: &str = "retina.preprocess";
 /// `None` when it records none (a file PyTorch wrote), an error naming the file when the
 /// record is not a preprocessing config.
 pub fn recorded_preprocess(path: &Path) -> Result<Option<crate::PreprocessConfig>, BundleError> {
-    let header = header(path)?;
-    let Some(text) = header
-        .get("__metadata__")
-        .and_then(|m| m.get(PREPROCESS_KEY))
+    let Some(text) = metadata(path)?
+        .get(PREPROCESS_KEY)
         .and_then(|v| v.as_str())
+        .map(str::to_string)
     else {
         return Ok(None);
     };
-    serde_json::from_str(text)
+    serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| BundleError::Io {
             path: path.to_path_buf(),
@@ -90,6 +86,14 @@ pub fn recorded_preprocess(path: &Path) -> Result<Option<crate::PreprocessConfig
                 format!("metadata `{PREPROCESS_KEY}` is not a preprocessing config: {e}"),
             ),
         })
+}
+
+/// The `__metadata__` of a safetensors file's header (empty when it has none).
+fn metadata(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, BundleError> {
+    Ok(header(path)?
+        .remove("__metadata__")
+        .and_then(|m| m.as_object().cloned())
+        .unwrap_or_default())
 }
 
 /// A safetensors file's JSON header.

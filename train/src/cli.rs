@@ -627,16 +627,13 @@ fn fit(a: FitArgs, teacher: Option<PathBuf>) -> Result<()> {
             print!("{}", config.to_toml()?);
             return Ok(());
         }
-        if a.synthetic.is_none() {
-            for (flag, given) in [
-                ("--synthetic-size", a.synthetic_size.is_some()),
-                ("--synthetic-ungradable", a.synthetic_ungradable.is_some()),
-                ("--synthetic-grades", a.synthetic_grades.is_some()),
-            ] {
-                if given {
-                    bail!("{flag} describes generated images: it needs --synthetic N");
-                }
-            }
+        if a.synthetic.is_none()
+            && let Some(flag) = a
+                .data_flags()
+                .into_iter()
+                .find(|f| f.starts_with("--synthetic-"))
+        {
+            bail!("{flag} describes generated images: it needs --synthetic N");
         }
         let data = match (a.synthetic, a.data) {
             (Some(n), _) => DataSource::Synthetic {
