@@ -5,7 +5,7 @@ use crate::loss::{ClassWeights, HeadLossConfig, HeadTargets, LossConfig};
 use anyhow::{Result, anyhow};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
-use retina_model::{BackendChoice, RetinaConfig};
+use retina_model::{BackendChoice, PreprocessConfig, RetinaConfig};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -295,6 +295,11 @@ pub fn run_pipeline(
         use rayon::prelude::*;
         let pre = &spec.preprocess;
         let augment = Augment::default();
+        // Views as training makes them: oversampled for the augmentation's resampling.
+        let view_pre = PreprocessConfig {
+            image_size: Augment::view_side(Some(&augment), pre.image_size),
+            ..pre.clone()
+        };
         let t0 = Instant::now();
         for chunk in labels.samples.chunks(batch_size) {
             chunk
@@ -303,9 +308,10 @@ pub fn run_pipeline(
                 .try_for_each(|(k, s)| -> Result<()> {
                     let bytes = std::fs::read(&s.image)?;
                     let img = pre.decode(&bytes, "bench")?;
-                    let view = pre.crop_and_resize(&img.to_rgb8());
+                    let view = view_pre.crop_and_resize(&img.to_rgb8());
                     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(k as u64);
-                    std::hint::black_box(pre.normalise(&augment.apply(&view, &mut rng)));
+                    let input = augment.apply(&view, pre.image_size as u32, &mut rng);
+                    std::hint::black_box(pre.normalise(&input));
                     Ok(())
                 })?;
         }

@@ -201,6 +201,56 @@ fn new_vessels_grow_with_vessel_growth() {
     assert!(high > 2 * low, "more growth, more new vessels: {pairs:?}");
 }
 
+/// What the non-proliferative lesions of a scene are, new vessels left out: the counts of each
+/// lesion kind, and whether the veins are beaded.
+fn npdr_signs(s: &Scene) -> (BTreeMap<String, usize>, bool) {
+    let mut kinds = BTreeMap::new();
+    for l in &s.lesions {
+        *kinds.entry(format!("{:?}", l.kind)).or_insert(0) += 1;
+    }
+    (kinds, s.vessels.iter().any(|v| v.beading > 0.0))
+}
+
+/// A proliferative eye carries the lesions of a moderate or of a severe eye, both seen, so that
+/// only the new vessels tell it from them: cotton-wool spots and beaded veins exactly with the
+/// severe background, and never new vessels below grade 4.
+#[test]
+fn only_new_vessels_set_a_proliferative_eye_apart() {
+    let mut backgrounds = BTreeMap::new();
+    for i in 0..24 {
+        let s = scene_for(31, i, 160, &one_grade(4));
+        assert!(!s.new_vessels.is_empty(), "image {i}");
+        let (kinds, beaded) = npdr_signs(&s);
+        let cotton_wool = kinds.get("CottonWool").copied().unwrap_or(0);
+        match s.npdr {
+            Grade::Moderate => assert!(cotton_wool == 0 && !beaded, "image {i}: {kinds:?}"),
+            Grade::Severe => assert!(cotton_wool > 0 && beaded, "image {i}: {kinds:?}"),
+            other => panic!("image {i}: background {other:?}"),
+        }
+        *backgrounds.entry(format!("{:?}", s.npdr)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        backgrounds.len(),
+        2,
+        "both backgrounds drawn: {backgrounds:?}"
+    );
+    for g in 0..4 {
+        for i in 0..6 {
+            let s = scene_for(32, i, 160, &one_grade(g));
+            assert_eq!(s.npdr.index(), g);
+            assert!(s.new_vessels.is_empty(), "grade {g}, image {i}");
+        }
+    }
+    // Below grade 4 too, cotton-wool spots and beading belong to the severe eye.
+    let (moderate, beaded) = npdr_signs(&scene_for(33, 0, 160, &one_grade(2)));
+    assert!(
+        !moderate.contains_key("CottonWool") && !beaded,
+        "{moderate:?}"
+    );
+    let (severe, beaded) = npdr_signs(&scene_for(33, 0, 160, &one_grade(3)));
+    assert!(severe.contains_key("CottonWool") && beaded, "{severe:?}");
+}
+
 #[test]
 fn every_format_parses_back_with_the_same_labels() {
     for format in [

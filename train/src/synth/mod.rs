@@ -27,9 +27,8 @@ pub const SCREENING_MIX: [f32; 5] = [0.73, 0.07, 0.15, 0.025, 0.025];
 /// (`data.sampling = "balanced"`), so the mix sets how many *distinct* eyes of each grade the
 /// model sees, not how often it sees each grade. At the screening mix, 2,000 images hold about
 /// 40 proliferative training eyes, each shown some 360 times over 40 epochs. Measured over
-/// three seeds on 3,000 held-out eyes (`docs/history.md`): kappa 0.982-0.987 -> 0.989-0.992,
-/// grade-4 recall 0.93 -> 0.95-1.00, grade-1 recall 0.81-0.85 -> 0.86-0.88; the vessel-growth
-/// r stayed as uneven (0.62-0.80 -> 0.67-0.84).
+/// three seeds on 3,000 held-out eyes, with the generator of the time (`docs/history.md`):
+/// kappa 0.982-0.987 -> 0.989-0.992, grade-1 recall 0.81-0.85 -> 0.86-0.88.
 pub const TRAINING_MIX: [f32; 5] = [0.40, 0.15, 0.20, 0.125, 0.125];
 
 /// `mix` as percentages, `40/15/20/12.5/12.5`.

@@ -155,6 +155,10 @@ pub struct Scene {
     pub camera: Camera,
     /// The labels this scene was drawn for.
     pub truth: Truth,
+    /// Whose non-proliferative lesions the eye carries: its own grade below 4; for a
+    /// proliferative eye, those of a moderate or a severe eye (even odds), so that only the new
+    /// vessels set it apart, as the ICDR scale defines it.
+    pub npdr: Grade,
 }
 
 /// Probability of macular edema by grade: none at 0, rare at 1, common at 2-4.
@@ -283,8 +287,17 @@ impl Scene {
                 noise_seed: rng.random(),
                 jpeg_quality: rng.random::<bool>().then(|| rng.random_range(70..=95)),
             },
+            npdr: truth.grade,
             truth,
         };
+        if scene.truth.grade == Grade::Proliferative {
+            // Drawn only for proliferative eyes, so the other grades' images stay as they were.
+            scene.npdr = if rng.random::<bool>() {
+                Grade::Severe
+            } else {
+                Grade::Moderate
+            };
+        }
         scene.draw_vessels(rng);
         scene.draw_lesions(rng);
         scene.draw_distractors(rng);
@@ -300,7 +313,7 @@ impl Scene {
     fn draw_vessels(&mut self, rng: &mut ChaCha8Rng) {
         let temporal = if self.right_eye { PI } else { 0.0 };
         let nasal = temporal + PI;
-        let beaded = self.truth.grade >= Grade::Severe;
+        let beaded = self.npdr >= Grade::Severe;
         let mut walks = Vec::new();
         for (up, side) in [
             (-1.0f32, temporal),
@@ -389,15 +402,18 @@ impl Scene {
         }
     }
 
-    /// Lesions by ICDR grade, following the international clinical scale.
+    /// Lesions by ICDR grade, following the international clinical scale: the
+    /// non-proliferative lesions of [`Scene::npdr`], then a proliferative eye's new vessels.
+    /// (Proliferative eyes once had lesions of their own: cotton-wool spots with a moderate
+    /// eye's haemorrhage count, which told them apart without a look at the new vessels.)
     fn draw_lesions(&mut self, rng: &mut ChaCha8Rng) {
-        let g = self.truth.grade;
+        let g = self.npdr;
         let (ma, haem) = match g {
             Grade::None => (0, 0),
             Grade::Mild => (count(rng, 2, 6), 0),
             Grade::Moderate => (count(rng, 6, 14), count(rng, 2, 8)),
             Grade::Severe => (count(rng, 10, 20), 0), // haemorrhages placed per quadrant below
-            Grade::Proliferative => (count(rng, 6, 16), count(rng, 4, 16)),
+            Grade::Proliferative => unreachable!("a background is never proliferative"),
         };
         for _ in 0..ma {
             let at = self.random_site(rng, 0.85, 0.05);
@@ -493,7 +509,7 @@ impl Scene {
                 alpha: uniform(rng, 0.12, 0.2),
             });
         }
-        if g == Grade::Proliferative {
+        if self.truth.grade == Grade::Proliferative {
             self.draw_new_vessels(rng);
         }
     }

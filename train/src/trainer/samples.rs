@@ -2,7 +2,7 @@
 //! settings for both sets (augmentation, the decoded-image cache).
 
 use super::{DataSource, FitRequest};
-use crate::data::{LoaderSpec, QualityTeaching, ViewCache, split};
+use crate::data::{Augment, LoaderSpec, QualityTeaching, ViewCache, split};
 use crate::dataset::{DatasetFormat, ImageHashes, LabelFile, Sample, check_images, read_labels};
 use crate::store::ViewStore;
 use crate::synth::{self, SynthOptions};
@@ -218,11 +218,15 @@ pub(super) fn loader_specs(
     }
     // Decoded views cost S*S*3 bytes each; past the budget, decode every epoch instead of
     // exhausting memory on a large data set.
-    // Views are made at the larger of the student's and the teacher's input sizes.
-    let side = teacher
-        .as_ref()
-        .map_or(0, |t| t.image_size)
-        .max(model.preprocess.image_size);
+    // Views are made at the larger of the student's and the teacher's input sizes, times the
+    // oversampling a resampling augmentation asks for.
+    let side = Augment::view_side(
+        cfg.data.augment.as_ref(),
+        teacher
+            .as_ref()
+            .map_or(0, |t| t.image_size)
+            .max(model.preprocess.image_size),
+    );
     let cache_bytes = images * side * side * 3;
     let cache_images = cfg.data.cache_images && cache_bytes <= CACHE_BUDGET_BYTES;
     if cfg.data.cache_images && !cache_images {
