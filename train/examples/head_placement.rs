@@ -103,19 +103,7 @@ fn probe(
     let device = BackendChoice::Cpu.select()?.device;
     let bundle = ModelBundle::load(&out.join("model"), &device)?;
     let pre = bundle.metadata.config.preprocess.clone();
-    let spec = LoaderSpec {
-        preprocess: pre.clone(),
-        heads: vec![FLUID.into()],
-        augment: None,
-        skip_bad: false,
-        cache: None,
-        seed: 0,
-        hashes: Default::default(),
-        store: None,
-        quality: None,
-        check: None,
-        teacher: None,
-    };
+    let spec = LoaderSpec::plain(pre.clone(), vec![FLUID.into()]);
     let (mut channels, mut fluid_p, mut truth): (Vec<Vec<f32>>, Vec<f32>, Vec<bool>) =
         (Vec::new(), Vec::new(), Vec::new());
     let idx: Vec<usize> = (0..test_samples.len()).collect();

@@ -268,17 +268,11 @@ pub fn run_pipeline(
     let mut preprocess = RetinaConfig::preset("small")?.preprocess;
     preprocess.image_size = image_size;
     let spec = LoaderSpec {
-        preprocess,
-        heads: vec!["diagnosis".into(), "fluid".into(), "vessel_growth".into()],
         augment: Some(Augment::default()),
-        skip_bad: false,
-        cache: None,
-        seed: 0,
-        hashes: Default::default(),
-        store: None,
-        quality: None,
-        check: None,
-        teacher: None,
+        ..LoaderSpec::plain(
+            preprocess,
+            vec!["diagnosis".into(), "fluid".into(), "vessel_growth".into()],
+        )
     };
     let order: Vec<usize> = (0..labels.samples.len()).collect();
     let time_loader = |spec: &LoaderSpec| -> Result<(usize, f64)> {

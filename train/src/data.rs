@@ -395,6 +395,24 @@ fn network_input(pre: &PreprocessConfig, view: &RgbImage) -> Vec<f32> {
 pub type LoadResult = Result<HostBatch, PreprocessError>;
 
 impl LoaderSpec {
+    /// A loader of `heads`' labels with `preprocess` and nothing else: no augmentation, cache,
+    /// store, quality teaching, gradability check or teacher; seed 0.
+    pub fn plain(preprocess: PreprocessConfig, heads: Vec<String>) -> LoaderSpec {
+        LoaderSpec {
+            preprocess,
+            heads,
+            augment: None,
+            skip_bad: false,
+            cache: None,
+            seed: 0,
+            hashes: Default::default(),
+            store: None,
+            quality: None,
+            check: None,
+            teacher: None,
+        }
+    }
+
     /// The side of the augmented image: the larger of the network's input and the
     /// distillation teacher's (the smaller is resized from it).
     fn input_side(&self) -> usize {
@@ -782,17 +800,9 @@ mod tests {
             .preprocess;
         preprocess.image_size = 32;
         let spec = |augment: Option<Augment>| LoaderSpec {
-            preprocess: preprocess.clone(),
-            heads: vec!["diagnosis".into()],
             augment,
-            skip_bad: false,
             cache: Some(Arc::new(ViewCache::default())),
-            seed: 0,
-            hashes: Default::default(),
-            store: None,
-            quality: None,
-            check: None,
-            teacher: None,
+            ..LoaderSpec::plain(preprocess.clone(), vec!["diagnosis".into()])
         };
         let turning = Augment {
             rotation: 10.0,

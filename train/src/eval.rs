@@ -72,17 +72,8 @@ pub fn score(
         );
     }
     let spec = LoaderSpec {
-        preprocess: bundle.metadata.config.preprocess.clone(),
-        heads: heads.clone(),
-        augment: None,
-        skip_bad: false,
-        cache: None,
-        seed: 0,
-        hashes: Default::default(),
-        store: None,
-        quality: None,
         check: Some(bundle.metadata.config.gradability()),
-        teacher: None,
+        ..LoaderSpec::plain(bundle.metadata.config.preprocess.clone(), heads.clone())
     };
     let samples = Arc::new(file.samples);
     let (preds, _) = predict(&bundle.model, None, &spec, &samples, 16, &backend.device)?;
