@@ -741,6 +741,23 @@ mod tests {
         // Half a pixel of +150 holds +75 of a pixel's area; sampling at the finer grid keeps
         // most of it, interpolating twice does not.
         assert!(supersampled > 45.0, "{supersampled}");
+        // Every row keeps the line's whole area (about 75 / cos of the angle; the rows of the
+        // central square, inside the field at any rotation): one sample a
+        // pixel from the fine grid would hit the line in some rows and miss it in others.
+        let rotate = Augment {
+            rotation: 20.0,
+            ..Augment::none()
+        };
+        for seed in 0..8 {
+            let img = rotate.apply(&view, 32, &mut ChaCha8Rng::seed_from_u64(seed));
+            let rows: Vec<f32> = (8..24)
+                .map(|y| (8..24).map(|x| img.get_pixel(x, y)[1] as f32 - 100.0).sum())
+                .collect();
+            let (lo, hi) = rows
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(a, b), &r| (a.min(r), b.max(r)));
+            assert!(lo > 60.0 && hi < 100.0, "seed {seed}: row sums {rows:?}");
+        }
         assert!(
             supersampled > 1.3 * resized_first,
             "supersampled {supersampled}, resized then rotated {resized_first}"
