@@ -70,14 +70,11 @@ pub const PREPROCESS_KEY: &str = "retina.preprocess";
 /// `None` when it records none (a file PyTorch wrote), an error naming the file when the
 /// record is not a preprocessing config.
 pub fn recorded_preprocess(path: &Path) -> Result<Option<crate::PreprocessConfig>, BundleError> {
-    let Some(text) = metadata(path)?
-        .get(PREPROCESS_KEY)
-        .and_then(|v| v.as_str())
-        .map(str::to_string)
-    else {
+    let meta = metadata(path)?;
+    let Some(text) = meta.get(PREPROCESS_KEY).and_then(|v| v.as_str()) else {
         return Ok(None);
     };
-    serde_json::from_str(&text)
+    serde_json::from_str(text)
         .map(Some)
         .map_err(|e| BundleError::Io {
             path: path.to_path_buf(),

@@ -2,7 +2,8 @@
 //! against its teacher.
 //!
 //! The teacher is the embedded default model (`small` at 128 px, trained on 2,000 generated
-//! eyes for 40 epochs: the main command's defaults). The student is the `small` network at 96 px, trained for the same
+//! eyes for 40 epochs: the main command, with a tenth of the eyes ungradable and every step
+//! teaching the quality head). The student is the `small` network at 96 px, trained for the same
 //! epochs on the same 600 generated eyes twice per seed: on the labels alone (`fit`), and on
 //! the labels plus the teacher's losses (`distill` with the `[distill]` defaults: temperature
 //! 4, KL on the diagnosis logits, soft fluid targets, the last stages' features matched). Two
