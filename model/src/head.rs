@@ -96,6 +96,76 @@ impl From<AttachPoint> for String {
     }
 }
 
+/// How a head turns the feature map it reads into one vector.
+///
+/// The global average suits findings spread over the retina (many haemorrhages, a pale
+/// image); it dilutes one that covers a few pixels: a single tuft of new vessels in one
+/// quadrant changes a channel's average by its share of the area, and a proliferative eye is
+/// one such tuft away from a severe one. The global maximum answers "is it anywhere", which is
+/// how the ICDR scale grades (any new vessel makes an eye proliferative). `average_max` feeds
+/// the head both, side by side (the head's input is twice the stage's width).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The mean over the map (what the PyTorch reference network does).
+    #[default]
+    Average,
+    /// The maximum over the map.
+    Max,
+    /// The mean and the maximum, concatenated `[average, max]`.
+    AverageMax,
+}
+
+impl Pooling {
+    fn is_average(&self) -> bool {
+        *self == Pooling::Average
+    }
+
+    /// Whether the pooled vector includes the maximum over the map.
+    pub fn uses_max(self) -> bool {
+        self != Pooling::Average
+    }
+
+    /// Width of the pooled vector from a stage of `channels` channels.
+    pub fn width(self, channels: usize) -> usize {
+        match self {
+            Pooling::Average | Pooling::Max => channels,
+            Pooling::AverageMax => 2 * channels,
+        }
+    }
+
+    /// The pooled vector `[N, width]` from a stage's average and (where [`Self::uses_max`])
+    /// maximum, each `[N, C]`.
+    pub fn combine(self, average: Tensor<2>, max: Option<Tensor<2>>) -> Tensor<2> {
+        match (self, max) {
+            (Pooling::Average, _) => average,
+            (Pooling::Max, Some(max)) => max,
+            (Pooling::AverageMax, Some(max)) => Tensor::cat(vec![average, max], 1),
+            (_, None) => panic!("a {self}-pooling head needs its stage's maximum"),
+        }
+    }
+
+    /// Pools a feature map `[N, C, H, W]` to `[N, width]`.
+    pub fn pool(self, map: Tensor<4>) -> Tensor<2> {
+        let [n, c, h, w] = map.dims();
+        let flat = map.reshape([n, c, h * w]);
+        let max = self
+            .uses_max()
+            .then(|| flat.clone().max_dim(2).reshape([n, c]));
+        self.combine(flat.mean_dim(2).reshape([n, c]), max)
+    }
+}
+
+impl fmt::Display for Pooling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Pooling::Average => "average",
+            Pooling::Max => "max",
+            Pooling::AverageMax => "average_max",
+        })
+    }
+}
+
 /// What a head predicts, which decides its output width and its loss family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -192,6 +262,9 @@ pub struct HeadSpec {
     /// Which embedding it reads (default: `embedding`).
     #[serde(default = "embedding")]
     pub attach: AttachPoint,
+    /// How the stage's feature map is pooled for this head (default: the average).
+    #[serde(default, skip_serializing_if = "Pooling::is_average")]
+    pub pooling: Pooling,
     /// Width of an optional hidden layer (Linear + ReLU) before the output layer.
     #[serde(default)]
     pub hidden: Option<usize>,
@@ -231,6 +304,7 @@ impl HeadSpec {
             name,
             kind,
             attach: AttachPoint::Embedding,
+            pooling: Pooling::Average,
             hidden: None,
             classes: None,
             decision: None,
@@ -244,6 +318,12 @@ impl HeadSpec {
     /// Sets where the head reads.
     pub fn with_attach(mut self, attach: AttachPoint) -> Self {
         self.attach = attach;
+        self
+    }
+
+    /// Sets how the head pools the feature map it reads.
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
         self
     }
 
@@ -682,6 +762,52 @@ impl Head {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_max_pooling_head_sees_one_hot_spot_that_the_average_dilutes() {
+        // Two channels on a 4x4 map: channel 0 has one hot pixel (a single tuft), channel 1 a
+        // faint uniform signal with the same mean.
+        let device = Device::flex();
+        let mut v = vec![0f32; 2 * 16];
+        v[5] = 8.0;
+        v[16..].fill(0.5);
+        let map = Tensor::<4>::from_data(TensorData::new(v, [1, 2, 4, 4]), &device);
+        let pooled = |p: Pooling| {
+            p.pool(map.clone())
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .unwrap()
+        };
+        assert_eq!(pooled(Pooling::Average), [0.5, 0.5]);
+        assert_eq!(pooled(Pooling::Max), [8.0, 0.5]);
+        assert_eq!(pooled(Pooling::AverageMax), [0.5, 0.5, 8.0, 0.5]);
+        assert_eq!(Pooling::AverageMax.width(48), 96);
+        assert_eq!(Pooling::Max.width(48), 48);
+    }
+
+    #[test]
+    fn pooling_is_named_in_a_config_only_when_it_is_not_the_average() {
+        let plain = serde_json::to_string(&HeadSpec::diagnosis()).unwrap();
+        assert!(!plain.contains("pooling"), "{plain}");
+        let spec = HeadSpec::diagnosis().with_pooling(Pooling::AverageMax);
+        let text = serde_json::to_string(&spec).unwrap();
+        assert!(text.contains(r#""pooling":"average_max""#), "{text}");
+        assert_eq!(serde_json::from_str::<HeadSpec>(&text).unwrap(), spec);
+        // A spec written before the field existed reads as the average.
+        let old: HeadSpec = serde_json::from_str(&plain).unwrap();
+        assert_eq!(old.pooling, Pooling::Average);
+        let typo = plain.replace(
+            r#""name":"diagnosis""#,
+            r#""name":"diagnosis","pooling":"maximum""#,
+        );
+        let err = serde_json::from_str::<HeadSpec>(&typo)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("maximum") && err.contains("average_max"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn attach_points_parse_and_print() {

@@ -36,8 +36,8 @@ pub use bundle::{BundleError, BundleMetadata, ModelBundle, OperatingPoint, Prove
 pub use config::ConfigError;
 pub use grade::{Grade, NUM_GRADES};
 pub use head::{
-    AttachPoint, DIAGNOSIS, Decision, DecisionRule, FLUID, HeadKind, HeadSpec, Link, QUALITY,
-    QUALITY_CLASSES, REFERABLE, ThresholdDecision, UNGRADABLE, VESSEL_GROWTH,
+    AttachPoint, DIAGNOSIS, Decision, DecisionRule, FLUID, HeadKind, HeadSpec, Link, Pooling,
+    QUALITY, QUALITY_CLASSES, REFERABLE, ThresholdDecision, UNGRADABLE, VESSEL_GROWTH,
 };
 pub use network::{PRESETS, RetinaConfig, RetinaNet, RetinaOutput};
 pub use prediction::{HeadAnswer, Prediction};

@@ -4,7 +4,7 @@ use crate::config::ConfigError;
 use crate::head::{AttachPoint, Decision, Head, HeadSpec};
 use crate::preprocess::PreprocessConfig;
 use crate::quality::GradabilityCheck;
-use crate::trunk::Trunk;
+use crate::trunk::{PooledStages, Trunk};
 use crate::trunk::{StageConfig, TrunkConfig};
 use burn::config::Config;
 use burn::prelude::*;
@@ -227,7 +227,10 @@ impl RetinaConfig {
         let heads = self
             .heads
             .iter()
-            .map(|h| h.init(self.trunk.stage_width(h.attach.stage_index(n)), device))
+            .map(|h| {
+                let channels = self.trunk.stage_width(h.attach.stage_index(n));
+                h.init(h.pooling.width(channels), device)
+            })
             .collect();
         Ok(RetinaNet {
             trunk,
@@ -241,8 +244,10 @@ impl RetinaNet {
     /// Runs the network on a preprocessed batch `[N, 3, S, S]`.
     pub fn forward(&self, images: Tensor<4>) -> RetinaOutput {
         // Stop after the deepest stage any head reads.
-        let embeddings = self.trunk.forward_pooled(images, self.deepest_read());
-        self.heads_from(embeddings)
+        let (pooled, _) =
+            self.trunk
+                .forward_for_heads(images, self.deepest_read(), &self.max_pooled(), None);
+        self.heads_from(pooled)
     }
 
     /// [`Self::forward`], and the feature map of trunk stage `stage` (1-based) as `[N, C, H,
@@ -250,8 +255,13 @@ impl RetinaNet {
     /// them). Panics when the trunk has fewer stages.
     pub fn forward_keeping(&self, images: Tensor<4>, stage: usize) -> (RetinaOutput, Tensor<4>) {
         let last = self.deepest_read().max(stage);
-        let (embeddings, map) = self.trunk.forward_pooled_keeping(images, last, stage);
-        (self.heads_from(embeddings), map)
+        let (pooled, map) =
+            self.trunk
+                .forward_for_heads(images, last, &self.max_pooled(), Some(stage));
+        (
+            self.heads_from(pooled),
+            map.expect("the kept stage is computed"),
+        )
     }
 
     /// The deepest stage a head reads: a pass need not go further.
@@ -264,18 +274,34 @@ impl RetinaNet {
             .unwrap_or(n)
     }
 
+    /// Which stages' maxima some head reads (index k-1 is stage k).
+    fn max_pooled(&self) -> Vec<bool> {
+        let n = self.trunk.stages.len();
+        let mut max = vec![false; n];
+        for s in self.specs.iter().filter(|s| s.pooling.uses_max()) {
+            max[s.attach.stage_index(n) - 1] = true;
+        }
+        max
+    }
+
     /// Every head's output from the pooled stage outputs.
-    fn heads_from(&self, embeddings: Vec<Tensor<2>>) -> RetinaOutput {
+    fn heads_from(&self, pooled: PooledStages) -> RetinaOutput {
         let n = self.trunk.stages.len();
         let heads = self
             .heads
             .iter()
             .zip(&self.specs)
-            .map(|(head, spec)| head.forward(embeddings[spec.attach.stage_index(n) - 1].clone()))
+            .map(|(head, spec)| {
+                let k = spec.attach.stage_index(n) - 1;
+                let input = spec
+                    .pooling
+                    .combine(pooled.average[k].clone(), pooled.max[k].clone());
+                head.forward(input)
+            })
             .collect();
         RetinaOutput {
             heads,
-            embeddings,
+            embeddings: pooled.average,
             names: self.specs.iter().map(|s| s.name.clone()).collect(),
         }
     }
@@ -300,7 +326,7 @@ impl RetinaNet {
 
     /// Head `index`'s raw output from the feature map it reads (pooled, then the head).
     pub fn head_from_feature_map(&self, index: usize, features: Tensor<4>) -> Tensor<2> {
-        self.heads[index].forward(crate::trunk::global_avg_pool(features))
+        self.heads[index].forward(self.specs[index].pooling.pool(features))
     }
 
     /// Sum of squares of every trainable parameter (conv and linear weights and biases, batch-norm

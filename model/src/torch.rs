@@ -62,6 +62,43 @@ pub fn regression_links(
         .collect())
 }
 
+/// The key of a head's pooling in the file's metadata.
+fn pooling_key(head: &str) -> String {
+    format!("retina.{head}.pooling")
+}
+
+/// The pooling of each head of `config` as a PyTorch-layout file gives it: what
+/// [`RetinaNet::export_torch`] recorded (`retina.{head}.pooling`: `max` or `average_max`),
+/// else the average (what PyTorch's reference network does). A record that is none of
+/// `average`, `max`, `average_max` is an error naming the file and the head.
+pub fn recorded_pooling(
+    path: &Path,
+    config: &RetinaConfig,
+) -> Result<Vec<(String, crate::Pooling)>, BundleError> {
+    let meta = metadata(path)?;
+    config
+        .heads
+        .iter()
+        .map(|h| {
+            let pooling = match meta.get(&pooling_key(&h.name)) {
+                None => crate::Pooling::Average,
+                Some(v) => serde_json::from_value(v.clone()).map_err(|_| BundleError::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "metadata `{}` is {v}; expected \"average\", \"max\" or \
+                             \"average_max\"",
+                            pooling_key(&h.name)
+                        ),
+                    ),
+                })?,
+            };
+            Ok((h.name.clone(), pooling))
+        })
+        .collect()
+}
+
 /// The key of the network's preprocessing (JSON of a [`crate::PreprocessConfig`]) in the file's
 /// metadata.
 pub const PREPROCESS_KEY: &str = "retina.preprocess";
@@ -191,7 +228,9 @@ impl RetinaNet {
     /// accepts it for the matching PyTorch module). Written atomically. The file's metadata
     /// records what the weights alone do not say: the preprocessing the network was trained
     /// with ([`PREPROCESS_KEY`], read back by [`recorded_preprocess`]), and each regression
-    /// head with the logistic link (`retina.{head}.link`, read back by [`regression_links`]).
+    /// head with the logistic link (`retina.{head}.link`, read back by [`regression_links`]),
+    /// and each head that does not pool by the average (`retina.{head}.pooling`, read back by
+    /// [`recorded_pooling`]; a PyTorch module loading the file must pool that way too).
     pub fn export_torch(&self, config: &RetinaConfig, path: &Path) -> Result<(), BundleError> {
         let preprocess =
             serde_json::to_string(&config.preprocess).map_err(|e| BundleError::Write {
@@ -207,6 +246,9 @@ impl RetinaNet {
         for h in &config.heads {
             if h.link == crate::Link::Logistic {
                 store = store.metadata(link_key(&h.name), "logistic");
+            }
+            if h.pooling != crate::Pooling::Average {
+                store = store.metadata(pooling_key(&h.name), h.pooling.to_string());
             }
         }
         self.save_into(&mut store).map_err(|e| BundleError::Write {

@@ -258,48 +258,46 @@ impl Trunk {
     /// the stem to the pooling; everywhere else this is [`Self::forward_stages`] then
     /// [`global_avg_pool`].
     pub fn forward_pooled(&self, x: Tensor<4>, last: usize) -> Vec<Tensor<2>> {
-        let plan = self.plan(&x);
-        let mut x = self.stem.apply(plan.enter(x), &plan);
-        self.stages
-            .iter()
-            .take(last)
-            .map(|stage| {
-                x = stage.apply(x.clone(), &plan);
-                plan.pool(x.clone())
-            })
-            .collect()
+        self.forward_for_heads(x, last, &[], None).0.average
     }
 
-    /// [`Self::forward_pooled`] up to stage `last`, and the feature map of stage `keep` (1-based,
-    /// at most `last`) as `[N, C, H, W]`: a loss on a stage's feature map (distillation's
-    /// feature matching) in the same pass as the heads.
-    pub fn forward_pooled_keeping(
+    /// One pass up to stage `last` with everything the heads read: every stage's average,
+    /// the maximum of the stages `max_of` marks (`max_of[k-1]` for stage k; missing entries
+    /// are false), and the feature map of stage `keep` (1-based, at most `last`) as `[N, C, H,
+    /// W]` where asked: a loss on a stage's feature map (distillation's feature matching) in
+    /// the same pass as the heads. Channels-last from the stem to the pooling where
+    /// [`Self::forward_pooled`] is.
+    pub fn forward_for_heads(
         &self,
         x: Tensor<4>,
         last: usize,
-        keep: usize,
-    ) -> (Vec<Tensor<2>>, Tensor<4>) {
-        assert!(
-            (1..=last.min(self.stages.len())).contains(&keep),
-            "stage {keep} is not computed in a pass to stage {last}"
-        );
+        max_of: &[bool],
+        keep: Option<usize>,
+    ) -> (PooledStages, Option<Tensor<4>>) {
+        if let Some(keep) = keep {
+            assert!(
+                (1..=last.min(self.stages.len())).contains(&keep),
+                "stage {keep} is not computed in a pass to stage {last}"
+            );
+        }
         let plan = self.plan(&x);
         let mut x = self.stem.apply(plan.enter(x), &plan);
         let mut kept = None;
-        let pooled = self
-            .stages
-            .iter()
-            .take(last)
-            .enumerate()
-            .map(|(i, stage)| {
-                x = stage.apply(x.clone(), &plan);
-                if i + 1 == keep {
-                    kept = Some(plan.leave(x.clone()));
-                }
-                plan.pool(x.clone())
-            })
-            .collect();
-        (pooled, kept.expect("the kept stage is computed"))
+        let mut pooled = PooledStages::default();
+        for (i, stage) in self.stages.iter().take(last).enumerate() {
+            x = stage.apply(x, &plan);
+            if keep == Some(i + 1) {
+                kept = Some(plan.leave(x.clone()));
+            }
+            let max = max_of
+                .get(i)
+                .copied()
+                .unwrap_or(false)
+                .then(|| plan.max_pool(x.clone()));
+            pooled.max.push(max);
+            pooled.average.push(plan.pool(x.clone()));
+        }
+        (pooled, kept)
     }
 
     /// The plan of a [`Self::forward_pooled`] pass on `x`: the activations' layout and each
@@ -322,6 +320,15 @@ impl Trunk {
     pub fn inference_cache(&self) -> &UnitCache {
         &self.cache
     }
+}
+
+/// The pooled outputs of a pass's stages (index k-1 is stage k).
+#[derive(Debug, Clone, Default)]
+pub struct PooledStages {
+    /// Each stage's global average, `[N, C_k]`.
+    pub average: Vec<Tensor<2>>,
+    /// Each stage's global maximum, `[N, C_k]`, where the pass was asked for it.
+    pub max: Vec<Option<Tensor<2>>>,
 }
 
 /// Global average pooling: `[N, C, H, W]` to `[N, C]`.

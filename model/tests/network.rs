@@ -71,6 +71,68 @@ fn every_head_kind_at_every_attach_point_has_the_right_shape() {
     assert_eq!(out.head("emb").unwrap().dims(), [2, 3]);
 }
 
+/// Heads that pool by the maximum, on the trunk's fast channels-last path, answer as the
+/// plain NCHW computation (the stage's feature map, pooled as the spec says) and as NdArray
+/// (burn's own operations): the right stage's maximum reaches the right head, `[average, max]`
+/// in that order.
+#[test]
+fn max_pooling_heads_read_their_own_stage_on_every_path() {
+    let mut config = small(32);
+    config.heads = vec![
+        HeadSpec::new("avg".into(), HeadKind::Multiclass(3)),
+        HeadSpec::new("both".into(), HeadKind::Multiclass(3)).with_pooling(Pooling::AverageMax),
+        HeadSpec::new("max2".into(), HeadKind::Regression)
+            .with_attach(AttachPoint::Stage(2))
+            .with_pooling(Pooling::Max),
+        HeadSpec::new("both3".into(), HeadKind::Binary)
+            .with_attach(AttachPoint::Stage(3))
+            .with_pooling(Pooling::AverageMax)
+            .with_hidden(Some(4)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let flex = BackendChoice::Flex.select().unwrap().device;
+    let net = config.init(&flex).unwrap();
+    let out = net.forward(input(3, 32, 4, &flex));
+    for (i, spec) in config.heads.iter().enumerate() {
+        let map = net.feature_map(input(3, 32, 4, &flex), i);
+        let plain = host(&net.head_from_feature_map(i, map));
+        let d = max_abs_diff(&host(&out.heads[i]), &plain);
+        assert!(
+            d < 1e-4,
+            "head {}: fast path and feature map differ by {d}",
+            spec.name
+        );
+    }
+    // The average-max head's input is twice its stage's width.
+    let path = dir.path().join("bundle");
+    ModelBundle::new(net, BundleMetadata::new(config.clone()))
+        .save(&path)
+        .unwrap();
+    let nd = BackendChoice::Ndarray.select().unwrap().device;
+    let other = ModelBundle::load(&path, &nd).unwrap();
+    assert_eq!(other.metadata.config.heads[1].pooling, Pooling::AverageMax);
+    assert_eq!(other.model.heads[1].out.weight.dims(), [2 * 64, 3]);
+    let theirs = other.model.forward(input(3, 32, 4, &nd));
+    for (i, spec) in config.heads.iter().enumerate() {
+        let d = max_abs_diff(&host(&out.heads[i]), &host(&theirs.heads[i]));
+        assert!(
+            d < 1e-4,
+            "head {}: flex and ndarray differ by {d}",
+            spec.name
+        );
+    }
+    // Swapping the maximum for the average changes the answer (the test sees the difference).
+    let mut avg = config.clone();
+    avg.heads[2].pooling = Pooling::Average;
+    let mut swapped = avg.init(&flex).unwrap();
+    swapped = swapped.load_record(ModelBundle::load(&path, &flex).unwrap().model.into_record());
+    let d = max_abs_diff(
+        &host(&swapped.forward(input(3, 32, 4, &flex)).heads[2]),
+        &host(&out.heads[2]),
+    );
+    assert!(d > 1e-3, "average and maximum gave the same answer ({d})");
+}
+
 #[test]
 fn early_heads_do_not_run_the_deep_stages() {
     let device = Device::flex();
@@ -462,6 +524,40 @@ fn pytorch_layout_export_has_the_reference_state_dict_keys_and_round_trips() {
         .to_string();
     assert!(
         err.contains("bad.safetensors") && err.contains("retina.preprocess"),
+        "{err}"
+    );
+
+    // A head that pools by the maximum says so (PyTorch must pool that way too); the preset's
+    // config, with what the file records, takes the weights back. A record that is no pooling
+    // is an error naming the file and the key.
+    let mut pooled_cfg = config.clone();
+    pooled_cfg.heads[0].pooling = Pooling::AverageMax;
+    let pooled_net = pooled_cfg.init(&device).unwrap();
+    let pooled_file = dir.path().join("pooled.safetensors");
+    pooled_net.export_torch(&pooled_cfg, &pooled_file).unwrap();
+    let recorded = retina_model::torch::recorded_pooling(&pooled_file, &config).unwrap();
+    assert_eq!(recorded[0], ("diagnosis".to_string(), Pooling::AverageMax));
+    assert!(recorded[1..].iter().all(|(_, p)| *p == Pooling::Average));
+    let mut back_cfg = config.clone();
+    for (h, (_, p)) in back_cfg.heads.iter_mut().zip(recorded) {
+        h.pooling = p;
+    }
+    let mut back = back_cfg.init(&device).unwrap();
+    back.import_torch(&back_cfg, &pooled_file).unwrap();
+    let x = input(2, 64, 6, &device);
+    assert_eq!(
+        host(&back.forward(x.clone()).heads[0]),
+        host(&pooled_net.forward(x).heads[0])
+    );
+    let no_pooling = rewrite(
+        serde_json::json!({"retina.diagnosis.pooling": "median"}),
+        "median.safetensors",
+    );
+    let err = retina_model::torch::recorded_pooling(&no_pooling, &config)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("median.safetensors") && err.contains("retina.diagnosis.pooling"),
         "{err}"
     );
 

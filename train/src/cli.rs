@@ -581,6 +581,12 @@ fn run(cli: Cli) -> Result<()> {
                     h.link = link;
                 }
             }
+            // Nor does a max-pooling head's weight say how it pooled; `export-torch` records it.
+            for (name, pooling) in retina_model::torch::recorded_pooling(&weights, &config)? {
+                if let Some(h) = config.heads.iter_mut().find(|h| h.name == name) {
+                    h.pooling = pooling;
+                }
+            }
             // The weights do not say how images were prepared for them; `export-torch` records
             // it (Graham's subtraction, input size, normalisation), else the preset's stands.
             if let Some(p) = retina_model::torch::recorded_preprocess(&weights)? {

@@ -84,7 +84,16 @@ fn main() {
             hw,
         ));
     }
-    let convs_ad: Vec<Conv2d> = layers.iter().map(|l| l.1.clone().fork(&ad)).collect();
+    // Made on the autodiff device, so that their weights require a gradient and the weight
+    // gradient is computed (and timed): `fork` keeps a parameter's `require_grad`, which a
+    // weight made off autodiff never has.
+    let convs_ad: Vec<Conv2d> = layers
+        .iter()
+        .map(|l| {
+            let [cout, cin, k, _] = l.1.weight.dims();
+            conv(cin, cout, k, l.1.stride[0], l.1.bias.is_some(), &ad)
+        })
+        .collect();
     println!(
         "{size} px, batch {n}: layer, shape, forward ms (GFLOP/s), forward+backward ms (GFLOP/s), \
          inference (channels-last, batch norm folded, kernel packed once) ms (GFLOP/s)"

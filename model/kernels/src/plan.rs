@@ -312,14 +312,29 @@ impl<'c> Plan<'c> {
 
     /// Global average pooling of activations in this plan's layout, to `[N, C]`.
     pub fn pool(&self, x: Tensor<4>) -> Tensor<2> {
+        self.reduce_pixels(x, |t, dim| t.mean_dim(dim))
+    }
+
+    /// Global max pooling of activations in this plan's layout, to `[N, C]`.
+    pub fn max_pool(&self, x: Tensor<4>) -> Tensor<2> {
+        self.reduce_pixels(x, |t, dim| t.max_dim(dim))
+    }
+
+    /// `[N, C]` from activations in this plan's layout, by `reduce` over the pixels' dimension
+    /// of an `[N, C, H·W]` or `[N, H·W, C]` view.
+    fn reduce_pixels(
+        &self,
+        x: Tensor<4>,
+        reduce: impl Fn(Tensor<3>, usize) -> Tensor<3>,
+    ) -> Tensor<2> {
         match self.layout {
             Layout::Nchw => {
                 let [n, c, h, w] = x.dims();
-                x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c])
+                reduce(x.reshape([n, c, h * w]), 2).reshape([n, c])
             }
             _ => {
                 let [n, h, w, c] = x.dims();
-                x.reshape([n, h * w, c]).mean_dim(1).reshape([n, c])
+                reduce(x.reshape([n, h * w, c]), 1).reshape([n, c])
             }
         }
     }
