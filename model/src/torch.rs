@@ -43,23 +43,48 @@ fn link_key(head: &str) -> String {
 /// The link of each regression head of `config` as a PyTorch-layout file gives it: what
 /// [`RetinaNet::export_torch`] recorded in the file's metadata, else the identity (a PyTorch
 /// network's regression output is its value: the reference's vessel output is trained with L1).
+/// A record that is neither `identity` nor `logistic` is an error naming the file and the key.
 pub fn regression_links(
     path: &Path,
     config: &RetinaConfig,
 ) -> Result<Vec<(String, crate::Link)>, BundleError> {
     let meta = metadata(path)?;
-    Ok(config
+    config
         .heads
         .iter()
         .filter(|h| h.kind == crate::HeadKind::Regression)
         .map(|h| {
-            let link = match meta.get(&link_key(&h.name)).and_then(|v| v.as_str()) {
-                Some("logistic") => crate::Link::Logistic,
-                _ => crate::Link::Identity,
-            };
-            (h.name.clone(), link)
+            let link = recorded(
+                path,
+                &meta,
+                &link_key(&h.name),
+                "\"identity\" or \"logistic\"",
+            )?;
+            Ok((h.name.clone(), link.unwrap_or_default()))
         })
-        .collect())
+        .collect()
+}
+
+/// The value recorded under `key` in a file's metadata, `None` where there is none; an error
+/// naming the file, the key and what was `expected` where it is not one.
+fn recorded<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    meta: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    expected: &str,
+) -> Result<Option<T>, BundleError> {
+    let Some(v) = meta.get(key) else {
+        return Ok(None);
+    };
+    serde_json::from_value(v.clone())
+        .map(Some)
+        .map_err(|_| BundleError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("metadata `{key}` is {v}; expected {expected}"),
+            ),
+        })
 }
 
 /// The key of a head's pooling in the file's metadata.
@@ -70,7 +95,7 @@ fn pooling_key(head: &str) -> String {
 /// The pooling of each head of `config` as a PyTorch-layout file gives it: what
 /// [`RetinaNet::export_torch`] recorded (`retina.{head}.pooling`: `max` or `average_max`),
 /// else the average (what PyTorch's reference network does). A record that is none of
-/// `average`, `max`, `average_max` is an error naming the file and the head.
+/// `average`, `max`, `average_max` is an error naming the file and the key.
 pub fn recorded_pooling(
     path: &Path,
     config: &RetinaConfig,
@@ -80,21 +105,9 @@ pub fn recorded_pooling(
         .heads
         .iter()
         .map(|h| {
-            let pooling = match meta.get(&pooling_key(&h.name)) {
-                None => crate::Pooling::Average,
-                Some(v) => serde_json::from_value(v.clone()).map_err(|_| BundleError::Io {
-                    path: path.to_path_buf(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!(
-                            "metadata `{}` is {v}; expected \"average\", \"max\" or \
-                             \"average_max\"",
-                            pooling_key(&h.name)
-                        ),
-                    ),
-                })?,
-            };
-            Ok((h.name.clone(), pooling))
+            let expected = "\"average\", \"max\" or \"average_max\"";
+            let pooling = recorded(path, &meta, &pooling_key(&h.name), expected)?;
+            Ok((h.name.clone(), pooling.unwrap_or_default()))
         })
         .collect()
 }

@@ -560,6 +560,18 @@ fn pytorch_layout_export_has_the_reference_state_dict_keys_and_round_trips() {
         err.contains("median.safetensors") && err.contains("retina.diagnosis.pooling"),
         "{err}"
     );
+    // So is a link that is neither (it was read as the identity, silently, before).
+    let no_link = rewrite(
+        serde_json::json!({"retina.vessel_growth.link": "sigmoid"}),
+        "sigmoid.safetensors",
+    );
+    let err = retina_model::torch::regression_links(&no_link, &config)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("sigmoid.safetensors") && err.contains("retina.vessel_growth.link"),
+        "{err}"
+    );
 
     // The wrong architecture is refused with a named tensor.
     let small_cfg = small(32);
