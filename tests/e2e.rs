@@ -649,7 +649,19 @@ fn eval_calibrate_and_the_torch_round_trip_through_the_binary() {
         "a failed calibration writes nothing"
     );
 
-    // PyTorch layout and back.
+    // PyTorch layout and back, with the vessel-growth head pooling by the maximum (the same
+    // weights fit it): the weights do not say how a head pools, the file's metadata does, and
+    // the imported bundle must pool that way to answer as the original.
+    let meta_path = model.join("model.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    let heads = meta["config"]["heads"].as_array_mut().unwrap();
+    let vessel = heads
+        .iter_mut()
+        .find(|h| h["name"] == "vessel_growth")
+        .unwrap();
+    vessel["pooling"] = "max".into();
+    std::fs::write(&meta_path, serde_json::to_string_pretty(&meta).unwrap()).unwrap();
     let torch = dir.path().join("torch.safetensors");
     let out = run(
         "retina-train",
@@ -699,6 +711,15 @@ fn eval_calibrate_and_the_torch_round_trip_through_the_binary() {
             ],
         ))
     };
+    let pooling = |bundle: &std::path::Path| {
+        retina_model::BundleMetadata::load(bundle)
+            .unwrap()
+            .config
+            .head("vessel_growth")
+            .unwrap()
+            .pooling
+    };
+    assert_eq!(pooling(&back), retina_model::Pooling::Max);
     let (a, b) = (answers(&model), answers(&back));
     assert_eq!(a.len(), 12);
     // The PyTorch layout carries weights, not the bundle's fitted temperature: the imported
