@@ -48,19 +48,34 @@ pub fn regression_links(
     path: &Path,
     config: &RetinaConfig,
 ) -> Result<Vec<(String, crate::Link)>, BundleError> {
+    let regression = |h: &crate::HeadSpec| h.kind == crate::HeadKind::Regression;
+    per_head(
+        path,
+        config,
+        regression,
+        link_key,
+        "\"identity\" or \"logistic\"",
+    )
+}
+
+/// What a file's metadata records for each head of `config` that `wanted` selects, under the
+/// key `key(head)`: the default where it records nothing, an error naming the file, the key
+/// and what was `expected` where the record is not one.
+fn per_head<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+    config: &RetinaConfig,
+    wanted: impl Fn(&crate::HeadSpec) -> bool,
+    key: impl Fn(&str) -> String,
+    expected: &str,
+) -> Result<Vec<(String, T)>, BundleError> {
     let meta = metadata(path)?;
     config
         .heads
         .iter()
-        .filter(|h| h.kind == crate::HeadKind::Regression)
+        .filter(|h| wanted(h))
         .map(|h| {
-            let link = recorded(
-                path,
-                &meta,
-                &link_key(&h.name),
-                "\"identity\" or \"logistic\"",
-            )?;
-            Ok((h.name.clone(), link.unwrap_or_default()))
+            let value = recorded(path, &meta, &key(&h.name), expected)?;
+            Ok((h.name.clone(), value.unwrap_or_default()))
         })
         .collect()
 }
@@ -100,16 +115,8 @@ pub fn recorded_pooling(
     path: &Path,
     config: &RetinaConfig,
 ) -> Result<Vec<(String, crate::Pooling)>, BundleError> {
-    let meta = metadata(path)?;
-    config
-        .heads
-        .iter()
-        .map(|h| {
-            let expected = "\"average\", \"max\" or \"average_max\"";
-            let pooling = recorded(path, &meta, &pooling_key(&h.name), expected)?;
-            Ok((h.name.clone(), pooling.unwrap_or_default()))
-        })
-        .collect()
+    let expected = "\"average\", \"max\" or \"average_max\"";
+    per_head(path, config, |_| true, pooling_key, expected)
 }
 
 /// The key of the network's preprocessing (JSON of a [`crate::PreprocessConfig`]) in the file's

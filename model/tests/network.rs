@@ -549,29 +549,20 @@ fn pytorch_layout_export_has_the_reference_state_dict_keys_and_round_trips() {
         host(&back.forward(x.clone()).heads[0]),
         host(&pooled_net.forward(x).heads[0])
     );
-    let no_pooling = rewrite(
-        serde_json::json!({"retina.diagnosis.pooling": "median"}),
-        "median.safetensors",
-    );
-    let err = retina_model::torch::recorded_pooling(&no_pooling, &config)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("median.safetensors") && err.contains("retina.diagnosis.pooling"),
-        "{err}"
-    );
-    // So is a link that is neither (it was read as the identity, silently, before).
-    let no_link = rewrite(
-        serde_json::json!({"retina.vessel_growth.link": "sigmoid"}),
-        "sigmoid.safetensors",
-    );
-    let err = retina_model::torch::regression_links(&no_link, &config)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("sigmoid.safetensors") && err.contains("retina.vessel_growth.link"),
-        "{err}"
-    );
+    // A record that is no pooling, or a link that is neither (read as the identity, silently,
+    // before), is an error naming the file and the key.
+    let refused = |key: &str, value: &str, read: &dyn Fn(&Path) -> Result<(), BundleError>| {
+        let name = format!("{value}.safetensors");
+        let path = rewrite(serde_json::json!({ key: value }), &name);
+        let err = read(&path).unwrap_err().to_string();
+        assert!(err.contains(&name) && err.contains(key), "{err}");
+    };
+    refused("retina.diagnosis.pooling", "median", &|p| {
+        retina_model::torch::recorded_pooling(p, &config).map(drop)
+    });
+    refused("retina.vessel_growth.link", "sigmoid", &|p| {
+        retina_model::torch::regression_links(p, &config).map(drop)
+    });
 
     // The wrong architecture is refused with a named tensor.
     let small_cfg = small(32);
