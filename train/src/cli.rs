@@ -91,7 +91,7 @@ struct FitArgs {
     /// (see `synth --ungradable`) [default: 0].
     #[arg(long)]
     synthetic_ungradable: Option<f32>,
-    /// Relative frequency of grades 0-4 in the generated images [default: 40,15,20,12.5,12.5,
+    /// Relative frequency of grades 0-4 in the generated images [default: 30,15,20,12.5,22.5,
     /// enriched for the rare grades; `73,7,15,2.5,2.5` is a screening population].
     #[arg(long, value_parser = parse_grade_mix, value_name = "MIX")]
     synthetic_grades: Option<[f32; 5]>,

@@ -97,7 +97,7 @@ fn labels_follow_the_grading_rules_and_the_requested_mix() {
 fn a_grade_mix_reads_as_percentages() {
     assert_eq!(
         synth::mix_percentages(&synth::TRAINING_MIX),
-        "40/15/20/12.5/12.5"
+        "30/15/20/12.5/22.5"
     );
     assert_eq!(
         synth::mix_percentages(&[73.0, 7.0, 15.0, 2.5, 2.5]),
